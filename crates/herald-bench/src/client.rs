@@ -1,0 +1,443 @@
+//! One subscriber connection per task: set up (WebSocket handshake, protocol connect,
+//! subscribe), then read deliveries until told to stop.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::Target;
+use crate::error::BenchError;
+use crate::herald::{self, Line};
+use crate::mqtt::{self, Packet};
+use crate::nats::{self, NatsEvent};
+use crate::net::Endpoint;
+use crate::payload::{self, now_ns};
+use crate::stats::{Recorder, SeqTracker};
+use crate::ws::{Ws, ws_connect};
+
+/// Largest protocol message accepted from a server.
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// MQTT keep-alive announced by subscribers; they ping at half of it.
+const MQTT_KEEP_ALIVE_S: u16 = 60;
+
+/// What every connection task of a process shares.
+pub struct ConnCtx {
+    pub target: Target,
+    pub endpoint: Endpoint,
+    pub recorder: Arc<Mutex<Recorder>>,
+    pub connect_timeout: Duration,
+}
+
+/// What distinguishes one connection.
+pub struct ConnSpec {
+    /// Global connection index (unique across processes).
+    pub index: u64,
+    pub channel_idx: u32,
+    pub channel: Arc<str>,
+    pub token: Option<String>,
+    pub src: Option<IpAddr>,
+}
+
+/// An established, subscribed connection.
+enum Session {
+    Herald(Ws),
+    /// Partial NATS / MQTT messages carried over from the previous frame; empty (and
+    /// unallocated) between messages so idle connections cost no buffer.
+    Nats(Ws, Vec<u8>),
+    Mqtt(Ws, Vec<u8>),
+}
+
+/// Runs one connection to completion, recording into the shared recorder.
+pub async fn run_connection(ctx: Arc<ConnCtx>, spec: ConnSpec, mut stop: watch::Receiver<bool>) {
+    let started = Instant::now();
+    ctx.recorder.lock().attempt(now_ns());
+    let setup = tokio::select! {
+        r = timeout(ctx.connect_timeout, establish(&ctx, &spec)) => r,
+        _ = stop.wait_for(|s| *s) => {
+            ctx.recorder.lock().failed("stopped while connecting".into());
+            return;
+        }
+    };
+    let session = match setup {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ctx.recorder.lock().failed(e.kind());
+            return;
+        }
+        Err(_) => {
+            ctx.recorder.lock().failed("timeout connecting".into());
+            return;
+        }
+    };
+    let latency_us = started.elapsed().as_micros() as u64;
+    ctx.recorder
+        .lock()
+        .established(spec.channel_idx as usize, now_ns(), latency_us);
+    if let Err(e) = serve(&ctx, &spec, session, &mut stop).await {
+        ctx.recorder.lock().disconnected(e.kind());
+    }
+}
+
+async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
+    match ctx.target {
+        Target::Herald => {
+            let mut ws = ws_connect(&ctx.endpoint, spec.src, None).await?;
+            herald_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
+            Ok(Session::Herald(ws))
+        }
+        Target::Nats => {
+            let mut ws = ws_connect(&ctx.endpoint, spec.src, None).await?;
+            let mut carry = Vec::new();
+            nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Info(_))).await?;
+            let mut out = Vec::with_capacity(256);
+            nats::encode_connect(&mut out, &format!("hb-{}", spec.index));
+            nats::encode_sub(&mut out, &spec.channel, 1);
+            out.extend_from_slice(nats::PING);
+            ws.send(Message::binary(out)).await?;
+            // The PONG proves the server processed CONNECT and SUB.
+            nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Pong)).await?;
+            Ok(Session::Nats(ws, carry))
+        }
+        Target::Mqtt => {
+            let mut ws = ws_connect(&ctx.endpoint, spec.src, Some("mqtt")).await?;
+            let mut out = Vec::with_capacity(128);
+            let client_id = format!("hb-{}-{}", std::process::id(), spec.index);
+            mqtt::encode_connect(&mut out, &client_id, MQTT_KEEP_ALIVE_S);
+            mqtt::encode_subscribe(&mut out, 1, &spec.channel, 0);
+            ws.send(Message::binary(out)).await?;
+            let mut carry = Vec::new();
+            mqtt_setup(&mut ws, &mut carry).await?;
+            Ok(Session::Mqtt(ws, carry))
+        }
+    }
+}
+
+/// Next data frame; control frames are handled by tungstenite, close is an error.
+pub(crate) async fn next_data(ws: &mut Ws) -> Result<Message, BenchError> {
+    loop {
+        match ws.next().await {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return Ok(m),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(BenchError::Closed(match frame {
+                    Some(f) => format!("{} {}", u16::from(f.code), f.reason),
+                    None => "close frame".into(),
+                }));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(BenchError::Closed("eof".into())),
+        }
+    }
+}
+
+fn frame_bytes(m: &Message) -> &[u8] {
+    match m {
+        Message::Text(t) => t.as_bytes(),
+        Message::Binary(b) => b,
+        _ => &[],
+    }
+}
+
+/// Parses as many complete messages as `data` (after any carried-over prefix) holds,
+/// keeping the incomplete tail in `carry`. `step` handles one message at the front of
+/// its input and returns its length, or `None` when the message is incomplete.
+pub(crate) fn feed<E>(
+    carry: &mut Vec<u8>,
+    data: &[u8],
+    mut step: impl FnMut(&[u8]) -> Result<Option<usize>, E>,
+) -> Result<(), E> {
+    let mut run = |buf: &[u8]| -> Result<usize, E> {
+        let mut off = 0;
+        while off < buf.len() {
+            match step(&buf[off..])? {
+                Some(n) if n > 0 => off += n,
+                _ => break,
+            }
+        }
+        Ok(off)
+    };
+    if carry.is_empty() {
+        let used = run(data)?;
+        carry.extend_from_slice(&data[used..]);
+    } else {
+        carry.extend_from_slice(data);
+        let used = run(carry)?;
+        carry.drain(..used);
+        if carry.is_empty() {
+            // Give the memory back: most connections sit idle between messages.
+            *carry = Vec::new();
+        }
+    }
+    Ok(())
+}
+
+async fn herald_setup(ws: &mut Ws, token: Option<&str>, channel: &str) -> Result<(), BenchError> {
+    ws.send(Message::text(herald::connect_frame(token, channel)))
+        .await?;
+    let (mut connected, mut subscribed) = (false, false);
+    while !(connected && subscribed) {
+        let msg = next_data(ws).await?;
+        let Message::Text(text) = msg else {
+            return Err(BenchError::Protocol("herald sent a binary frame to a JSON client".into()));
+        };
+        let mut ping = false;
+        for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+            match herald::parse_line(line)? {
+                Line::Ping => ping = true,
+                Line::Reply { id, error: Some(e) } => {
+                    let what = if id == 1 { "connect" } else { "subscribe" };
+                    return Err(BenchError::Protocol(format!(
+                        "herald {what} error {}: {}",
+                        e.code, e.message
+                    )));
+                }
+                Line::Reply { id: 1, .. } => connected = true,
+                Line::Reply { id: 2, .. } => subscribed = true,
+                _ => {}
+            }
+        }
+        if ping {
+            ws.send(Message::text("{}")).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads until an event matching `done` arrives, answering PINGs; `-ERR` fails.
+pub(crate) async fn nats_wait(
+    ws: &mut Ws,
+    carry: &mut Vec<u8>,
+    done: impl Fn(&NatsEvent<'_>) -> bool,
+) -> Result<(), BenchError> {
+    loop {
+        let msg = next_data(ws).await?;
+        let (mut found, mut pings) = (false, 0usize);
+        let mut err = None;
+        feed(carry, frame_bytes(&msg), |buf| {
+            let Some((ev, n)) = nats::parse(buf, MAX_MESSAGE)? else {
+                return Ok::<_, BenchError>(None);
+            };
+            match &ev {
+                NatsEvent::Ping => pings += 1,
+                NatsEvent::Err(e) => err = Some(String::from_utf8_lossy(e).into_owned()),
+                ev if done(ev) => found = true,
+                _ => {}
+            }
+            Ok(Some(n))
+        })?;
+        if let Some(e) = err {
+            return Err(BenchError::Protocol(format!("nats -ERR {e}")));
+        }
+        for _ in 0..pings {
+            ws.send(Message::binary(nats::PONG)).await?;
+        }
+        if found {
+            return Ok(());
+        }
+    }
+}
+
+async fn mqtt_setup(ws: &mut Ws, carry: &mut Vec<u8>) -> Result<(), BenchError> {
+    let (mut connacked, mut subacked) = (false, false);
+    while !(connacked && subacked) {
+        let msg = next_data(ws).await?;
+        let mut failure = None;
+        feed(carry, frame_bytes(&msg), |buf| {
+            let Some((p, n)) = mqtt::decode(buf, MAX_MESSAGE)? else {
+                return Ok::<_, BenchError>(None);
+            };
+            match p {
+                Packet::Connack { code: 0, .. } => connacked = true,
+                Packet::Connack { code, .. } => failure = Some(format!("mqtt CONNACK code {code}")),
+                Packet::Suback { codes, .. } if codes.first().is_some_and(|c| *c >= 0x80) => {
+                    failure = Some("mqtt SUBACK failure".into())
+                }
+                Packet::Suback { .. } => subacked = true,
+                _ => {}
+            }
+            Ok(Some(n))
+        })?;
+        if let Some(f) = failure {
+            return Err(BenchError::Protocol(f));
+        }
+    }
+    Ok(())
+}
+
+/// Per-connection delivery bookkeeping.
+struct Delivery<'a> {
+    recorder: &'a Mutex<Recorder>,
+    channel_idx: u32,
+    tracker: SeqTracker,
+}
+
+impl Delivery<'_> {
+    fn payload(&mut self, data: &[u8]) {
+        let now = now_ns();
+        let mut rec = self.recorder.lock();
+        match payload::decode(data) {
+            Some(st) if st.c == self.channel_idx => {
+                let outcome = self.tracker.observe(st.s);
+                let latency_us = now.saturating_sub(st.t) / 1000;
+                rec.delivery(self.channel_idx as usize, outcome, now, latency_us);
+            }
+            Some(_) => {
+                rec.invalid += 1;
+                rec.error("payload for another channel".into());
+            }
+            None => {
+                rec.invalid += 1;
+                rec.error("undecodable payload".into());
+            }
+        }
+    }
+}
+
+async fn serve(
+    ctx: &ConnCtx,
+    spec: &ConnSpec,
+    session: Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), BenchError> {
+    let mut d = Delivery {
+        recorder: &ctx.recorder,
+        channel_idx: spec.channel_idx,
+        tracker: SeqTracker::default(),
+    };
+    match session {
+        Session::Herald(mut ws) => loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return close(ws, None).await,
+                m = next_data(&mut ws) => m?,
+            };
+            let Message::Text(text) = msg else { continue };
+            let mut ping = false;
+            for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+                match herald::parse_line(line) {
+                    Ok(Line::Publication { data, .. }) => d.payload(data),
+                    Ok(Line::Ping) => ping = true,
+                    Ok(Line::OtherPush(kind)) => ctx.recorder.lock().error(format!("herald push {kind}")),
+                    Ok(Line::Reply { .. }) => {}
+                    Err(_) => {
+                        let mut r = ctx.recorder.lock();
+                        r.invalid += 1;
+                        r.error("unparsable herald message".into());
+                    }
+                }
+            }
+            if ping {
+                ws.send(Message::text("{}")).await?;
+            }
+        },
+        Session::Nats(mut ws, mut carry) => loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return close(ws, None).await,
+                m = next_data(&mut ws) => m?,
+            };
+            let mut pings = 0usize;
+            let mut err = None;
+            feed(&mut carry, frame_bytes(&msg), |buf| {
+                let Some((ev, n)) = nats::parse(buf, MAX_MESSAGE)? else {
+                    return Ok::<_, BenchError>(None);
+                };
+                match ev {
+                    NatsEvent::Msg { payload, .. } => d.payload(payload),
+                    NatsEvent::Ping => pings += 1,
+                    NatsEvent::Err(e) => err = Some(String::from_utf8_lossy(e).into_owned()),
+                    _ => {}
+                }
+                Ok(Some(n))
+            })?;
+            if let Some(e) = err {
+                ctx.recorder.lock().error(format!("nats -ERR {e}"));
+            }
+            for _ in 0..pings {
+                ws.send(Message::binary(nats::PONG)).await?;
+            }
+        },
+        Session::Mqtt(mut ws, mut carry) => {
+            let period = Duration::from_secs(u64::from(MQTT_KEEP_ALIVE_S) / 2);
+            let mut next_ping = tokio::time::Instant::now() + period;
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => {
+                        let mut bye = Vec::new();
+                        mqtt::encode_disconnect(&mut bye);
+                        return close(ws, Some(Message::binary(bye))).await;
+                    }
+                    _ = sleep_until(next_ping) => {
+                        let mut ping = Vec::new();
+                        mqtt::encode_pingreq(&mut ping);
+                        ws.send(Message::binary(ping)).await?;
+                        next_ping += period;
+                        continue;
+                    }
+                    m = next_data(&mut ws) => m?,
+                };
+                feed(&mut carry, frame_bytes(&msg), |buf| {
+                    let Some((p, n)) = mqtt::decode(buf, MAX_MESSAGE)? else {
+                        return Ok::<_, BenchError>(None);
+                    };
+                    if let Packet::Publish { payload, .. } = p {
+                        d.payload(payload);
+                    }
+                    Ok(Some(n))
+                })?;
+            }
+        }
+    }
+}
+
+/// Best-effort goodbye: do not let a slow server hold the shutdown.
+async fn close(mut ws: Ws, last: Option<Message>) -> Result<(), BenchError> {
+    let _ = timeout(Duration::from_secs(1), async {
+        if let Some(m) = last {
+            ws.send(m).await?;
+        }
+        ws.close(None).await
+    })
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feed_carries_partial_messages_across_frames() {
+        let mut stream = Vec::new();
+        for i in 0..50u8 {
+            crate::mqtt::encode_publish(&mut stream, "t", &vec![i; i as usize * 7]);
+        }
+        for chunk in [1usize, 3, 64, 1000, stream.len()] {
+            let mut carry = Vec::new();
+            let mut seen = Vec::new();
+            for part in stream.chunks(chunk) {
+                feed(&mut carry, part, |buf| {
+                    Ok::<_, crate::mqtt::MqttError>(crate::mqtt::decode(buf, 1 << 20)?.map(
+                        |(p, n)| {
+                            if let Packet::Publish { payload, .. } = p {
+                                seen.push(payload.len());
+                            }
+                            n
+                        },
+                    ))
+                })
+                .unwrap();
+            }
+            assert!(carry.is_empty());
+            assert_eq!(carry.capacity(), 0, "idle connections keep no buffer");
+            assert_eq!(seen, (0..50).map(|i| i * 7).collect::<Vec<_>>(), "chunk {chunk}");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Herald load generator.

@@ -1,0 +1,633 @@
+//! The publisher: one logical client sending R publications/s round-robin over the
+//! channels. Herald gets them through its HTTP server API (pipelined keep-alive
+//! HTTP/1.1), NATS and MQTT through one client-protocol WebSocket connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{MissedTickBehavior, timeout};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::Target;
+use crate::client::{MAX_MESSAGE, feed, nats_wait, next_data};
+use crate::error::BenchError;
+use crate::mqtt::{self, Packet};
+use crate::nats::{self, NatsEvent};
+use crate::net::{Endpoint, connect_tcp};
+use crate::payload::{self, Stamp, now_ns};
+use crate::ws::ws_connect;
+
+/// Most publications sent in one tick (one WebSocket frame, or one pipelined write).
+const MAX_BATCH: u64 = 1024;
+
+pub struct PubConfig {
+    pub target: Target,
+    /// WebSocket endpoint (NATS, MQTT).
+    pub ws: Endpoint,
+    /// Herald server API base and key.
+    pub api: Option<(Endpoint, String)>,
+    pub channels: Vec<String>,
+    pub rate: f64,
+    pub duration: Duration,
+    pub payload: usize,
+    pub api_connections: u32,
+    pub pipeline: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct PubOutcome {
+    /// Publications the server accepted, per channel.
+    pub published: Vec<u64>,
+    pub attempted: u64,
+    pub errors: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    /// From the first publication to the last acknowledgement / flush.
+    pub elapsed: Duration,
+}
+
+enum Sink {
+    Herald(HttpPool),
+    Ws(WsPub),
+}
+
+impl Sink {
+    async fn send(&mut self, items: &[(u32, u64)], cfg: &PubConfig) -> Result<(), BenchError> {
+        match self {
+            Sink::Herald(p) => p.send(items, cfg).await,
+            Sink::Ws(p) => p.send(items, cfg).await,
+        }
+    }
+}
+
+/// Publishes for `cfg.duration` at `cfg.rate`; `sent` follows progress.
+pub async fn run_publisher(cfg: &PubConfig, sent_counter: &AtomicU64) -> Result<PubOutcome, BenchError> {
+    let channels = cfg.channels.len().max(1) as u64;
+    let mut sink = match cfg.target {
+        Target::Herald => {
+            let (api, key) = cfg
+                .api
+                .as_ref()
+                .ok_or_else(|| BenchError::BadArgument("herald needs --api-key".into()))?;
+            Sink::Herald(HttpPool::connect(api, key, cfg).await?)
+        }
+        Target::Nats | Target::Mqtt => Sink::Ws(WsPub::connect(cfg).await?),
+    };
+
+    let total = ((cfg.rate * cfg.duration.as_secs_f64()).round() as u64).max(1);
+    let tick = Duration::from_secs_f64((1.0 / cfg.rate).clamp(0.001, 0.05));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let start = Instant::now();
+    // A publisher that cannot keep up still stops: what it sent is what counts.
+    let hard_end = start + cfg.duration + Duration::from_secs(10);
+    let mut seqs = vec![0u64; channels as usize];
+    let mut items = Vec::new();
+    let mut sent = 0u64;
+    while sent < total && Instant::now() < hard_end {
+        ticker.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * cfg.rate) as u64 + 1).min(total);
+        let n = due.saturating_sub(sent).min(MAX_BATCH);
+        if n == 0 {
+            continue;
+        }
+        items.clear();
+        for k in 0..n {
+            let c = ((sent + k) % channels) as usize;
+            seqs[c] += 1;
+            items.push((c as u32, seqs[c]));
+        }
+        sink.send(&items, cfg).await?;
+        sent += n;
+        sent_counter.store(sent, Ordering::Relaxed);
+    }
+    let mut out = match sink {
+        Sink::Herald(p) => p.finish(channels as usize).await,
+        Sink::Ws(p) => p.finish(cfg.target).await,
+    };
+    out.attempted = sent;
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+fn encode_payload(buf: &mut Vec<u8>, c: u32, s: u64, t: u64, size: usize) {
+    payload::encode(buf, &Stamp { t, s, c }, size);
+}
+
+// ---------------------------------------------------------------- Herald HTTP API
+
+#[derive(Default)]
+struct HttpResults {
+    ok: Vec<u64>,
+    errors: u64,
+    kinds: BTreeMap<String, u64>,
+}
+
+struct HttpConn {
+    writer: OwnedWriteHalf,
+    /// Free pipeline slots; the reader gives one back per response.
+    slots: Arc<Semaphore>,
+    /// Channel of each request in flight, in order (HTTP/1.1 answers in order).
+    fifo: Arc<Mutex<VecDeque<u32>>>,
+    reader: JoinHandle<()>,
+}
+
+struct HttpPool {
+    conns: Vec<HttpConn>,
+    results: Arc<Mutex<HttpResults>>,
+    head: String,
+    pipeline: u32,
+    buf: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl HttpPool {
+    async fn connect(api: &Endpoint, key: &str, cfg: &PubConfig) -> Result<Self, BenchError> {
+        let results = Arc::new(Mutex::new(HttpResults {
+            ok: vec![0; cfg.channels.len()],
+            ..Default::default()
+        }));
+        let mut conns = Vec::new();
+        let n = cfg.api_connections.clamp(1, 64).min(cfg.channels.len().max(1) as u32);
+        let pipeline = cfg.pipeline.clamp(1, 4096);
+        for _ in 0..n {
+            let tcp = connect_tcp(api.addr, None).await?;
+            let (r, w) = tcp.into_split();
+            let slots = Arc::new(Semaphore::new(pipeline as usize));
+            let fifo = Arc::new(Mutex::new(VecDeque::new()));
+            let reader = tokio::spawn(http_reader(r, slots.clone(), fifo.clone(), results.clone()));
+            conns.push(HttpConn {
+                writer: w,
+                slots,
+                fifo,
+                reader,
+            });
+        }
+        let path = format!("{}/publish", api.path.trim_end_matches('/'));
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: ",
+            api.authority
+        );
+        Ok(HttpPool {
+            conns,
+            results,
+            head,
+            pipeline,
+            buf: Vec::new(),
+            body: Vec::new(),
+        })
+    }
+
+    async fn send(&mut self, items: &[(u32, u64)], cfg: &PubConfig) -> Result<(), BenchError> {
+        let n = self.conns.len();
+        // Channel c always goes over connection c % n so its publications stay in order.
+        for (ci, conn) in self.conns.iter_mut().enumerate() {
+            let mine: Vec<(u32, u64)> = items
+                .iter()
+                .copied()
+                .filter(|(c, _)| *c as usize % n == ci)
+                .collect();
+            for chunk in mine.chunks(self.pipeline as usize) {
+                conn.slots
+                    .acquire_many(chunk.len() as u32)
+                    .await
+                    .map_err(|_| BenchError::Http("API connection closed by the server".into()))?
+                    .forget();
+                // Stamp after waiting for a slot: time spent queued behind our own
+                // pipeline limit is the generator's, not the server's.
+                let t = now_ns();
+                self.buf.clear();
+                {
+                    let mut fifo = conn.fifo.lock();
+                    for &(c, s) in chunk {
+                        self.body.clear();
+                        self.body.extend_from_slice(b"{\"channel\":");
+                        self.body
+                            .extend_from_slice(serde_json::Value::from(cfg.channels[c as usize].as_str()).to_string().as_bytes());
+                        self.body.extend_from_slice(b",\"data\":");
+                        encode_payload(&mut self.body, c, s, t, cfg.payload);
+                        self.body.push(b'}');
+                        self.buf.extend_from_slice(self.head.as_bytes());
+                        self.buf
+                            .extend_from_slice(format!("{}\r\n\r\n", self.body.len()).as_bytes());
+                        self.buf.extend_from_slice(&self.body);
+                        fifo.push_back(c);
+                    }
+                }
+                conn.writer.write_all(&self.buf).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(self, channels: usize) -> PubOutcome {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for conn in &self.conns {
+            while conn.slots.available_permits() < self.pipeline as usize
+                && !conn.slots.is_closed()
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let mut unanswered = 0;
+        for conn in self.conns {
+            conn.reader.abort();
+            unanswered += conn.fifo.lock().len() as u64;
+            drop(conn.writer);
+        }
+        let r = std::mem::take(&mut *self.results.lock());
+        let mut kinds = r.kinds;
+        if unanswered > 0 {
+            *kinds.entry("no API response".into()).or_insert(0) += unanswered;
+        }
+        let mut published = r.ok;
+        published.resize(channels, 0);
+        PubOutcome {
+            published,
+            errors: r.errors + unanswered,
+            error_kinds: kinds,
+            ..Default::default()
+        }
+    }
+}
+
+/// Reads pipelined responses in order and credits each to its channel.
+async fn http_reader(
+    mut r: OwnedReadHalf,
+    slots: Arc<Semaphore>,
+    fifo: Arc<Mutex<VecDeque<u32>>>,
+    results: Arc<Mutex<HttpResults>>,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    loop {
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(64 * 1024);
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let mut off = 0;
+        loop {
+            match parse_response(&buf[off..]) {
+                Ok(Some(resp)) => {
+                    off += resp.len;
+                    let ch = fifo.lock().pop_front();
+                    let mut res = results.lock();
+                    match (ch, resp.ok) {
+                        (Some(c), true) => {
+                            if let Some(n) = res.ok.get_mut(c as usize) {
+                                *n += 1;
+                            }
+                        }
+                        (_, ok) => {
+                            res.errors += 1;
+                            let kind = if ok {
+                                "unexpected API response".to_string()
+                            } else {
+                                format!("API status {} {}", resp.status, resp.error_hint)
+                            };
+                            *res.kinds.entry(kind).or_insert(0) += 1;
+                        }
+                    }
+                    drop(res);
+                    slots.add_permits(1);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    *results.lock().kinds.entry(e.to_string()).or_insert(0) += 1;
+                    slots.close();
+                    return;
+                }
+            }
+        }
+        buf.drain(..off);
+        if buf.len() > 16 << 20 {
+            break;
+        }
+    }
+    // Wake a publisher waiting for slots: this connection is gone.
+    slots.close();
+}
+
+struct HttpResponse {
+    len: usize,
+    status: u16,
+    ok: bool,
+    error_hint: String,
+}
+
+/// Parses one HTTP/1.1 response (Content-Length or chunked body).
+fn parse_response(buf: &[u8]) -> Result<Option<HttpResponse>, BenchError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(BenchError::Http(format!("bad response: {e}"))),
+    };
+    let status = resp.code.unwrap_or(0);
+    let mut content_length = None;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| BenchError::Http("bad Content-Length".into()))?;
+            content_length = Some(v);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            && h.value.to_ascii_lowercase().ends_with(b"chunked")
+        {
+            chunked = true;
+        }
+    }
+    let rest = &buf[head_len..];
+    let (body, used) = if chunked {
+        match dechunk(rest)? {
+            Some(x) => x,
+            None => return Ok(None),
+        }
+    } else {
+        let n = content_length.unwrap_or(0);
+        if rest.len() < n {
+            return Ok(None);
+        }
+        (rest[..n].to_vec(), n)
+    };
+    // The API answers 200 with {"error":{…}} for refused commands.
+    let has_error = body.windows(7).any(|w| w == b"\"error\"");
+    let error_hint = if has_error || status != 200 {
+        String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned()
+    } else {
+        String::new()
+    };
+    Ok(Some(HttpResponse {
+        len: head_len + used,
+        status,
+        ok: status == 200 && !has_error,
+        error_hint,
+    }))
+}
+
+/// Decodes a chunked body: `Ok(None)` until the terminating chunk has arrived.
+fn dechunk(mut buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, BenchError> {
+    let start_len = buf.len();
+    let mut body = Vec::new();
+    loop {
+        let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size_str = std::str::from_utf8(&buf[..eol])
+            .ok()
+            .map(|s| s.split(';').next().unwrap_or("").trim())
+            .ok_or_else(|| BenchError::Http("bad chunk size".into()))?;
+        let size = usize::from_str_radix(size_str, 16)
+            .map_err(|_| BenchError::Http("bad chunk size".into()))?;
+        buf = &buf[eol + 2..];
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                return Ok(None);
+            };
+            buf = &buf[end + 2..];
+            return Ok(Some((body, start_len - buf.len())));
+        }
+        if buf.len() < size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf = &buf[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------- NATS / MQTT
+
+struct WsPub {
+    tx: mpsc::Sender<Message>,
+    writer: JoinHandle<Result<(), BenchError>>,
+    reader: JoinHandle<()>,
+    /// Flush acknowledgements (NATS PONG / MQTT PINGRESP) seen by the reader.
+    acks: Arc<AtomicU64>,
+    errors: Arc<Mutex<BTreeMap<String, u64>>>,
+    published: Vec<u64>,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl WsPub {
+    async fn connect(cfg: &PubConfig) -> Result<Self, BenchError> {
+        let mut ws = match cfg.target {
+            Target::Nats => {
+                let mut ws = ws_connect(&cfg.ws, None, None).await?;
+                let mut carry = Vec::new();
+                nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Info(_))).await?;
+                let mut out = Vec::new();
+                nats::encode_connect(&mut out, "hb-publisher");
+                out.extend_from_slice(nats::PING);
+                ws.send(Message::binary(out)).await?;
+                nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Pong)).await?;
+                ws
+            }
+            _ => {
+                let mut ws = ws_connect(&cfg.ws, None, Some("mqtt")).await?;
+                let mut out = Vec::new();
+                // Keep-alive 0: the publisher is never idle, and its only PINGREQ is
+                // the final flush barrier.
+                mqtt::encode_connect(&mut out, &format!("hb-pub-{}", std::process::id()), 0);
+                ws.send(Message::binary(out)).await?;
+                let mut carry = Vec::new();
+                loop {
+                    let m = next_data(&mut ws).await?;
+                    let mut code = None;
+                    feed(&mut carry, &m.into_data(), |b| {
+                        Ok::<_, BenchError>(mqtt::decode(b, MAX_MESSAGE)?.map(|(p, n)| {
+                            if let Packet::Connack { code: c, .. } = p {
+                                code = Some(c);
+                            }
+                            n
+                        }))
+                    })?;
+                    match code {
+                        Some(0) => break,
+                        Some(c) => return Err(BenchError::Protocol(format!("mqtt CONNACK code {c}"))),
+                        None => {}
+                    }
+                }
+                ws
+            }
+        };
+        ws.flush().await?;
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = mpsc::channel::<Message>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                sink.send(m).await?;
+            }
+            let _ = sink.close().await;
+            Ok(())
+        });
+        let acks = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(BTreeMap::new()));
+        let (acks2, errors2, tx2, target) = (acks.clone(), errors.clone(), tx.clone(), cfg.target);
+        let reader = tokio::spawn(async move {
+            let mut carry = Vec::new();
+            while let Some(Ok(m)) = stream.next().await {
+                if !(m.is_binary() || m.is_text()) {
+                    continue;
+                }
+                let data = m.into_data();
+                let mut pings = 0;
+                let res = if target == Target::Nats {
+                    feed(&mut carry, &data, |b| {
+                        Ok::<_, BenchError>(nats::parse(b, MAX_MESSAGE)?.map(|(ev, n)| {
+                            match ev {
+                                NatsEvent::Ping => pings += 1,
+                                NatsEvent::Pong => {
+                                    acks2.fetch_add(1, Ordering::Release);
+                                }
+                                NatsEvent::Err(e) => {
+                                    let k = format!("nats -ERR {}", String::from_utf8_lossy(e));
+                                    *errors2.lock().entry(k).or_insert(0) += 1;
+                                }
+                                _ => {}
+                            }
+                            n
+                        }))
+                    })
+                } else {
+                    feed(&mut carry, &data, |b| {
+                        Ok::<_, BenchError>(mqtt::decode(b, MAX_MESSAGE)?.map(|(p, n)| {
+                            if p == Packet::Pingresp {
+                                acks2.fetch_add(1, Ordering::Release);
+                            }
+                            n
+                        }))
+                    })
+                };
+                if let Err(e) = res {
+                    *errors2.lock().entry(e.kind()).or_insert(0) += 1;
+                    break;
+                }
+                for _ in 0..pings {
+                    if tx2.send(Message::binary(nats::PONG)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(WsPub {
+            tx,
+            writer,
+            reader,
+            acks,
+            errors,
+            published: vec![0; cfg.channels.len()],
+            buf: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    async fn send(&mut self, items: &[(u32, u64)], cfg: &PubConfig) -> Result<(), BenchError> {
+        let t = now_ns();
+        self.buf.clear();
+        for &(c, s) in items {
+            self.scratch.clear();
+            encode_payload(&mut self.scratch, c, s, t, cfg.payload);
+            let topic = &cfg.channels[c as usize];
+            if cfg.target == Target::Nats {
+                nats::encode_pub(&mut self.buf, topic, &self.scratch);
+            } else {
+                mqtt::encode_publish(&mut self.buf, topic, &self.scratch);
+            }
+        }
+        // Several publications per frame: the protocols allow it, and it keeps the
+        // publisher cheap so the subscribers' side is what gets measured.
+        self.tx
+            .send(Message::binary(std::mem::take(&mut self.buf)))
+            .await
+            .map_err(|_| BenchError::Closed("publisher connection".into()))?;
+        for &(c, _) in items {
+            self.published[c as usize] += 1;
+        }
+        Ok(())
+    }
+
+    /// Flush barrier: the server answers PING / PINGREQ after it has processed
+    /// every publication sent before it.
+    async fn finish(self, target: Target) -> PubOutcome {
+        let mut out = PubOutcome {
+            published: self.published,
+            ..Default::default()
+        };
+        let mut ping = Vec::new();
+        if target == Target::Nats {
+            ping.extend_from_slice(nats::PING);
+        } else {
+            mqtt::encode_pingreq(&mut ping);
+        }
+        let before = self.acks.load(Ordering::Acquire);
+        let flushed = self.tx.send(Message::binary(ping)).await.is_ok()
+            && timeout(Duration::from_secs(10), async {
+                while self.acks.load(Ordering::Acquire) <= before {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .is_ok();
+        if !flushed {
+            *out.error_kinds.entry("publisher flush not acknowledged".into()).or_insert(0) += 1;
+        }
+        if target == Target::Mqtt {
+            let mut bye = Vec::new();
+            mqtt::encode_disconnect(&mut bye);
+            let _ = self.tx.send(Message::binary(bye)).await;
+        }
+        drop(self.tx);
+        let _ = timeout(Duration::from_secs(2), self.writer).await;
+        self.reader.abort();
+        out.error_kinds.extend(std::mem::take(&mut *self.errors.lock()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pipelined_responses() {
+        let one = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{\"result\":{}}";
+        let err = b"HTTP/1.1 200 OK\r\ncontent-length: 36\r\n\r\n{\"error\":{\"code\":102,\"message\":\"x\"}}";
+        let chunked = b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n";
+        let mut all = Vec::new();
+        all.extend_from_slice(one);
+        all.extend_from_slice(err);
+        all.extend_from_slice(chunked);
+        let r1 = parse_response(&all).unwrap().unwrap();
+        assert!(r1.ok);
+        assert_eq!(r1.len, one.len());
+        let r2 = parse_response(&all[r1.len..]).unwrap().unwrap();
+        assert!(!r2.ok);
+        assert_eq!(r2.status, 200);
+        let r3 = parse_response(&all[r1.len + r2.len..]).unwrap().unwrap();
+        assert!(!r3.ok);
+        assert_eq!(r3.status, 401);
+        assert_eq!(r1.len + r2.len + r3.len, all.len());
+        for cut in 0..one.len() {
+            assert!(parse_response(&one[..cut]).unwrap().is_none(), "cut {cut}");
+        }
+        for cut in 0..chunked.len() {
+            assert!(parse_response(&chunked[..cut]).unwrap().is_none(), "cut {cut}");
+        }
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+}

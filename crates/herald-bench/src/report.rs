@@ -1,0 +1,195 @@
+//! The run's figures: JSON (stable field names) and a Markdown summary.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::stats::{Interval, Percentiles, merge_intervals};
+
+/// One second of a time series.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SeriesPoint {
+    pub t_s: u32,
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn series_points<'a>(parts: impl IntoIterator<Item = &'a [Interval]>) -> Vec<SeriesPoint> {
+    let merged = merge_intervals(parts);
+    let (Some(first), Some(last)) = (
+        merged.keys().next().copied(),
+        merged.keys().next_back().copied(),
+    ) else {
+        return Vec::new();
+    };
+    // Every second from the first to the last, zeros included, so gaps show.
+    (first..=last)
+        .map(|s| match merged.get(&s) {
+            Some((n, h)) => point(s - first, *n, h),
+            None => SeriesPoint {
+                t_s: s - first,
+                ..Default::default()
+            },
+        })
+        .collect()
+}
+
+fn point(t_s: u32, count: u64, h: &Histogram<u64>) -> SeriesPoint {
+    let p = Percentiles::from_histogram(h);
+    SeriesPoint {
+        t_s,
+        count,
+        p50_ms: p.p50,
+        p90_ms: p.p90,
+        p99_ms: p.p99,
+        max_ms: p.max,
+    }
+}
+
+/// Every figure of a run. Fields are `null` where a scenario does not measure them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub target: String,
+    pub url: String,
+    pub procs: u32,
+    pub threads: u32,
+    pub connections: u64,
+    pub channels: u32,
+    pub publish_rate: Option<f64>,
+    pub payload_bytes: Option<usize>,
+    pub duration_s: f64,
+
+    pub established: u64,
+    pub failed: u64,
+    pub disconnected: u64,
+    pub ramp_s: f64,
+    pub connects_per_s: f64,
+    /// TCP connect + WebSocket handshake + protocol connect + subscribe.
+    pub connect_latency_ms: Percentiles,
+
+    pub published: Option<u64>,
+    pub publish_errors: Option<u64>,
+    pub published_per_s: Option<f64>,
+    pub expected: Option<u64>,
+    pub delivered: u64,
+    pub lost: Option<u64>,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub invalid: u64,
+    pub deliveries_per_s: Option<f64>,
+    /// The scenario's headline latency: end-to-end delivery for fan-out, connect
+    /// latency for the connect scenario.
+    pub latency_ms: Percentiles,
+
+    pub server_pid: Option<u32>,
+    pub server_rss_before_bytes: Option<u64>,
+    pub server_rss_loaded_bytes: Option<u64>,
+    pub rss_per_connection_bytes: Option<f64>,
+    pub server_cpu_percent: Option<f64>,
+
+    /// CPU of every generator process together; 100 = one core.
+    pub generator_cpu_percent: f64,
+    pub generator_cpu_seconds: f64,
+    pub generator_rss_bytes: u64,
+    pub wall_s: f64,
+
+    pub errors: BTreeMap<String, u64>,
+    pub worker_failures: Vec<String>,
+    /// Per second: deliveries (fan-out) or connections (connect) and their latency.
+    pub series: Vec<SeriesPoint>,
+    pub connect_series: Vec<SeriesPoint>,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "## herald-bench {} — {} ({})\n",
+            self.scenario, self.target, self.url
+        );
+        let _ = writeln!(s, "| metric | value |\n|---|---|");
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(s, "| {k} | {v} |");
+        };
+        row(
+            "connections established / failed",
+            format!("{} / {} (of {})", self.established, self.failed, self.connections),
+        );
+        if self.disconnected > 0 {
+            row("disconnected early", self.disconnected.to_string());
+        }
+        row("connects/s achieved", format!("{:.0}", self.connects_per_s));
+        let c = &self.connect_latency_ms;
+        row(
+            "connect latency p50 / p99 / max",
+            format!("{:.2} / {:.2} / {:.2} ms", c.p50, c.p99, c.max),
+        );
+        if let (Some(p), Some(rate)) = (self.published, self.published_per_s) {
+            row(
+                "published (errors)",
+                format!(
+                    "{p} ({}) at {rate:.1}/s",
+                    self.publish_errors.unwrap_or(0)
+                ),
+            );
+        }
+        if let Some(e) = self.expected {
+            row(
+                "expected / delivered / lost",
+                format!("{e} / {} / {}", self.delivered, self.lost.unwrap_or(0)),
+            );
+            row(
+                "duplicated / out of order / invalid",
+                format!("{} / {} / {}", self.duplicated, self.out_of_order, self.invalid),
+            );
+        }
+        if let Some(d) = self.deliveries_per_s {
+            row("deliveries/s", format!("{d:.0}"));
+            let l = &self.latency_ms;
+            row(
+                "end-to-end latency p50 / p90 / p99 / p99.9 / max",
+                format!(
+                    "{:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms",
+                    l.p50, l.p90, l.p99, l.p999, l.max
+                ),
+            );
+        }
+        if let (Some(b), Some(l)) = (self.server_rss_before_bytes, self.server_rss_loaded_bytes) {
+            row("server RSS before / loaded", format!("{} / {}", mib(b), mib(l)));
+        }
+        if let Some(r) = self.rss_per_connection_bytes {
+            row("server RSS per connection", format!("{:.1} KiB", r / 1024.0));
+        }
+        if let Some(c) = self.server_cpu_percent {
+            row("server CPU", format!("{c:.0}%"));
+        }
+        row(
+            "generator CPU / RSS",
+            format!(
+                "{:.0}% ({:.1} s) / {}",
+                self.generator_cpu_percent,
+                self.generator_cpu_seconds,
+                mib(self.generator_rss_bytes)
+            ),
+        );
+        if !self.errors.is_empty() {
+            let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            row("errors", e.join("; ").replace('|', "/"));
+        }
+        for f in &self.worker_failures {
+            row("worker failure", f.replace('|', "/"));
+        }
+        s
+    }
+}

@@ -1,0 +1,269 @@
+//! The shared half of a connection: its bounded outbox of pre-encoded frames, the buffers of
+//! channels being subscribed, and server-initiated controls. The hub writes here from any
+//! task; the connection's own task drains it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_protocol::Disconnect;
+use herald_protocol::client::Publication;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// A publication encoded once as a push frame, shared by every subscriber.
+#[derive(Debug)]
+pub struct PubMessage {
+    pub publication: Publication,
+    /// `{"push":{"channel":..,"pub":{..}}}`, without trailing newline.
+    pub frame: Bytes,
+}
+
+/// Actions asked of a session from outside (server API, node shutdown).
+#[derive(Debug)]
+pub enum Control {
+    Subscribe {
+        channel: String,
+        info: Option<herald_protocol::json::Raw>,
+        data: Option<herald_protocol::json::Raw>,
+    },
+    Unsubscribe {
+        channel: String,
+        code: u32,
+        reason: String,
+    },
+    Refresh {
+        expire_at: Option<u64>,
+        expired: bool,
+    },
+}
+
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// Channels between "joined the hub" and "subscribe reply sent": their publications wait
+    /// here so they can be merged with history and follow the reply.
+    buffering: Vec<(Arc<str>, Vec<Arc<PubMessage>>)>,
+    controls: Vec<Control>,
+    closing: Option<Disconnect>,
+}
+
+/// What the connection task takes from the outbox in one go.
+#[derive(Default)]
+pub struct Drained {
+    pub frames: VecDeque<Bytes>,
+    pub controls: Vec<Control>,
+    pub closing: Option<Disconnect>,
+}
+
+pub struct ConnHandle {
+    pub id: Arc<str>,
+    user: parking_lot::RwLock<Arc<str>>,
+    state: Mutex<Outbox>,
+    notify: Notify,
+    max_queue_bytes: usize,
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle").field("id", &self.id).finish()
+    }
+}
+
+impl ConnHandle {
+    pub fn new(id: Arc<str>, max_queue_bytes: usize) -> Self {
+        Self {
+            id,
+            user: parking_lot::RwLock::new(Arc::from("")),
+            state: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+            max_queue_bytes,
+        }
+    }
+
+    pub fn user(&self) -> Arc<str> {
+        self.user.read().clone()
+    }
+
+    pub fn set_user(&self, user: &str) {
+        *self.user.write() = Arc::from(user);
+    }
+
+    /// Waits until there is something to drain.
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    fn push_locked(&self, st: &mut Outbox, frame: Bytes) -> bool {
+        if st.closing.is_some() {
+            return false;
+        }
+        st.bytes += frame.len();
+        if st.bytes > self.max_queue_bytes {
+            // A slow consumer: drop what it has not read and close it; nobody else waits.
+            st.frames.clear();
+            st.bytes = 0;
+            st.closing = Some(Disconnect::SLOW.into());
+            return false;
+        }
+        st.frames.push_back(frame);
+        true
+    }
+
+    /// Queues one encoded message (reply or push). False if the connection is closing.
+    pub fn send(&self, frame: Bytes) -> bool {
+        let ok = {
+            let mut st = self.state.lock();
+            self.push_locked(&mut st, frame)
+        };
+        self.notify.notify_one();
+        ok
+    }
+
+    /// Delivers a publication of `channel`; held back while that channel is being subscribed.
+    pub fn deliver(&self, channel: &str, msg: &Arc<PubMessage>) {
+        {
+            let mut st = self.state.lock();
+            if let Some((_, buf)) = st.buffering.iter_mut().find(|(c, _)| &**c == channel) {
+                buf.push(msg.clone());
+                return;
+            }
+            self.push_locked(&mut st, msg.frame.clone());
+        }
+        self.notify.notify_one();
+    }
+
+    /// Delivers a frame that is not part of the stream (join/leave); dropped while the channel
+    /// is being subscribed.
+    pub fn deliver_unordered(&self, channel: &str, frame: Bytes) {
+        {
+            let mut st = self.state.lock();
+            if st.buffering.iter().any(|(c, _)| &**c == channel) {
+                return;
+            }
+            self.push_locked(&mut st, frame);
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn start_buffering(&self, channel: &str) {
+        let mut st = self.state.lock();
+        if !st.buffering.iter().any(|(c, _)| &**c == channel) {
+            st.buffering.push((Arc::from(channel), Vec::new()));
+        }
+    }
+
+    pub fn cancel_buffering(&self, channel: &str) {
+        self.state.lock().buffering.retain(|(c, _)| &**c != channel);
+    }
+
+    /// Ends buffering of `channels` atomically: `build` receives each channel's held-back
+    /// publications (in the order given) and returns the frames to queue — the reply first,
+    /// then whatever live publications follow it. Nothing can slip in between.
+    pub fn complete_buffering<F>(&self, channels: &[&str], build: F)
+    where
+        F: FnOnce(Vec<Vec<Arc<PubMessage>>>) -> Vec<Bytes>,
+    {
+        {
+            let mut st = self.state.lock();
+            let mut held = Vec::with_capacity(channels.len());
+            for ch in channels {
+                match st.buffering.iter().position(|(c, _)| &**c == *ch) {
+                    Some(i) => held.push(st.buffering.swap_remove(i).1),
+                    None => held.push(Vec::new()),
+                }
+            }
+            for frame in build(held) {
+                if !self.push_locked(&mut st, frame) {
+                    break;
+                }
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn control(&self, c: Control) {
+        self.state.lock().controls.push(c);
+        self.notify.notify_one();
+    }
+
+    /// Asks the connection to close; the first reason wins.
+    pub fn close(&self, d: Disconnect) {
+        {
+            let mut st = self.state.lock();
+            if st.closing.is_none() {
+                st.closing = Some(d);
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().closing.is_some()
+    }
+
+    /// Takes every queued frame and control at once (the writer batches them).
+    pub fn drain(&self) -> Drained {
+        let mut st = self.state.lock();
+        st.bytes = 0;
+        Drained {
+            frames: std::mem::take(&mut st.frames),
+            controls: std::mem::take(&mut st.controls),
+            closing: st.closing.clone(),
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(offset: u64) -> Arc<PubMessage> {
+        Arc::new(PubMessage {
+            publication: Publication {
+                data: herald_protocol::json::null(),
+                info: None,
+                offset,
+                tags: Default::default(),
+                time: 0,
+            },
+            frame: Bytes::from(format!("p{offset}")),
+        })
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_and_dropped() {
+        let c = ConnHandle::new(Arc::from("c"), 10);
+        assert!(c.send(Bytes::from_static(b"12345")));
+        assert!(!c.send(Bytes::from_static(b"123456")));
+        let d = c.drain();
+        assert!(d.frames.is_empty());
+        assert_eq!(d.closing.unwrap().code, 3008);
+    }
+
+    #[test]
+    fn buffering_holds_publications_until_reply() {
+        let c = ConnHandle::new(Arc::from("c"), 1 << 20);
+        c.start_buffering("ch");
+        c.deliver("ch", &msg(1));
+        c.deliver("other", &msg(9));
+        c.complete_buffering(&["ch"], |held| {
+            let mut v = vec![Bytes::from_static(b"reply")];
+            v.extend(held[0].iter().map(|m| m.frame.clone()));
+            v
+        });
+        c.deliver("ch", &msg(2));
+        let d = c.drain();
+        let got: Vec<_> = d
+            .frames
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).to_string())
+            .collect();
+        assert_eq!(got, ["p9", "reply", "p1", "p2"]);
+    }
+}

@@ -1,0 +1,113 @@
+//! The engine is the only part of a node that knows about other nodes: it assigns offsets,
+//! keeps history and presence, and delivers publications to every interested node's hub.
+
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use herald_protocol::client::{ClientInfo, Publication};
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a stream is: its epoch (changes when the stream is lost) and last offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamPosition {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// 0: no history for this publication (no offset assigned).
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub history_meta_ttl: Duration,
+    /// Drops a publication whose key was seen recently and returns the first one's position.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Only publications after this offset.
+    pub since: Option<StreamPosition>,
+    /// None: all; Some(0): only the stream position.
+    pub limit: Option<usize>,
+    pub reverse: bool,
+    pub meta_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HistoryResult {
+    pub publications: Vec<Publication>,
+    pub position: StreamPosition,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The backing service cannot be reached; the operation was not done.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("engine error: {0}")]
+    Internal(String),
+}
+
+pub trait Engine: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Assigns the next offset (when history is on), stores, and delivers to every node with
+    /// subscribers of the channel, in offset order.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        publication: Publication,
+        opts: &'a PublishOptions,
+    ) -> BoxFut<'a, Result<StreamPosition, EngineError>>;
+
+    fn publish_join_leave<'a>(
+        &'a self,
+        channel: &'a str,
+        info: ClientInfo,
+        join: bool,
+    ) -> BoxFut<'a, Result<(), EngineError>>;
+
+    /// This node has its first local subscriber of `channel`: deliver its publications here.
+    /// Returns once delivery is guaranteed for everything published afterwards.
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BoxFut<'a, Result<(), EngineError>>;
+
+    /// This node has no local subscriber of `channel` left.
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BoxFut<'a, Result<(), EngineError>>;
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        query: HistoryQuery,
+    ) -> BoxFut<'a, Result<HistoryResult, EngineError>>;
+
+    fn remove_history<'a>(&'a self, channel: &'a str) -> BoxFut<'a, Result<(), EngineError>>;
+
+    fn add_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        client_id: &'a str,
+        info: ClientInfo,
+    ) -> BoxFut<'a, Result<(), EngineError>>;
+
+    fn remove_presence<'a>(
+        &'a self,
+        channel: &'a str,
+        client_id: &'a str,
+    ) -> BoxFut<'a, Result<(), EngineError>>;
+
+    fn presence<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> BoxFut<'a, Result<BTreeMap<String, ClientInfo>, EngineError>>;
+
+    /// Whether the engine is currently able to serve (for readiness).
+    fn healthy(&self) -> bool {
+        true
+    }
+}

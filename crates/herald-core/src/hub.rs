@@ -1,0 +1,228 @@
+//! The node's index: channel → local subscribers, client id → connection, user → connections.
+//! Publications are encoded once per channel here and the same bytes are queued to every
+//! local subscriber.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use herald_protocol::client::{
+    ClientInfo, Publication, encode_join_leave_push, encode_publication_push,
+};
+use parking_lot::RwLock;
+
+use crate::conn::{ConnHandle, PubMessage};
+
+const SHARDS: usize = 64;
+
+struct Subscriber {
+    conn: Arc<ConnHandle>,
+    join_leave: bool,
+}
+
+type ChannelMap = HashMap<Arc<str>, HashMap<Arc<str>, Subscriber>>;
+
+/// Receives what the engine delivers to this node.
+pub trait BrokerHandler: Send + Sync {
+    fn on_publication(&self, channel: &str, publication: Publication);
+    fn on_join_leave(&self, channel: &str, info: &ClientInfo, join: bool);
+}
+
+pub struct Hub {
+    shards: Box<[RwLock<ChannelMap>]>,
+    hasher: std::collections::hash_map::RandomState,
+    conns: RwLock<HashMap<Arc<str>, Arc<ConnHandle>>>,
+    users: RwLock<HashMap<Arc<str>, Vec<Arc<ConnHandle>>>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Node-local counts for `info` and the channel list.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HubStats {
+    pub clients: u32,
+    pub users: u32,
+    pub channels: u32,
+    pub subscriptions: u32,
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            conns: RwLock::new(HashMap::new()),
+            users: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<ChannelMap> {
+        let mut h = self.hasher.build_hasher();
+        channel.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Registers a connected client.
+    pub fn add_conn(&self, conn: &Arc<ConnHandle>) {
+        self.conns.write().insert(conn.id.clone(), conn.clone());
+        self.users
+            .write()
+            .entry(conn.user())
+            .or_default()
+            .push(conn.clone());
+    }
+
+    pub fn remove_conn(&self, conn: &ConnHandle) {
+        self.conns.write().remove(&conn.id);
+        let user = conn.user();
+        let mut users = self.users.write();
+        if let Some(list) = users.get_mut(&user) {
+            list.retain(|c| c.id != conn.id);
+            if list.is_empty() {
+                users.remove(&user);
+            }
+        }
+    }
+
+    pub fn conn(&self, client_id: &str) -> Option<Arc<ConnHandle>> {
+        self.conns.read().get(client_id).cloned()
+    }
+
+    pub fn user_conns(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        self.users.read().get(user).cloned().unwrap_or_default()
+    }
+
+    pub fn all_conns(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns.read().values().cloned().collect()
+    }
+
+    /// Adds a subscriber; true when it is the channel's first on this node.
+    pub fn add_subscriber(&self, channel: &str, conn: &Arc<ConnHandle>, join_leave: bool) -> bool {
+        let mut shard = self.shard(channel).write();
+        let first = !shard.contains_key(channel);
+        shard.entry(Arc::from(channel)).or_default().insert(
+            conn.id.clone(),
+            Subscriber {
+                conn: conn.clone(),
+                join_leave,
+            },
+        );
+        first
+    }
+
+    /// Removes a subscriber; true when the channel has no local subscriber left.
+    pub fn remove_subscriber(&self, channel: &str, client_id: &str) -> bool {
+        let mut shard = self.shard(channel).write();
+        let Some(subs) = shard.get_mut(channel) else {
+            return false;
+        };
+        if subs.remove(client_id).is_none() {
+            return false;
+        }
+        if subs.is_empty() {
+            shard.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    pub fn num_subscribers(&self, channel: &str) -> usize {
+        self.shard(channel)
+            .read()
+            .get(channel)
+            .map_or(0, |s| s.len())
+    }
+
+    /// Every channel with local subscribers and their count.
+    pub fn channels(&self) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            for (ch, subs) in s.read().iter() {
+                out.push((ch.to_string(), subs.len() as u32));
+            }
+        }
+        out
+    }
+
+    pub fn stats(&self) -> HubStats {
+        let mut st = HubStats {
+            clients: self.conns.read().len() as u32,
+            users: self.users.read().len() as u32,
+            ..Default::default()
+        };
+        for s in self.shards.iter() {
+            let s = s.read();
+            st.channels += s.len() as u32;
+            st.subscriptions += s.values().map(|v| v.len() as u32).sum::<u32>();
+        }
+        st
+    }
+
+    /// Encodes once and queues the same bytes to every local subscriber.
+    pub fn broadcast_publication(&self, channel: &str, publication: Publication) {
+        let shard = self.shard(channel).read();
+        let Some(subs) = shard.get(channel) else {
+            return;
+        };
+        let frame = encode_publication_push(channel, &publication);
+        let msg = Arc::new(PubMessage { publication, frame });
+        for sub in subs.values() {
+            sub.conn.deliver(channel, &msg);
+        }
+    }
+
+    pub fn broadcast_join_leave(&self, channel: &str, info: &ClientInfo, join: bool) {
+        let shard = self.shard(channel).read();
+        let Some(subs) = shard.get(channel) else {
+            return;
+        };
+        let frame = encode_join_leave_push(channel, info, join);
+        for sub in subs.values().filter(|s| s.join_leave) {
+            sub.conn.deliver_unordered(channel, frame.clone());
+        }
+    }
+}
+
+impl BrokerHandler for Hub {
+    fn on_publication(&self, channel: &str, publication: Publication) {
+        self.broadcast_publication(channel, publication);
+    }
+    fn on_join_leave(&self, channel: &str, info: &ClientInfo, join: bool) {
+        self.broadcast_join_leave(channel, info, join);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_once_same_bytes_to_all() {
+        let hub = Hub::new();
+        let a = Arc::new(ConnHandle::new(Arc::from("a"), 1 << 20));
+        let b = Arc::new(ConnHandle::new(Arc::from("b"), 1 << 20));
+        assert!(hub.add_subscriber("ch", &a, false));
+        assert!(!hub.add_subscriber("ch", &b, false));
+        hub.broadcast_publication(
+            "ch",
+            Publication {
+                data: herald_protocol::json::raw_from_str("1").unwrap(),
+                info: None,
+                offset: 1,
+                tags: Default::default(),
+                time: 0,
+            },
+        );
+        let fa = a.drain().frames.pop_front().unwrap();
+        let fb = b.drain().frames.pop_front().unwrap();
+        // Same allocation: a refcount bump, not a copy.
+        assert_eq!(fa.as_ptr(), fb.as_ptr());
+        assert!(!hub.remove_subscriber("ch", "a"));
+        assert!(hub.remove_subscriber("ch", "b"));
+        assert_eq!(hub.stats().channels, 0);
+    }
+}

@@ -1,0 +1,15 @@
+//! Herald's node core: sessions, the hub, namespaces and permissions, tokens, the engine
+//! trait with the embedded memory engine, and the recovery merge. No listeners here.
+
+pub mod auth;
+pub mod channel;
+pub mod conn;
+pub mod duration;
+pub mod engine;
+pub mod hub;
+pub mod node;
+pub mod options;
+pub mod recovery;
+pub mod session;
+
+pub use node::Node;

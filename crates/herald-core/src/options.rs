@@ -1,0 +1,167 @@
+//! Options that shape client sessions and channel namespaces. Loaded by the server's config;
+//! every field has a documented default.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[client]`: connection-level behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientOptions {
+    /// HMAC secret for HS256/384/512 connection and subscription tokens. Default: "" (no
+    /// HMAC tokens accepted).
+    pub token_hmac_secret: String,
+    /// Accept connections without a token as anonymous users (user ""). Default: false.
+    pub allow_anonymous: bool,
+    /// How often the server pings (`{}`) each connection. Default: "25s".
+    #[serde(with = "crate::duration")]
+    pub ping_interval: Duration,
+    /// How long a client has to answer a ping before it is disconnected with 3012.
+    /// Default: "8s".
+    #[serde(with = "crate::duration")]
+    pub pong_timeout: Duration,
+    /// How long a new connection may wait before sending its connect command. Default: "10s".
+    #[serde(with = "crate::duration")]
+    pub connect_timeout: Duration,
+    /// Bytes queued for one connection beyond which it is a slow consumer and is
+    /// disconnected with 3008. Default: 1048576 (1 MiB).
+    pub max_queue_bytes: usize,
+    /// Largest accepted incoming message (WebSocket frame payload). Default: 65536.
+    pub max_message_size: usize,
+    /// Channels one connection may be subscribed to. Default: 128.
+    pub max_channels: usize,
+    /// Longest accepted channel name in bytes. Default: 255.
+    pub channel_max_length: usize,
+    /// Most publications one history call returns. Default: 300.
+    pub history_max_publication_limit: usize,
+    /// Most publications a recovery may return before it is refused. Default: 300.
+    pub recovery_max_publication_limit: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            token_hmac_secret: String::new(),
+            allow_anonymous: false,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(8),
+            connect_timeout: Duration::from_secs(10),
+            max_queue_bytes: 1 << 20,
+            max_message_size: 65536,
+            max_channels: 128,
+            channel_max_length: 255,
+            history_max_publication_limit: 300,
+            recovery_max_publication_limit: 300,
+        }
+    }
+}
+
+/// `[[namespaces]]`: options of the channels whose name starts with `<name>:` (or of the
+/// channels without a namespace, for `name = ""`). Every permission defaults to false.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceOptions {
+    /// The namespace; "" for channels without one. Required.
+    pub name: String,
+    /// Publications kept per channel; 0 disables history. Default: 0.
+    pub history_size: usize,
+    /// How long publications stay in history; "0" disables history. Default: "0".
+    #[serde(with = "crate::duration")]
+    pub history_ttl: Duration,
+    /// How long a stream's epoch and offset outlive its publications. Default: "24h".
+    #[serde(with = "crate::duration")]
+    pub history_meta_ttl: Duration,
+    /// Every subscription is recoverable (offset + epoch, recovery on resubscribe).
+    /// Default: false.
+    pub force_recovery: bool,
+    /// Every subscription is positioned (told its stream position). Default: false.
+    pub force_positioning: bool,
+    /// Any authenticated client may subscribe. Default: false.
+    pub allow_subscribe_for_client: bool,
+    /// Anonymous clients may subscribe too. Default: false.
+    pub allow_subscribe_for_anonymous: bool,
+    /// Subscribers may publish. Default: false.
+    pub allow_publish_for_subscriber: bool,
+    /// Any authenticated client may publish. Default: false.
+    pub allow_publish_for_client: bool,
+    /// Anonymous clients may publish too (with one of the two above). Default: false.
+    pub allow_publish_for_anonymous: bool,
+    /// Subscribers may read history. Default: false.
+    pub allow_history_for_subscriber: bool,
+    /// Any authenticated client may read history. Default: false.
+    pub allow_history_for_client: bool,
+    /// Anonymous clients may read history too. Default: false.
+    pub allow_history_for_anonymous: bool,
+    /// Subscribers may read presence. Default: false.
+    pub allow_presence_for_subscriber: bool,
+    /// Any authenticated client may read presence. Default: false.
+    pub allow_presence_for_client: bool,
+    /// Anonymous clients may read presence too. Default: false.
+    pub allow_presence_for_anonymous: bool,
+    /// Track who is subscribed (presence, presence_stats). Default: false.
+    pub presence: bool,
+    /// Send join/leave pushes to subscribers that ask for them. Default: false.
+    pub join_leave: bool,
+    /// Send join/leave pushes to every subscriber. Default: false.
+    pub force_push_join_leave: bool,
+    /// Channels of this namespace need a subscription token (as `$` channels do).
+    /// Default: false.
+    pub require_subscription_token: bool,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            history_meta_ttl: Duration::from_secs(24 * 3600),
+            force_recovery: false,
+            force_positioning: false,
+            allow_subscribe_for_client: false,
+            allow_subscribe_for_anonymous: false,
+            allow_publish_for_subscriber: false,
+            allow_publish_for_client: false,
+            allow_publish_for_anonymous: false,
+            allow_history_for_subscriber: false,
+            allow_history_for_client: false,
+            allow_history_for_anonymous: false,
+            allow_presence_for_subscriber: false,
+            allow_presence_for_client: false,
+            allow_presence_for_anonymous: false,
+            presence: false,
+            join_leave: false,
+            force_push_join_leave: false,
+            require_subscription_token: false,
+        }
+    }
+}
+
+impl NamespaceOptions {
+    /// History is on when both a size and a ttl are set.
+    pub fn history_enabled(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
+    /// Checks one namespace; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.name;
+        if n.contains(':') || n.starts_with('$') || n.contains('#') {
+            return Err(format!(
+                "namespaces.name {n:?}: must not contain ':' or '#' nor start with '$'"
+            ));
+        }
+        if (self.history_size > 0) != !self.history_ttl.is_zero() {
+            return Err(format!(
+                "namespaces[{n:?}].history_ttl: history_size and history_ttl must be set together"
+            ));
+        }
+        if (self.force_recovery || self.force_positioning) && !self.history_enabled() {
+            return Err(format!(
+                "namespaces[{n:?}].force_recovery: recovery and positioning need history (history_size, history_ttl)"
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,880 @@
+//! The per-connection state machine: connect and auth, subscribe with recovery, publish,
+//! presence, history, ping/pong, token refresh and limits. It does no socket I/O: the
+//! transport feeds it frames and timer ticks and drains the connection's outbox.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_protocol::client::{
+    ClientInfo, Command, ConnectRequest, ConnectResult, HistoryResult, Push, RefreshResult, Reply,
+    SubscribeResult, UnsubscribePush, split_commands,
+};
+use herald_protocol::json::Raw;
+use herald_protocol::{Disconnect, ErrorCode, ProtocolError, codes};
+
+use crate::auth::{self, TokenError, unix_now};
+use crate::channel;
+use crate::conn::{ConnHandle, Control, PubMessage};
+use crate::engine::StreamPosition;
+use crate::node::{Node, VERSION};
+use crate::options::NamespaceOptions;
+use crate::recovery;
+
+/// Why a command failed: an error reply, or the end of the connection.
+#[derive(Debug)]
+pub enum Fail {
+    Error(ProtocolError),
+    Disconnect(Disconnect),
+}
+
+impl From<ProtocolError> for Fail {
+    fn from(e: ProtocolError) -> Self {
+        Fail::Error(e)
+    }
+}
+impl From<ErrorCode> for Fail {
+    fn from(e: ErrorCode) -> Self {
+        Fail::Error(e.error())
+    }
+}
+impl From<codes::KnownDisconnect> for Fail {
+    fn from(d: codes::KnownDisconnect) -> Self {
+        Fail::Disconnect(d.into())
+    }
+}
+
+struct Sub {
+    presence: bool,
+    join_leave: bool,
+    chan_info: Option<Raw>,
+    /// Unix seconds after which the subscription expires (subscription token `exp`).
+    expire_at: Option<u64>,
+}
+
+/// What a subscription needs in order to start.
+#[derive(Default)]
+struct SubParams {
+    recover: bool,
+    epoch: String,
+    offset: u64,
+    recoverable: bool,
+    positioned: bool,
+    join_leave: bool,
+    chan_info: Option<Raw>,
+    data: Option<Raw>,
+    expire_at: Option<u64>,
+}
+
+/// A subscription joined to the hub and positioned, waiting for its reply to be queued.
+struct Prepared {
+    channel: String,
+    result: SubscribeResult,
+    history: Vec<herald_protocol::client::Publication>,
+    recovering: bool,
+    after: u64,
+    sub: Sub,
+}
+
+pub struct Session {
+    node: Arc<Node>,
+    conn: Arc<ConnHandle>,
+    connected: bool,
+    created: Instant,
+    user: String,
+    conn_info: Option<Raw>,
+    expire_at: Option<u64>,
+    subs: HashMap<String, Sub>,
+    next_ping: Instant,
+    awaiting_pong: Option<Instant>,
+    closed: bool,
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>) -> Self {
+        let now = Instant::now();
+        Self {
+            next_ping: now + node.client.ping_interval,
+            node,
+            conn,
+            connected: false,
+            created: now,
+            user: String::new(),
+            conn_info: None,
+            expire_at: None,
+            subs: HashMap::new(),
+            awaiting_pong: None,
+            closed: false,
+        }
+    }
+
+    pub fn conn(&self) -> &Arc<ConnHandle> {
+        &self.conn
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn channels(&self) -> impl Iterator<Item = &str> {
+        self.subs.keys().map(|s| s.as_str())
+    }
+
+    fn send(&self, reply: &Reply) {
+        self.conn.send(reply.encode());
+    }
+
+    fn client_info(&self, chan_info: Option<Raw>) -> ClientInfo {
+        ClientInfo {
+            user: self.user.clone(),
+            client: self.conn.id.to_string(),
+            conn_info: self.conn_info.clone(),
+            chan_info,
+        }
+    }
+
+    /// Handles one incoming text frame: one or more `\n`-separated commands.
+    pub async fn handle_frame(&mut self, data: &[u8]) -> Result<(), Disconnect> {
+        for line in split_commands(data) {
+            let cmd: Command = serde_json::from_slice(line)
+                .map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
+            self.handle_command(cmd).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
+        if cmd.is_pong() {
+            self.awaiting_pong = None;
+            return Ok(());
+        }
+        let id = cmd.id;
+        if id == 0 && cmd.send.is_none() {
+            return Err(Disconnect::BAD_REQUEST.into());
+        }
+        let outcome = if !self.connected {
+            match cmd.connect {
+                Some(req) => self.cmd_connect(id, req).await,
+                None => return Err(Disconnect::BAD_REQUEST.into()),
+            }
+        } else if cmd.connect.is_some() {
+            return Err(Disconnect::BAD_REQUEST.into());
+        } else if let Some(req) = cmd.subscribe {
+            self.cmd_subscribe(id, req).await
+        } else if let Some(req) = cmd.unsubscribe {
+            self.unsubscribe(&req.channel, None).await;
+            Ok(Some(Reply {
+                id,
+                unsubscribe: Some(Default::default()),
+                ..Default::default()
+            }))
+        } else if let Some(req) = cmd.publish {
+            self.cmd_publish(id, req).await
+        } else if let Some(req) = cmd.presence {
+            self.cmd_presence(id, &req.channel).await
+        } else if let Some(req) = cmd.presence_stats {
+            self.cmd_presence_stats(id, &req.channel).await
+        } else if let Some(req) = cmd.history {
+            self.cmd_history(id, req).await
+        } else if let Some(req) = cmd.refresh {
+            self.cmd_refresh(id, &req.token)
+        } else if let Some(req) = cmd.sub_refresh {
+            self.cmd_sub_refresh(id, &req.channel, &req.token)
+        } else if cmd.rpc.is_some() {
+            // No RPC handler is configured on this node.
+            Err(ErrorCode::METHOD_NOT_FOUND.into())
+        } else if cmd.send.is_some() {
+            // Asynchronous messages have no handler here and need no reply.
+            Ok(None)
+        } else {
+            Err(ErrorCode::METHOD_NOT_FOUND.into())
+        };
+        match outcome {
+            Ok(Some(reply)) => self.send(&reply),
+            Ok(None) => {}
+            Err(Fail::Error(e)) => self.send(&Reply::error(id, e)),
+            Err(Fail::Disconnect(d)) => return Err(d),
+        }
+        Ok(())
+    }
+
+    fn ttl_fields(expire_at: Option<u64>) -> (bool, u32) {
+        match expire_at {
+            Some(at) => (
+                true,
+                at.saturating_sub(unix_now()).min(u32::MAX as u64) as u32,
+            ),
+            None => (false, 0),
+        }
+    }
+
+    async fn cmd_connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<Reply>, Fail> {
+        if self.node.is_draining() {
+            return Err(Disconnect::SHUTDOWN.into());
+        }
+        let mut server_channels: Vec<String> = Vec::new();
+        if req.token.is_empty() {
+            if !self.node.client.allow_anonymous {
+                return Err(ErrorCode::UNAUTHORIZED.into());
+            }
+        } else {
+            let claims = match self.node.tokens.verify_connect(&req.token) {
+                Ok(c) => c,
+                Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+                Err(TokenError::Invalid(e)) => {
+                    tracing::debug!(error = %e, "connection token refused");
+                    return Err(Disconnect::INVALID_TOKEN.into());
+                }
+            };
+            if claims.sub.is_empty() && !self.node.client.allow_anonymous {
+                return Err(Disconnect::INVALID_TOKEN.into());
+            }
+            self.conn_info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
+                .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
+            self.user = claims.sub;
+            self.expire_at = match claims.expire_at {
+                Some(0) => None,
+                Some(at) => Some(at),
+                None => claims.exp,
+            };
+            if let Some(at) = self.expire_at {
+                if at <= unix_now() {
+                    return Err(ErrorCode::TOKEN_EXPIRED.into());
+                }
+            }
+            server_channels.extend(claims.channels);
+            server_channels.extend(claims.subs.into_keys());
+        }
+        self.conn.set_user(&self.user);
+        self.connected = true;
+        self.node.hub.add_conn(&self.conn);
+        tracing::debug!(client = %self.conn.id, user = %self.user, "client connected");
+
+        // Server-side subscriptions: from the token, recovering from the positions the
+        // client sends back in `subs` on reconnect.
+        server_channels.sort();
+        server_channels.dedup();
+        let mut req_subs = req.subs;
+        let mut prepared = Vec::new();
+        for ch in server_channels {
+            if self.node.namespace(&ch).is_none() || self.subs.contains_key(&ch) {
+                continue;
+            }
+            let r = req_subs.remove(&ch).unwrap_or_default();
+            let params = SubParams {
+                recover: r.recover,
+                epoch: r.epoch,
+                offset: r.offset,
+                ..Default::default()
+            };
+            match self.prepare_subscription(&ch, params).await {
+                Ok(p) => prepared.push(p),
+                Err(Fail::Disconnect(d)) => return Err(Fail::Disconnect(d)),
+                Err(Fail::Error(e)) => {
+                    tracing::warn!(channel = %ch, error = %e, "server-side subscription failed");
+                }
+            }
+        }
+        let (expires, ttl) = Self::ttl_fields(self.expire_at);
+        let mut result = ConnectResult {
+            client: self.conn.id.to_string(),
+            version: VERSION.to_string(),
+            expires,
+            ttl,
+            data: None,
+            subs: BTreeMap::new(),
+            ping: self.node.client.ping_interval.as_secs() as u32,
+            pong: true,
+            session: self.conn.id.to_string(),
+            node: self.node.id.clone(),
+        };
+        self.next_ping = Instant::now() + self.node.client.ping_interval;
+        let channels: Vec<String> = prepared.iter().map(|p| p.channel.clone()).collect();
+        let refs: Vec<&str> = channels.iter().map(|s| s.as_str()).collect();
+        let mut settled = Vec::new();
+        self.conn.complete_buffering(&refs, |held| {
+            let mut trailing = Vec::new();
+            for (mut p, live) in prepared.into_iter().zip(held) {
+                trailing.extend(settle(&mut p, live));
+                result
+                    .subs
+                    .insert(p.channel.clone(), std::mem::take(&mut p.result));
+                settled.push(p);
+            }
+            let mut frames = vec![
+                Reply {
+                    id,
+                    connect: Some(result),
+                    ..Default::default()
+                }
+                .encode(),
+            ];
+            frames.extend(trailing);
+            frames
+        });
+        for p in settled {
+            self.subs.insert(p.channel, p.sub);
+        }
+        Ok(None)
+    }
+
+    fn permitted(
+        &self,
+        for_client: bool,
+        for_subscriber: bool,
+        for_anonymous: bool,
+        ch: &str,
+    ) -> bool {
+        if self.user.is_empty() && !for_anonymous {
+            return false;
+        }
+        for_client || (for_subscriber && self.subs.contains_key(ch))
+    }
+
+    /// Checks a subscription token; returns (chan_info, expire_at).
+    fn check_sub_token(&self, ch: &str, token: &str) -> Result<(Option<Raw>, Option<u64>), Fail> {
+        let claims = match self.node.tokens.verify_subscribe(token) {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+            Err(TokenError::Invalid(e)) => {
+                tracing::debug!(error = %e, channel = %ch, "subscription token refused");
+                return Err(Disconnect::INVALID_TOKEN.into());
+            }
+        };
+        if claims.sub != self.user || claims.channel != ch {
+            return Err(Disconnect::INVALID_TOKEN.into());
+        }
+        let info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
+            .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
+        let expire_at = match claims.expire_at {
+            Some(0) => None,
+            Some(at) => Some(at),
+            None => claims.exp,
+        };
+        Ok((info, expire_at))
+    }
+
+    async fn cmd_subscribe(
+        &mut self,
+        id: u32,
+        req: herald_protocol::client::SubscribeRequest,
+    ) -> Result<Option<Reply>, Fail> {
+        let ch = req.channel.as_str();
+        if ch.is_empty() || ch.len() > self.node.client.channel_max_length {
+            return Err(ErrorCode::BAD_REQUEST.into());
+        }
+        if self.subs.contains_key(ch) {
+            return Err(ErrorCode::ALREADY_SUBSCRIBED.into());
+        }
+        if self.subs.len() >= self.node.client.max_channels {
+            return Err(ErrorCode::LIMIT_EXCEEDED.into());
+        }
+        let node = self.node.clone();
+        let ns = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        let mut chan_info = None;
+        let mut expire_at = None;
+        if channel::is_private(ch) || ns.require_subscription_token || !req.token.is_empty() {
+            if req.token.is_empty() {
+                return Err(ErrorCode::PERMISSION_DENIED.into());
+            }
+            (chan_info, expire_at) = self.check_sub_token(ch, &req.token)?;
+        } else if let Some(allowed) = channel::user_allowed(ch, &self.user) {
+            if !allowed {
+                return Err(ErrorCode::PERMISSION_DENIED.into());
+            }
+        } else {
+            let ok = if self.user.is_empty() {
+                ns.allow_subscribe_for_anonymous
+            } else {
+                ns.allow_subscribe_for_client
+            };
+            if !ok {
+                return Err(ErrorCode::PERMISSION_DENIED.into());
+            }
+        }
+        let params = SubParams {
+            recover: req.recover,
+            epoch: req.epoch,
+            offset: req.offset,
+            recoverable: req.recoverable,
+            positioned: req.positioned,
+            join_leave: req.join_leave,
+            chan_info,
+            data: None,
+            expire_at,
+        };
+        let prepared = self.prepare_subscription(ch, params).await?;
+        self.finish_subscription(prepared, |result| Reply {
+            id,
+            subscribe: Some(result),
+            ..Default::default()
+        });
+        Ok(None)
+    }
+
+    /// Joins the hub first (buffering), then reads the stream position and, when recovering,
+    /// the missed publications. The reply is queued by `finish_subscription`.
+    async fn prepare_subscription(&mut self, ch: &str, p: SubParams) -> Result<Prepared, Fail> {
+        let node = self.node.clone();
+        let ns: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        let push_join_leave = ns.join_leave && (p.join_leave || ns.force_push_join_leave);
+        self.conn.start_buffering(ch);
+        let first = node.hub.add_subscriber(ch, &self.conn, push_join_leave);
+        match self.position_subscription(ch, ns, first, &p).await {
+            Ok((result, history, recovering, after)) => Ok(Prepared {
+                channel: ch.to_string(),
+                result: SubscribeResult {
+                    data: p.data,
+                    ..result
+                },
+                history,
+                recovering,
+                after,
+                sub: Sub {
+                    presence: ns.presence,
+                    join_leave: ns.join_leave,
+                    chan_info: p.chan_info,
+                    expire_at: p.expire_at,
+                },
+            }),
+            Err(e) => {
+                self.conn.cancel_buffering(ch);
+                if node.hub.remove_subscriber(ch, &self.conn.id) {
+                    let _ = node.engine.unsubscribe(ch).await;
+                }
+                if ns.presence {
+                    let _ = node.engine.remove_presence(ch, &self.conn.id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn position_subscription(
+        &self,
+        ch: &str,
+        ns: &NamespaceOptions,
+        first: bool,
+        p: &SubParams,
+    ) -> Result<
+        (
+            SubscribeResult,
+            Vec<herald_protocol::client::Publication>,
+            bool,
+            u64,
+        ),
+        Fail,
+    > {
+        let engine = &self.node.engine;
+        if first {
+            engine.subscribe(ch).await.map_err(ProtocolError::from)?;
+        }
+        let info = self.client_info(p.chan_info.clone());
+        if ns.presence {
+            engine
+                .add_presence(ch, &self.conn.id, info.clone())
+                .await
+                .map_err(ProtocolError::from)?;
+        }
+        if ns.join_leave {
+            engine
+                .publish_join_leave(ch, info, true)
+                .await
+                .map_err(ProtocolError::from)?;
+        }
+        let history = ns.history_enabled();
+        let recoverable = history && (ns.force_recovery || p.recoverable);
+        let positioned = history && (ns.force_positioning || p.positioned || recoverable);
+        let (expires, ttl) = Self::ttl_fields(p.expire_at);
+        let mut result = SubscribeResult {
+            expires,
+            ttl,
+            recoverable,
+            positioned,
+            ..Default::default()
+        };
+        if !positioned {
+            return Ok((result, Vec::new(), false, 0));
+        }
+        let recovering = recoverable && p.recover;
+        let mut q = Node::history_query(ns);
+        if recovering {
+            q.since = Some(StreamPosition {
+                offset: p.offset,
+                epoch: p.epoch.clone(),
+            });
+        } else {
+            q.limit = Some(0);
+        }
+        let h = engine.history(ch, q).await.map_err(ProtocolError::from)?;
+        result.epoch = h.position.epoch.clone();
+        result.offset = h.position.offset;
+        if !recovering {
+            return Ok((result, Vec::new(), false, h.position.offset));
+        }
+        result.was_recovering = true;
+        let top = h.position.offset;
+        let epoch_ok = p.epoch.is_empty() || p.epoch == h.position.epoch;
+        let complete = epoch_ok
+            && p.offset <= top
+            && match h.publications.first() {
+                Some(first) => first.offset == p.offset + 1,
+                None => p.offset == top,
+            }
+            && h.publications.len() <= self.node.client.recovery_max_publication_limit;
+        if complete {
+            Ok((result, h.publications, true, p.offset))
+        } else {
+            // Not recoverable: the client is told so, and goes live from the current top.
+            Ok((result, Vec::new(), false, top))
+        }
+    }
+
+    fn finish_subscription(
+        &mut self,
+        mut p: Prepared,
+        reply: impl FnOnce(SubscribeResult) -> Reply,
+    ) {
+        let ch = p.channel.clone();
+        self.conn.complete_buffering(&[ch.as_str()], |mut held| {
+            let live = held.pop().unwrap_or_default();
+            let trailing = settle(&mut p, live);
+            let mut frames = vec![reply(std::mem::take(&mut p.result)).encode()];
+            frames.extend(trailing);
+            frames
+        });
+        self.subs.insert(ch, p.sub);
+    }
+
+    /// Leaves a channel; with `push`, tells the client (server-side unsubscribe).
+    pub async fn unsubscribe(&mut self, ch: &str, push: Option<(u32, String)>) {
+        let Some(sub) = self.subs.remove(ch) else {
+            return;
+        };
+        self.leave(ch, sub).await;
+        if let Some((code, reason)) = push {
+            self.send(&Reply::push(Push {
+                channel: ch.to_string(),
+                unsubscribe: Some(UnsubscribePush { code, reason }),
+                ..Default::default()
+            }));
+        }
+    }
+
+    async fn leave(&self, ch: &str, sub: Sub) {
+        let engine = &self.node.engine;
+        if self.node.hub.remove_subscriber(ch, &self.conn.id) {
+            if let Err(e) = engine.unsubscribe(ch).await {
+                tracing::warn!(channel = %ch, error = %e, "engine unsubscribe failed");
+            }
+        }
+        if sub.presence {
+            let _ = engine.remove_presence(ch, &self.conn.id).await;
+        }
+        if sub.join_leave {
+            let _ = engine
+                .publish_join_leave(ch, self.client_info(sub.chan_info), false)
+                .await;
+        }
+    }
+
+    async fn cmd_publish(
+        &mut self,
+        id: u32,
+        req: herald_protocol::client::PublishRequest,
+    ) -> Result<Option<Reply>, Fail> {
+        let ch = req.channel.as_str();
+        let node = self.node.clone();
+        let ns = node.channel_options(ch)?;
+        if !self.permitted(
+            ns.allow_publish_for_client,
+            ns.allow_publish_for_subscriber,
+            ns.allow_publish_for_anonymous,
+            ch,
+        ) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let data = req.data.ok_or(ErrorCode::BAD_REQUEST)?;
+        let info = self.client_info(self.subs.get(ch).and_then(|s| s.chan_info.clone()));
+        node.publish(ch, data, Some(info), BTreeMap::new(), false, None)
+            .await?;
+        Ok(Some(Reply {
+            id,
+            publish: Some(Default::default()),
+            ..Default::default()
+        }))
+    }
+
+    async fn cmd_presence(&mut self, id: u32, ch: &str) -> Result<Option<Reply>, Fail> {
+        self.check_presence(ch)?;
+        let presence = self.node.presence(ch).await?;
+        Ok(Some(Reply {
+            id,
+            presence: Some(herald_protocol::client::PresenceResult { presence }),
+            ..Default::default()
+        }))
+    }
+
+    async fn cmd_presence_stats(&mut self, id: u32, ch: &str) -> Result<Option<Reply>, Fail> {
+        self.check_presence(ch)?;
+        let (num_clients, num_users) = self.node.presence_stats(ch).await?;
+        Ok(Some(Reply {
+            id,
+            presence_stats: Some(herald_protocol::client::PresenceStatsResult {
+                num_clients,
+                num_users,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    fn check_presence(&self, ch: &str) -> Result<(), Fail> {
+        let ns = self.node.channel_options(ch)?;
+        if !ns.presence {
+            return Err(ErrorCode::NOT_AVAILABLE.into());
+        }
+        if !self.permitted(
+            ns.allow_presence_for_client,
+            ns.allow_presence_for_subscriber,
+            ns.allow_presence_for_anonymous,
+            ch,
+        ) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        Ok(())
+    }
+
+    async fn cmd_history(
+        &mut self,
+        id: u32,
+        req: herald_protocol::client::HistoryRequest,
+    ) -> Result<Option<Reply>, Fail> {
+        let ch = req.channel.as_str();
+        let ns = self.node.channel_options(ch)?;
+        if !ns.history_enabled() {
+            return Err(ErrorCode::NOT_AVAILABLE.into());
+        }
+        if !self.permitted(
+            ns.allow_history_for_client,
+            ns.allow_history_for_subscriber,
+            ns.allow_history_for_anonymous,
+            ch,
+        ) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let since = req.since.map(|s| StreamPosition {
+            offset: s.offset,
+            epoch: s.epoch,
+        });
+        let h = self.node.history(ch, req.limit, since, req.reverse).await?;
+        Ok(Some(Reply {
+            id,
+            history: Some(HistoryResult {
+                publications: h.publications,
+                epoch: h.position.epoch,
+                offset: h.position.offset,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    fn cmd_refresh(&mut self, id: u32, token: &str) -> Result<Option<Reply>, Fail> {
+        let claims = match self.node.tokens.verify_connect(token) {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
+        };
+        if claims.sub != self.user {
+            return Err(Disconnect::INVALID_TOKEN.into());
+        }
+        self.expire_at = match claims.expire_at {
+            Some(0) => None,
+            Some(at) => Some(at),
+            None => claims.exp,
+        };
+        let (expires, ttl) = Self::ttl_fields(self.expire_at);
+        Ok(Some(Reply {
+            id,
+            refresh: Some(RefreshResult { expires, ttl }),
+            ..Default::default()
+        }))
+    }
+
+    fn cmd_sub_refresh(&mut self, id: u32, ch: &str, token: &str) -> Result<Option<Reply>, Fail> {
+        if !self.subs.contains_key(ch) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let (_, expire_at) = self.check_sub_token(ch, token)?;
+        if let Some(sub) = self.subs.get_mut(ch) {
+            sub.expire_at = expire_at;
+        }
+        let (expires, ttl) = Self::ttl_fields(expire_at);
+        Ok(Some(Reply {
+            id,
+            sub_refresh: Some(RefreshResult { expires, ttl }),
+            ..Default::default()
+        }))
+    }
+
+    /// Carries out what the server API asked of this connection.
+    pub async fn handle_control(&mut self, c: Control) -> Result<(), Disconnect> {
+        if !self.connected {
+            return Ok(());
+        }
+        match c {
+            Control::Unsubscribe {
+                channel,
+                code,
+                reason,
+            } => {
+                self.unsubscribe(&channel, Some((code, reason))).await;
+            }
+            Control::Subscribe {
+                channel,
+                info,
+                data,
+            } => {
+                if self.subs.contains_key(&channel) || self.node.namespace(&channel).is_none() {
+                    return Ok(());
+                }
+                let params = SubParams {
+                    chan_info: info,
+                    data,
+                    ..Default::default()
+                };
+                match self.prepare_subscription(&channel, params).await {
+                    Ok(p) => {
+                        let ch = channel.clone();
+                        self.finish_subscription(p, move |result| {
+                            Reply::push(Push {
+                                channel: ch,
+                                subscribe: Some(result),
+                                ..Default::default()
+                            })
+                        });
+                    }
+                    Err(Fail::Disconnect(d)) => return Err(d),
+                    Err(Fail::Error(e)) => {
+                        tracing::warn!(channel = %channel, error = %e, "server subscribe failed");
+                    }
+                }
+            }
+            Control::Refresh { expire_at, expired } => {
+                if expired {
+                    return Err(Disconnect::EXPIRED.into());
+                }
+                self.expire_at = expire_at.filter(|a| *a > 0);
+                let (expires, ttl) = Self::ttl_fields(self.expire_at);
+                self.send(&Reply::push(Push {
+                    refresh: Some(RefreshResult { expires, ttl }),
+                    ..Default::default()
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Timer work: connect timeout, pings, missing pongs, expiry. Returns when to call again.
+    pub async fn tick(&mut self, now: Instant) -> Result<Instant, Disconnect> {
+        let node = self.node.clone();
+        let opts = &node.client;
+        if !self.connected {
+            let deadline = self.created + opts.connect_timeout;
+            if now >= deadline {
+                return Err(Disconnect::STALE.into());
+            }
+            return Ok(deadline);
+        }
+        if let Some(sent) = self.awaiting_pong {
+            if now >= sent + opts.pong_timeout {
+                return Err(Disconnect::NO_PONG.into());
+            }
+        }
+        let unix = unix_now();
+        if let Some(at) = self.expire_at {
+            if unix >= at {
+                return Err(Disconnect::EXPIRED.into());
+            }
+        }
+        let expired: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.expire_at.is_some_and(|at| unix >= at))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for ch in expired {
+            let (code, reason) = codes::unsubscribe::EXPIRED;
+            self.unsubscribe(&ch, Some((code, reason.to_string())))
+                .await;
+        }
+        if now >= self.next_ping {
+            // The ping is an empty message; clients answer with an empty command.
+            self.conn.send(Bytes::from_static(b"{}"));
+            if self.awaiting_pong.is_none() {
+                self.awaiting_pong = Some(now);
+            }
+            self.next_ping = now + opts.ping_interval;
+        }
+        let mut next = self.next_ping;
+        if let Some(sent) = self.awaiting_pong {
+            next = next.min(sent + opts.pong_timeout);
+        }
+        let soonest_expiry = self
+            .expire_at
+            .into_iter()
+            .chain(self.subs.values().filter_map(|s| s.expire_at))
+            .min();
+        if let Some(at) = soonest_expiry {
+            let wait = Duration::from_secs(at.saturating_sub(unix));
+            next = next.min(now + wait);
+        }
+        Ok(next)
+    }
+
+    /// Leaves every channel and the hub. Called once when the connection ends.
+    pub async fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let subs: Vec<(String, Sub)> = self.subs.drain().collect();
+        for (ch, sub) in subs {
+            self.leave(&ch, sub).await;
+        }
+        if self.connected {
+            self.node.hub.remove_conn(&self.conn);
+            tracing::debug!(client = %self.conn.id, user = %self.user, "client disconnected");
+        }
+    }
+}
+
+/// Finalises a subscription's result with what arrived live while it was being positioned;
+/// returns the live frames that follow the reply.
+fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> Vec<Bytes> {
+    if !p.result.positioned {
+        return live.iter().map(|m| m.frame.clone()).collect();
+    }
+    let top = p.result.offset;
+    if p.recovering {
+        let history = std::mem::take(&mut p.history);
+        let live_pubs: Vec<_> = live.iter().map(|m| m.publication.clone()).collect();
+        let (merged, contiguous) = recovery::merge(history, live_pubs, p.after, |x| x.offset);
+        if contiguous {
+            p.result.offset = merged.last().map_or(top, |x| x.offset).max(top);
+            p.result.recovered = true;
+            p.result.publications = merged;
+            return Vec::new();
+        }
+        // A hole between history and live: say so rather than hide it.
+        p.result.recovered = false;
+    }
+    live.iter()
+        .filter(|m| m.publication.offset > top)
+        .map(|m| m.frame.clone())
+        .collect()
+}

@@ -1,0 +1,162 @@
+//! Every protocol error code and disconnect code Herald sends, in one place.
+
+use serde::Serialize;
+
+/// An error returned in a reply (`{"id":N,"error":{...}}`) or by the server API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode {
+    pub code: u32,
+    pub message: &'static str,
+    pub temporary: bool,
+}
+
+impl ErrorCode {
+    const fn new(code: u32, message: &'static str) -> Self {
+        Self {
+            code,
+            message,
+            temporary: false,
+        }
+    }
+    const fn temporary(code: u32, message: &'static str) -> Self {
+        Self {
+            code,
+            message,
+            temporary: true,
+        }
+    }
+
+    pub const INTERNAL: Self = Self::temporary(100, "internal server error");
+    pub const UNAUTHORIZED: Self = Self::new(101, "unauthorized");
+    pub const UNKNOWN_CHANNEL: Self = Self::new(102, "unknown channel");
+    pub const PERMISSION_DENIED: Self = Self::new(103, "permission denied");
+    pub const METHOD_NOT_FOUND: Self = Self::new(104, "method not found");
+    pub const ALREADY_SUBSCRIBED: Self = Self::new(105, "already subscribed");
+    pub const LIMIT_EXCEEDED: Self = Self::new(106, "limit exceeded");
+    pub const BAD_REQUEST: Self = Self::new(107, "bad request");
+    pub const NOT_AVAILABLE: Self = Self::new(108, "not available");
+    pub const TOKEN_EXPIRED: Self = Self::new(109, "token expired");
+    pub const EXPIRED: Self = Self::new(110, "expired");
+    pub const TOO_MANY_REQUESTS: Self = Self::temporary(111, "too many requests");
+    pub const UNRECOVERABLE_POSITION: Self = Self::new(112, "unrecoverable position");
+
+    pub fn error(self) -> ProtocolError {
+        ProtocolError {
+            code: self.code,
+            message: self.message.to_string(),
+            temporary: self.temporary,
+        }
+    }
+}
+
+/// The error object as it appears on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ProtocolError {
+    pub code: u32,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub temporary: bool,
+}
+
+impl From<ErrorCode> for ProtocolError {
+    fn from(c: ErrorCode) -> Self {
+        c.error()
+    }
+}
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Why a connection is closed: the WebSocket close code and reason.
+/// 3000–3499 and 4000–4499 tell the client to reconnect; 3500–3999 and 4500–4999 are terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Disconnect {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Disconnect {
+    const fn known(code: u16, reason: &'static str) -> KnownDisconnect {
+        KnownDisconnect { code, reason }
+    }
+
+    pub const SHUTDOWN: KnownDisconnect = Self::known(3001, "shutdown");
+    pub const SERVER_ERROR: KnownDisconnect = Self::known(3004, "internal server error");
+    pub const EXPIRED: KnownDisconnect = Self::known(3005, "connection expired");
+    pub const SUBSCRIPTION_EXPIRED: KnownDisconnect = Self::known(3006, "subscription expired");
+    pub const SLOW: KnownDisconnect = Self::known(3008, "slow");
+    pub const WRITE_ERROR: KnownDisconnect = Self::known(3009, "write error");
+    pub const INSUFFICIENT_STATE: KnownDisconnect = Self::known(3010, "insufficient state");
+    pub const FORCE_RECONNECT: KnownDisconnect = Self::known(3011, "force reconnect");
+    pub const NO_PONG: KnownDisconnect = Self::known(3012, "no pong");
+    pub const TOO_MANY_REQUESTS: KnownDisconnect = Self::known(3013, "too many requests");
+    pub const INVALID_TOKEN: KnownDisconnect = Self::known(3500, "invalid token");
+    pub const BAD_REQUEST: KnownDisconnect = Self::known(3501, "bad request");
+    pub const STALE: KnownDisconnect = Self::known(3502, "stale");
+    pub const FORCE_NO_RECONNECT: KnownDisconnect = Self::known(3503, "force disconnect");
+    pub const CONNECTION_LIMIT: KnownDisconnect = Self::known(3504, "connection limit");
+    pub const CHANNEL_LIMIT: KnownDisconnect = Self::known(3505, "channel limit");
+    pub const INAPPROPRIATE_PROTOCOL: KnownDisconnect = Self::known(3506, "inappropriate protocol");
+    pub const PERMISSION_DENIED: KnownDisconnect = Self::known(3507, "permission denied");
+    pub const NOT_AVAILABLE: KnownDisconnect = Self::known(3508, "not available");
+    pub const TOO_MANY_ERRORS: KnownDisconnect = Self::known(3509, "too many errors");
+
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether the client is advised to reconnect (the protocol's code ranges).
+    pub fn reconnect(&self) -> bool {
+        matches!(self.code, 3000..=3499 | 4000..=4499)
+    }
+}
+
+/// A disconnect known at compile time; converts into [`Disconnect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownDisconnect {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl From<KnownDisconnect> for Disconnect {
+    fn from(k: KnownDisconnect) -> Self {
+        Disconnect::new(k.code, k.reason)
+    }
+}
+
+/// Unsubscribe push codes: 2000 is final, 2500 and above tell the client to resubscribe.
+pub mod unsubscribe {
+    pub const SERVER: (u32, &str) = (2000, "server unsubscribe");
+    pub const INSUFFICIENT_STATE: (u32, &str) = (2500, "insufficient state");
+    pub const EXPIRED: (u32, &str) = (2501, "subscription expired");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_ranges() {
+        assert!(Disconnect::from(Disconnect::SHUTDOWN).reconnect());
+        assert!(Disconnect::from(Disconnect::SLOW).reconnect());
+        assert!(!Disconnect::from(Disconnect::INVALID_TOKEN).reconnect());
+        assert!(Disconnect::new(4000, "app").reconnect());
+        assert!(!Disconnect::new(4500, "app").reconnect());
+    }
+
+    #[test]
+    fn temporary_flag_only_when_set() {
+        let s = serde_json::to_string(&ErrorCode::PERMISSION_DENIED.error()).unwrap();
+        assert_eq!(s, r#"{"code":103,"message":"permission denied"}"#);
+        let s = serde_json::to_string(&ErrorCode::INTERNAL.error()).unwrap();
+        assert!(s.contains(r#""temporary":true"#));
+    }
+}

@@ -1,0 +1,34 @@
+use clap::Parser;
+use herald_server::cli::{self, Cli, Command};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_serve(cli::ServeArgs::default()),
+        Some(Command::Serve(args)) => run_serve(args),
+        Some(Command::Genconfig { output, force }) => cli::genconfig(output, force),
+        Some(Command::Token {
+            config,
+            user,
+            ttl,
+            channels,
+            info,
+            secret,
+        }) => cli::token(config, user, ttl, channels, info, secret),
+        Some(Command::CheckConfig { config }) => cli::check_config(config),
+    };
+    if let Err(e) = result {
+        eprintln!("herald: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run_serve(args: cli::ServeArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(cli::serve(args))
+}
