@@ -184,7 +184,9 @@ async fn herald_setup(ws: &mut Ws, token: Option<&str>, channel: &str) -> Result
     while !(connected && subscribed) {
         let msg = next_data(ws).await?;
         let Message::Text(text) = msg else {
-            return Err(BenchError::Protocol("herald sent a binary frame to a JSON client".into()));
+            return Err(BenchError::Protocol(
+                "herald sent a binary frame to a JSON client".into(),
+            ));
         };
         let mut ping = false;
         for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
@@ -314,8 +316,11 @@ async fn serve(
         Session::Herald(mut ws) => loop {
             let msg = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return close(ws, None).await,
-                m = next_data(&mut ws) => m?,
+                _ = stop.wait_for(|s| *s) => None,
+                m = next_data(&mut ws) => Some(m?),
+            };
+            let Some(msg) = msg else {
+                return close(ws, None).await;
             };
             let Message::Text(text) = msg else { continue };
             let mut ping = false;
@@ -323,7 +328,9 @@ async fn serve(
                 match herald::parse_line(line) {
                     Ok(Line::Publication { data, .. }) => d.payload(data),
                     Ok(Line::Ping) => ping = true,
-                    Ok(Line::OtherPush(kind)) => ctx.recorder.lock().error(format!("herald push {kind}")),
+                    Ok(Line::OtherPush(kind)) => {
+                        ctx.recorder.lock().error(format!("herald push {kind}"))
+                    }
                     Ok(Line::Reply { .. }) => {}
                     Err(_) => {
                         let mut r = ctx.recorder.lock();
@@ -339,8 +346,11 @@ async fn serve(
         Session::Nats(mut ws, mut carry) => loop {
             let msg = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return close(ws, None).await,
-                m = next_data(&mut ws) => m?,
+                _ = stop.wait_for(|s| *s) => None,
+                m = next_data(&mut ws) => Some(m?),
+            };
+            let Some(msg) = msg else {
+                return close(ws, None).await;
             };
             let mut pings = 0usize;
             let mut err = None;
@@ -369,19 +379,24 @@ async fn serve(
             loop {
                 let msg = tokio::select! {
                     biased;
-                    _ = stop.wait_for(|s| *s) => {
+                    _ = stop.wait_for(|s| *s) => None,
+                    _ = sleep_until(next_ping) => Some(None),
+                    m = next_data(&mut ws) => Some(Some(m?)),
+                };
+                let msg = match msg {
+                    None => {
                         let mut bye = Vec::new();
                         mqtt::encode_disconnect(&mut bye);
                         return close(ws, Some(Message::binary(bye))).await;
                     }
-                    _ = sleep_until(next_ping) => {
+                    Some(None) => {
                         let mut ping = Vec::new();
                         mqtt::encode_pingreq(&mut ping);
                         ws.send(Message::binary(ping)).await?;
                         next_ping += period;
                         continue;
                     }
-                    m = next_data(&mut ws) => m?,
+                    Some(Some(m)) => m,
                 };
                 feed(&mut carry, frame_bytes(&msg), |buf| {
                     let Some((p, n)) = mqtt::decode(buf, MAX_MESSAGE)? else {
@@ -437,7 +452,11 @@ mod tests {
             }
             assert!(carry.is_empty());
             assert_eq!(carry.capacity(), 0, "idle connections keep no buffer");
-            assert_eq!(seen, (0..50).map(|i| i * 7).collect::<Vec<_>>(), "chunk {chunk}");
+            assert_eq!(
+                seen,
+                (0..50).map(|i| i * 7).collect::<Vec<_>>(),
+                "chunk {chunk}"
+            );
         }
     }
 }

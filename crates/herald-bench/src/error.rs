@@ -6,7 +6,9 @@ use tokio_tungstenite::tungstenite;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// Herald only ever drives servers on this machine.
-    #[error("refusing target {0}: only loopback addresses (127.0.0.0/8, localhost, ::1) are allowed")]
+    #[error(
+        "refusing target {0}: only loopback addresses (127.0.0.0/8, localhost, ::1) are allowed"
+    )]
     NotLoopback(String),
     #[error("invalid URL {url}: {reason}")]
     BadUrl { url: String, reason: String },

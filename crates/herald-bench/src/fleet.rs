@@ -61,7 +61,7 @@ impl Fleet {
             let (stop_tx, stop_rx) = watch::channel(false);
             fleet.local_stop = Some(stop_tx);
             for job in jobs {
-                let tx = tx.clone();
+                let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
                 tokio::spawn(async move {
                     let shard = job.shard;
                     let ev = match run_worker(job, tx.clone(), stop_rx).await {
@@ -127,7 +127,9 @@ impl Fleet {
 
     /// Next event before `until`, applied to `shards`; `None` on timeout.
     pub async fn recv(&mut self, until: Instant) -> Option<WorkerEvent> {
-        let ev = tokio::time::timeout_at(until, self.rx.recv()).await.ok()??;
+        let ev = tokio::time::timeout_at(until, self.rx.recv())
+            .await
+            .ok()??;
         let idx = match &ev {
             WorkerEvent::Progress { shard, .. }
             | WorkerEvent::Ready { shard, .. }
@@ -190,7 +192,9 @@ impl Fleet {
     }
 
     pub fn all_done(&self) -> bool {
-        self.shards.iter().all(|s| s.done.is_some() || s.failed.is_some())
+        self.shards
+            .iter()
+            .all(|s| s.done.is_some() || s.failed.is_some())
     }
 
     pub fn stop(&mut self) {

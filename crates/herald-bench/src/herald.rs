@@ -156,13 +156,16 @@ mod tests {
     #[test]
     fn parses_replies_pushes_and_pings() {
         assert!(matches!(parse_line("{}").unwrap(), Line::Ping));
-        match parse_line(r#"{"id":1,"connect":{"client":"x","version":"0.1","ping":25,"pong":true}}"#)
-            .unwrap()
+        match parse_line(
+            r#"{"id":1,"connect":{"client":"x","version":"0.1","ping":25,"pong":true}}"#,
+        )
+        .unwrap()
         {
             Line::Reply { id: 1, error: None } => {}
             other => panic!("{other:?}"),
         }
-        match parse_line(r#"{"id":2,"error":{"code":103,"message":"permission denied"}}"#).unwrap() {
+        match parse_line(r#"{"id":2,"error":{"code":103,"message":"permission denied"}}"#).unwrap()
+        {
             Line::Reply {
                 id: 2,
                 error: Some(e),
@@ -172,8 +175,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match parse_line(r#"{"push":{"channel":"bench-0","pub":{"data":{"t":1,"s":2,"c":0},"offset":3}}}"#)
-            .unwrap()
+        match parse_line(
+            r#"{"push":{"channel":"bench-0","pub":{"data":{"t":1,"s":2,"c":0},"offset":3}}}"#,
+        )
+        .unwrap()
         {
             Line::Publication { channel, data } => {
                 assert_eq!(channel, "bench-0");

@@ -154,8 +154,14 @@ pub fn parse(buf: &[u8], max_payload: usize) -> Result<Option<(NatsEvent<'_>, us
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &s[start..end]
 }
 
@@ -171,7 +177,11 @@ mod tests {
             out.push(ev);
             buf = &buf[n..];
         }
-        assert!(buf.is_empty(), "left over: {:?}", String::from_utf8_lossy(buf));
+        assert!(
+            buf.is_empty(),
+            "left over: {:?}",
+            String::from_utf8_lossy(buf)
+        );
         out
     }
 
@@ -234,12 +244,24 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        assert!(matches!(parse(b"HELLO\r\n", MAX), Err(NatsError::UnknownOp(_))));
-        assert_eq!(parse(b"MSG a b 1\r\nx\r\n", MAX), Err(NatsError::BadArgs("MSG")));
+        assert!(matches!(
+            parse(b"HELLO\r\n", MAX),
+            Err(NatsError::UnknownOp(_))
+        ));
+        assert_eq!(
+            parse(b"MSG a b 1\r\nx\r\n", MAX),
+            Err(NatsError::BadArgs("MSG"))
+        );
         assert_eq!(parse(b"MSG a 1\r\n", MAX), Err(NatsError::BadArgs("MSG")));
-        assert_eq!(parse(b"MSG a 1 3\r\nxyzAB", MAX), Err(NatsError::MissingCrlf));
+        assert_eq!(
+            parse(b"MSG a 1 3\r\nxyzAB", MAX),
+            Err(NatsError::MissingCrlf)
+        );
         assert_eq!(parse(b"MSG a 1 100\r\n", 10), Err(NatsError::TooLarge(100)));
-        assert_eq!(parse(b"HMSG a 1 5 4\r\n", MAX), Err(NatsError::BadArgs("HMSG")));
+        assert_eq!(
+            parse(b"HMSG a 1 5 4\r\n", MAX),
+            Err(NatsError::BadArgs("HMSG"))
+        );
         assert_eq!(
             parse(b"MSG a 1 99999999999999999999\r\n", MAX),
             Err(NatsError::BadArgs("MSG"))

@@ -155,7 +155,10 @@ mod tests {
             "ws://[::ffff:10.0.0.1]:80/",
         ] {
             assert!(
-                matches!(loopback_endpoint(bad, &["ws"]), Err(BenchError::NotLoopback(_))),
+                matches!(
+                    loopback_endpoint(bad, &["ws"]),
+                    Err(BenchError::NotLoopback(_))
+                ),
                 "{bad}"
             );
         }

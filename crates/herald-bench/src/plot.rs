@@ -14,6 +14,9 @@ const W: u32 = 1200;
 const H: u32 = 800;
 const FONT: &str = "sans-serif";
 
+/// Picks one latency figure out of a series point.
+type Metric = fn(&crate::report::SeriesPoint) -> f64;
+
 fn register_font() -> Result<(), BenchError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
@@ -80,7 +83,7 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), BenchError> {
             .label_style((FONT, 13))
             .draw()
             .map_err(perr)?;
-        let lines: [(&str, RGBColor, fn(&crate::report::SeriesPoint) -> f64); 4] = [
+        let lines: [(&str, RGBColor, Metric); 4] = [
             ("p50", BLUE, |p| p.p50_ms),
             ("p90", GREEN, |p| p.p90_ms),
             ("p99", RGBColor(230, 120, 0), |p| p.p99_ms),
@@ -96,7 +99,9 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), BenchError> {
                 ))
                 .map_err(perr)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -165,7 +170,8 @@ mod tests {
                 max_ms: 5.0 + f64::from(t),
             });
         }
-        let path = std::env::temp_dir().join(format!("herald-bench-plot-{}.png", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("herald-bench-plot-{}.png", std::process::id()));
         plot(&r, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");

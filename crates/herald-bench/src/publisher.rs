@@ -68,7 +68,10 @@ impl Sink {
 }
 
 /// Publishes for `cfg.duration` at `cfg.rate`; `sent` follows progress.
-pub async fn run_publisher(cfg: &PubConfig, sent_counter: &AtomicU64) -> Result<PubOutcome, BenchError> {
+pub async fn run_publisher(
+    cfg: &PubConfig,
+    sent_counter: &AtomicU64,
+) -> Result<PubOutcome, BenchError> {
     let channels = cfg.channels.len().max(1) as u64;
     let mut sink = match cfg.target {
         Target::Herald => {
@@ -109,11 +112,10 @@ pub async fn run_publisher(cfg: &PubConfig, sent_counter: &AtomicU64) -> Result<
         sent_counter.store(sent, Ordering::Relaxed);
     }
     let mut out = match sink {
-        Sink::Herald(p) => p.finish(channels as usize).await,
-        Sink::Ws(p) => p.finish(cfg.target).await,
+        Sink::Herald(p) => p.finish(channels as usize, start).await,
+        Sink::Ws(p) => p.finish(cfg.target, start).await,
     };
     out.attempted = sent;
-    out.elapsed = start.elapsed();
     Ok(out)
 }
 
@@ -155,7 +157,10 @@ impl HttpPool {
             ..Default::default()
         }));
         let mut conns = Vec::new();
-        let n = cfg.api_connections.clamp(1, 64).min(cfg.channels.len().max(1) as u32);
+        let n = cfg
+            .api_connections
+            .clamp(1, 64)
+            .min(cfg.channels.len().max(1) as u32);
         let pipeline = cfg.pipeline.clamp(1, 4096);
         for _ in 0..n {
             let tcp = connect_tcp(api.addr, None).await?;
@@ -209,8 +214,11 @@ impl HttpPool {
                     for &(c, s) in chunk {
                         self.body.clear();
                         self.body.extend_from_slice(b"{\"channel\":");
-                        self.body
-                            .extend_from_slice(serde_json::Value::from(cfg.channels[c as usize].as_str()).to_string().as_bytes());
+                        self.body.extend_from_slice(
+                            serde_json::Value::from(cfg.channels[c as usize].as_str())
+                                .to_string()
+                                .as_bytes(),
+                        );
                         self.body.extend_from_slice(b",\"data\":");
                         encode_payload(&mut self.body, c, s, t, cfg.payload);
                         self.body.push(b'}');
@@ -227,16 +235,17 @@ impl HttpPool {
         Ok(())
     }
 
-    async fn finish(self, channels: usize) -> PubOutcome {
+    async fn finish(self, channels: usize, start: Instant) -> PubOutcome {
         let deadline = Instant::now() + Duration::from_secs(10);
         for conn in &self.conns {
             while conn.slots.available_permits() < self.pipeline as usize
                 && !conn.slots.is_closed()
                 && Instant::now() < deadline
             {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+        let elapsed = start.elapsed();
         let mut unanswered = 0;
         for conn in self.conns {
             conn.reader.abort();
@@ -254,6 +263,7 @@ impl HttpPool {
             published,
             errors: r.errors + unanswered,
             error_kinds: kinds,
+            elapsed,
             ..Default::default()
         }
     }
@@ -458,7 +468,9 @@ impl WsPub {
                     })?;
                     match code {
                         Some(0) => break,
-                        Some(c) => return Err(BenchError::Protocol(format!("mqtt CONNACK code {c}"))),
+                        Some(c) => {
+                            return Err(BenchError::Protocol(format!("mqtt CONNACK code {c}")));
+                        }
                         None => {}
                     }
                 }
@@ -563,7 +575,7 @@ impl WsPub {
 
     /// Flush barrier: the server answers PING / PINGREQ after it has processed
     /// every publication sent before it.
-    async fn finish(self, target: Target) -> PubOutcome {
+    async fn finish(self, target: Target, start: Instant) -> PubOutcome {
         let mut out = PubOutcome {
             published: self.published,
             ..Default::default()
@@ -578,23 +590,28 @@ impl WsPub {
         let flushed = self.tx.send(Message::binary(ping)).await.is_ok()
             && timeout(Duration::from_secs(10), async {
                 while self.acks.load(Ordering::Acquire) <= before {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             })
             .await
             .is_ok();
+        out.elapsed = start.elapsed();
         if !flushed {
-            *out.error_kinds.entry("publisher flush not acknowledged".into()).or_insert(0) += 1;
+            *out.error_kinds
+                .entry("publisher flush not acknowledged".into())
+                .or_insert(0) += 1;
         }
         if target == Target::Mqtt {
             let mut bye = Vec::new();
             mqtt::encode_disconnect(&mut bye);
             let _ = self.tx.send(Message::binary(bye)).await;
         }
+        // The reader holds a sender too: stop it so the writer sees the end.
+        self.reader.abort();
         drop(self.tx);
         let _ = timeout(Duration::from_secs(2), self.writer).await;
-        self.reader.abort();
-        out.error_kinds.extend(std::mem::take(&mut *self.errors.lock()));
+        out.error_kinds
+            .extend(std::mem::take(&mut *self.errors.lock()));
         out
     }
 }
@@ -626,7 +643,10 @@ mod tests {
             assert!(parse_response(&one[..cut]).unwrap().is_none(), "cut {cut}");
         }
         for cut in 0..chunked.len() {
-            assert!(parse_response(&chunked[..cut]).unwrap().is_none(), "cut {cut}");
+            assert!(
+                parse_response(&chunked[..cut]).unwrap().is_none(),
+                "cut {cut}"
+            );
         }
         assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }

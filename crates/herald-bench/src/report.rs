@@ -124,7 +124,10 @@ impl Report {
         };
         row(
             "connections established / failed",
-            format!("{} / {} (of {})", self.established, self.failed, self.connections),
+            format!(
+                "{} / {} (of {})",
+                self.established, self.failed, self.connections
+            ),
         );
         if self.disconnected > 0 {
             row("disconnected early", self.disconnected.to_string());
@@ -138,10 +141,7 @@ impl Report {
         if let (Some(p), Some(rate)) = (self.published, self.published_per_s) {
             row(
                 "published (errors)",
-                format!(
-                    "{p} ({}) at {rate:.1}/s",
-                    self.publish_errors.unwrap_or(0)
-                ),
+                format!("{p} ({}) at {rate:.1}/s", self.publish_errors.unwrap_or(0)),
             );
         }
         if let Some(e) = self.expected {
@@ -151,7 +151,10 @@ impl Report {
             );
             row(
                 "duplicated / out of order / invalid",
-                format!("{} / {} / {}", self.duplicated, self.out_of_order, self.invalid),
+                format!(
+                    "{} / {} / {}",
+                    self.duplicated, self.out_of_order, self.invalid
+                ),
             );
         }
         if let Some(d) = self.deliveries_per_s {
@@ -166,10 +169,16 @@ impl Report {
             );
         }
         if let (Some(b), Some(l)) = (self.server_rss_before_bytes, self.server_rss_loaded_bytes) {
-            row("server RSS before / loaded", format!("{} / {}", mib(b), mib(l)));
+            row(
+                "server RSS before / loaded",
+                format!("{} / {}", mib(b), mib(l)),
+            );
         }
         if let Some(r) = self.rss_per_connection_bytes {
-            row("server RSS per connection", format!("{:.1} KiB", r / 1024.0));
+            row(
+                "server RSS per connection",
+                format!("{:.1} KiB", r / 1024.0),
+            );
         }
         if let Some(c) = self.server_cpu_percent {
             row("server CPU", format!("{c:.0}%"));
@@ -184,7 +193,11 @@ impl Report {
             ),
         );
         if !self.errors.is_empty() {
-            let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let e: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
             row("errors", e.join("; ").replace('|', "/"));
         }
         for f in &self.worker_failures {

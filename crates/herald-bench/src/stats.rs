@@ -16,7 +16,8 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 fn new_histogram_sigfig(sigfig: u8) -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, sigfig).expect("constant histogram bounds are valid")
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, sigfig)
+        .expect("constant histogram bounds are valid")
 }
 
 /// Records one sample, clamping to the histogram's range.
@@ -375,7 +376,9 @@ mod tests {
         let mut x: u64 = 12345;
         for i in 0..20_000u64 {
             // Cheap deterministic spread over 1 µs .. ~10 s.
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let v = 1 + (x >> 40) % 10_000_000;
             record(&mut direct, v);
             record(if i % 3 == 0 { &mut a } else { &mut b }, v);
@@ -391,10 +394,17 @@ mod tests {
             .merge_into(&mut merged);
         assert_eq!(merged.len(), direct.len());
         for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0] {
-            assert_eq!(merged.value_at_quantile(q), direct.value_at_quantile(q), "q={q}");
+            assert_eq!(
+                merged.value_at_quantile(q),
+                direct.value_at_quantile(q),
+                "q={q}"
+            );
         }
         assert_eq!(merged.max(), direct.max());
-        assert_eq!(HistData::from_histogram(&merged), HistData::from_histogram(&direct));
+        assert_eq!(
+            HistData::from_histogram(&merged),
+            HistData::from_histogram(&direct)
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub async fn run_worker(
     if job.source_ips.iter().any(|ip| !ip.is_loopback()) {
         return Err(BenchError::NotLoopback("source address".into()));
     }
-    if job.channels.is_empty() || job.shards == 0 || !(job.rate > 0.0) {
+    if job.channels.is_empty() || job.shards == 0 || !job.rate.is_finite() || job.rate <= 0.0 {
         return Err(BenchError::BadArgument("empty job".into()));
     }
     let max_seconds = job.max_runtime_s as usize + 120;
@@ -163,7 +163,10 @@ pub async fn run_worker(
             loop {
                 sleep(Duration::from_millis(250)).await;
                 let counts = Counts::of(&recorder.lock());
-                if events.send(WorkerEvent::Progress { shard, counts }).is_err() {
+                if events
+                    .send(WorkerEvent::Progress { shard, counts })
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -182,7 +185,11 @@ pub async fn run_worker(
         }
         let token = match (&job.token, &job.token_secret) {
             (Some(t), _) => Some(t.clone()),
-            (None, Some(secret)) => Some(make_token(secret.as_bytes(), &format!("bench-{i}"), token_ttl)?),
+            (None, Some(secret)) => Some(make_token(
+                secret.as_bytes(),
+                &format!("bench-{i}"),
+                token_ttl,
+            )?),
             (None, None) => None,
         };
         let spec = ConnSpec {
@@ -258,7 +265,9 @@ pub async fn run_worker(
 /// not the generator, gets the machine.
 pub fn runtime(threads: u32) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.min(16) as usize)

@@ -35,6 +35,7 @@ pub async fn ws_connect(
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
     }
-    let (ws, _resp) = tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_config())).await?;
+    let (ws, _resp) =
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(ws_config())).await?;
     Ok(ws)
 }

@@ -62,6 +62,8 @@ pub struct ConnHandle {
     user: parking_lot::RwLock<Arc<str>>,
     state: Mutex<Outbox>,
     notify: Notify,
+    /// Signalled once when the connection starts closing, so a blocked write can give up.
+    closed: Notify,
     max_queue_bytes: usize,
 }
 
@@ -78,6 +80,7 @@ impl ConnHandle {
             user: parking_lot::RwLock::new(Arc::from("")),
             state: Mutex::new(Outbox::default()),
             notify: Notify::new(),
+            closed: Notify::new(),
             max_queue_bytes,
         }
     }
@@ -95,6 +98,19 @@ impl ConnHandle {
         self.notify.notified().await
     }
 
+    /// Resolves once the connection is closing (slow, kicked, shut down).
+    pub async fn closing(&self) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn push_locked(&self, st: &mut Outbox, frame: Bytes) -> bool {
         if st.closing.is_some() {
             return false;
@@ -105,6 +121,7 @@ impl ConnHandle {
             st.frames.clear();
             st.bytes = 0;
             st.closing = Some(Disconnect::SLOW.into());
+            self.closed.notify_waiters();
             return false;
         }
         st.frames.push_back(frame);
@@ -194,9 +211,19 @@ impl ConnHandle {
             let mut st = self.state.lock();
             if st.closing.is_none() {
                 st.closing = Some(d);
+                self.closed.notify_waiters();
             }
         }
         self.notify.notify_one();
+    }
+
+    /// Closing because its queue overflowed.
+    pub fn is_slow(&self) -> bool {
+        self.state
+            .lock()
+            .closing
+            .as_ref()
+            .is_some_and(|d| d.code == Disconnect::SLOW.code)
     }
 
     pub fn is_closing(&self) -> bool {

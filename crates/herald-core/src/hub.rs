@@ -3,7 +3,7 @@
 //! local subscriber.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use herald_protocol::client::{
@@ -61,9 +61,7 @@ impl Hub {
     }
 
     fn shard(&self, channel: &str) -> &RwLock<ChannelMap> {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
     }
 
     /// Registers a connected client.

@@ -148,6 +148,9 @@ impl Node {
         idempotency_key: Option<String>,
     ) -> Result<StreamPosition, ProtocolError> {
         let ns = self.channel_options(ch)?;
+        if herald_protocol::json::depth(data.get()) > herald_protocol::json::MAX_DEPTH {
+            return Err(ErrorCode::BAD_REQUEST.error());
+        }
         let mut opts = Self::publish_options(ns, skip_history);
         opts.idempotency_key = idempotency_key.filter(|k| !k.is_empty());
         let publication = Publication {
@@ -183,10 +186,11 @@ impl Node {
         q.reverse = reverse;
         q.since = since.clone();
         let res = self.engine.history(ch, q).await?;
-        if let Some(s) = since {
-            if !s.epoch.is_empty() && s.epoch != res.position.epoch {
-                return Err(ErrorCode::UNRECOVERABLE_POSITION.error());
-            }
+        if let Some(s) = since
+            && !s.epoch.is_empty()
+            && s.epoch != res.position.epoch
+        {
+            return Err(ErrorCode::UNRECOVERABLE_POSITION.error());
         }
         Ok(res)
     }

@@ -152,7 +152,7 @@ impl NamespaceOptions {
                 "namespaces.name {n:?}: must not contain ':' or '#' nor start with '$'"
             ));
         }
-        if (self.history_size > 0) != !self.history_ttl.is_zero() {
+        if (self.history_size > 0) == self.history_ttl.is_zero() {
             return Err(format!(
                 "namespaces[{n:?}].history_ttl: history_size and history_ttl must be set together"
             ));

@@ -18,15 +18,9 @@ pub fn merge<T>(
     // Stable sort keeps the history copy first among equal offsets.
     all.sort_by_key(|p| offset(p));
     all.dedup_by_key(|p| offset(p));
-    let mut expected = after + 1;
-    let mut contiguous = true;
-    for p in &all {
-        if offset(p) != expected {
-            contiguous = false;
-            break;
-        }
-        expected += 1;
-    }
+    let contiguous = (after + 1..)
+        .zip(&all)
+        .all(|(expected, p)| offset(p) == expected);
     (all, contiguous)
 }
 

@@ -242,10 +242,10 @@ impl Session {
                 Some(at) => Some(at),
                 None => claims.exp,
             };
-            if let Some(at) = self.expire_at {
-                if at <= unix_now() {
-                    return Err(ErrorCode::TOKEN_EXPIRED.into());
-                }
+            if let Some(at) = self.expire_at
+                && at <= unix_now()
+            {
+                return Err(ErrorCode::TOKEN_EXPIRED.into());
             }
             server_channels.extend(claims.channels);
             server_channels.extend(claims.subs.into_keys());
@@ -568,10 +568,10 @@ impl Session {
 
     async fn leave(&self, ch: &str, sub: Sub) {
         let engine = &self.node.engine;
-        if self.node.hub.remove_subscriber(ch, &self.conn.id) {
-            if let Err(e) = engine.unsubscribe(ch).await {
-                tracing::warn!(channel = %ch, error = %e, "engine unsubscribe failed");
-            }
+        if self.node.hub.remove_subscriber(ch, &self.conn.id)
+            && let Err(e) = engine.unsubscribe(ch).await
+        {
+            tracing::warn!(channel = %ch, error = %e, "engine unsubscribe failed");
         }
         if sub.presence {
             let _ = engine.remove_presence(ch, &self.conn.id).await;
@@ -790,16 +790,16 @@ impl Session {
             }
             return Ok(deadline);
         }
-        if let Some(sent) = self.awaiting_pong {
-            if now >= sent + opts.pong_timeout {
-                return Err(Disconnect::NO_PONG.into());
-            }
+        if let Some(sent) = self.awaiting_pong
+            && now >= sent + opts.pong_timeout
+        {
+            return Err(Disconnect::NO_PONG.into());
         }
         let unix = unix_now();
-        if let Some(at) = self.expire_at {
-            if unix >= at {
-                return Err(Disconnect::EXPIRED.into());
-            }
+        if let Some(at) = self.expire_at
+            && unix >= at
+        {
+            return Err(Disconnect::EXPIRED.into());
         }
         let expired: Vec<String> = self
             .subs
@@ -820,6 +820,15 @@ impl Session {
             }
             self.next_ping = now + opts.ping_interval;
         }
+        Ok(self.next_wakeup())
+    }
+
+    /// When `tick` must run next: connect timeout, ping, pong deadline or an expiry.
+    pub fn next_wakeup(&self) -> Instant {
+        let opts = &self.node.client;
+        if !self.connected {
+            return self.created + opts.connect_timeout;
+        }
         let mut next = self.next_ping;
         if let Some(sent) = self.awaiting_pong {
             next = next.min(sent + opts.pong_timeout);
@@ -830,10 +839,10 @@ impl Session {
             .chain(self.subs.values().filter_map(|s| s.expire_at))
             .min();
         if let Some(at) = soonest_expiry {
-            let wait = Duration::from_secs(at.saturating_sub(unix));
-            next = next.min(now + wait);
+            let wait = Duration::from_secs(at.saturating_sub(unix_now()));
+            next = next.min(Instant::now() + wait);
         }
-        Ok(next)
+        next
     }
 
     /// Leaves every channel and the hub. Called once when the connection ends.

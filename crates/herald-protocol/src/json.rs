@@ -15,3 +15,44 @@ pub fn null() -> Raw {
 pub fn raw_from_str(s: &str) -> Result<Raw, serde_json::Error> {
     RawValue::from_string(s.to_string())
 }
+
+/// Deepest nesting Herald relays in opaque data. Deeper documents are refused: many client
+/// JSON parsers fail or recurse without bound on them, so relaying one would harm every
+/// subscriber.
+pub const MAX_DEPTH: usize = 64;
+
+/// Nesting depth of a JSON text (objects and arrays), ignoring brackets inside strings.
+pub fn depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_str, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_str {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn depth_ignores_strings() {
+        assert_eq!(super::depth(r#"{"a":[1,{"b":"[[[["}]}"#), 3);
+        assert_eq!(super::depth("1"), 0);
+        assert_eq!(super::depth(r#""\"[""#), 0);
+    }
+}

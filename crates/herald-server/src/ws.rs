@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
@@ -45,6 +45,10 @@ where
     }
 }
 
+/// How long the goodbye (pending messages and the close frame) may take on a client that
+/// does not read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Serves one upgraded WebSocket connection until it ends.
 pub async fn serve<S>(state: AppState, mut ws: WebSocket<S>)
 where
@@ -70,6 +74,7 @@ where
                     if let Err(d) = session.handle_control(c).await {
                         break 'conn Some(d);
                     }
+                    deadline = session.next_wakeup();
                 }
                 if let Some(d) = drained.closing {
                     // A slow consumer's queue was already dropped; others get what is queued.
@@ -78,7 +83,23 @@ where
                     }
                     break 'conn Some(d);
                 }
-                if write_all(&mut ws, drained.frames).await.is_err() {
+                // A write blocked on a client that stopped reading gives up as soon as the
+                // connection is declared slow (or closed for another reason).
+                let write = write_all(&mut ws, drained.frames);
+                tokio::pin!(write);
+                let written = tokio::select! {
+                    r = &mut write => r.is_ok(),
+                    _ = conn.closing() => {
+                        if conn.is_slow() {
+                            // Mid-frame on a client that does not read: no clean close is
+                            // possible, drop the socket.
+                            false
+                        } else {
+                            matches!(tokio::time::timeout(CLOSE_TIMEOUT, write).await, Ok(Ok(())))
+                        }
+                    }
+                };
+                if !written {
                     break 'conn None;
                 }
             }
@@ -89,12 +110,21 @@ where
                             if let Err(d) = session.handle_frame(f.payload()).await {
                                 break 'conn Some(d);
                             }
+                            deadline = session.next_wakeup();
                         }
                         OpCode::Close => break 'conn None,
                         _ => {}
                     },
                     Err(e) => {
                         tracing::debug!(client = %conn.id, error = %e, "websocket read ended");
+                        // The library queued a close frame with the matching code (1009 for an
+                        // oversized message, 1002 for a protocol error): send it, and read off
+                        // what the client already sent so closing does not reset the socket.
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                            let _ = ws.flush().await;
+                            while ws.next_frame().await.is_ok() {}
+                        })
+                        .await;
                         break 'conn None;
                     }
                 }
@@ -113,15 +143,18 @@ where
         }
         // Whatever was queued before the decision still goes out, then the close frame.
         let pending = conn.drain().frames;
-        if d.code != Disconnect::SLOW.code {
-            let _ = write_all(&mut ws, pending).await;
-        }
-        let _ = ws
-            .send(Frame::close(CloseCode::from(d.code), d.reason.as_bytes()))
-            .await;
+        let goodbye = async {
+            if d.code != Disconnect::SLOW.code {
+                write_all(&mut ws, pending).await?;
+            }
+            ws.send(Frame::close(CloseCode::from(d.code), d.reason.as_bytes()))
+                .await?;
+            ws.close().await
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
     }
+    conn.close(Disconnect::new(3000, "closed"));
     session.close().await;
-    let _ = ws.close().await;
 }
 
 #[cfg(test)]

@@ -1,0 +1,488 @@
+//! The two scenarios, orchestrated from the parent process.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Target};
+use crate::error::BenchError;
+use crate::fleet::{Fleet, ShardState};
+use crate::net::{loopback_endpoint, parse_source_ips, raise_nofile_limit};
+use crate::payload::now_ns;
+use crate::progress;
+use crate::publisher::{PubConfig, run_publisher};
+use crate::report::{Report, series_points};
+use crate::stats::{Interval, Percentiles, account, add_vec, new_histogram};
+use crate::sysinfo;
+use crate::worker::{Counts, Job};
+
+/// Upper bounds that keep every run finite.
+const MAX_CONNECTIONS: u64 = 5_000_000;
+const MAX_DURATION_S: f64 = 3600.0;
+const MAX_RATE: f64 = 1_000_000.0;
+const MAX_PROCS: u32 = 256;
+const MAX_PAYLOAD: usize = 1 << 20;
+const MAX_CHANNELS: u32 = 1_000_000;
+
+fn bad(msg: impl Into<String>) -> BenchError {
+    BenchError::BadArgument(msg.into())
+}
+
+fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), BenchError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err(bad(format!("--{name} must be within {lo}..={hi}, got {v}")))
+    }
+}
+
+/// What the parent measures about itself and the server around a run.
+struct Meter {
+    wall: Instant,
+    cpu: f64,
+    server_pid: Option<u32>,
+    server_rss_before: Option<u64>,
+}
+
+impl Meter {
+    fn start(server_pid: Option<u32>) -> Self {
+        Meter {
+            wall: Instant::now(),
+            cpu: sysinfo::self_cpu_seconds(),
+            server_pid,
+            server_rss_before: server_pid.and_then(sysinfo::rss_bytes),
+        }
+    }
+}
+
+struct Prepared {
+    jobs: Vec<Job>,
+}
+
+fn prepare(
+    c: &CommonArgs,
+    connections: u64,
+    rate: f64,
+    channels: Vec<String>,
+    max_runtime_s: f64,
+) -> Result<Prepared, BenchError> {
+    loopback_endpoint(&c.url, &["ws"])?;
+    if connections == 0 || connections > MAX_CONNECTIONS {
+        return Err(bad(format!(
+            "connections must be within 1..={MAX_CONNECTIONS}"
+        )));
+    }
+    check_range("rate", rate, 0.001, MAX_RATE)?;
+    check_range("connect-timeout", c.connect_timeout, 0.1, 600.0)?;
+    if c.procs == 0 || c.procs > MAX_PROCS {
+        return Err(bad(format!("--procs must be within 1..={MAX_PROCS}")));
+    }
+    if c.threads == 0 || c.threads > 16 {
+        return Err(bad("--threads must be within 1..=16"));
+    }
+    let source_ips = match &c.source_ips {
+        Some(s) => parse_source_ips(s)?,
+        None => Vec::new(),
+    };
+    let nofile = raise_nofile_limit()?;
+    let per_proc = connections.div_ceil(u64::from(c.procs));
+    if per_proc + 64 > nofile {
+        return Err(bad(format!(
+            "{per_proc} connections per process exceed the open-files limit {nofile}; use --procs {}",
+            connections.div_ceil(nofile.saturating_sub(64).max(1))
+        )));
+    }
+    let epoch_ns = now_ns();
+    let jobs = (0..c.procs)
+        .map(|shard| Job {
+            shard,
+            shards: c.procs,
+            target: c.target,
+            url: c.url.clone(),
+            connections,
+            channels: channels.clone(),
+            rate,
+            source_ips: source_ips.clone(),
+            token_secret: c.token_secret.clone(),
+            token: c.token.clone(),
+            connect_timeout_s: c.connect_timeout,
+            epoch_ns,
+            max_runtime_s,
+            threads: c.threads,
+        })
+        .collect();
+    Ok(Prepared { jobs })
+}
+
+/// Shard results merged.
+#[derive(Default)]
+struct Merged {
+    counts: Counts,
+    invalid: u64,
+    connect_latency: Option<Histogram<u64>>,
+    latency: Option<Histogram<u64>>,
+    subs_per_channel: Vec<u64>,
+    unique_per_channel: Vec<u64>,
+    first_attempt_ns: u64,
+    last_established_ns: u64,
+    errors: BTreeMap<String, u64>,
+    child_cpu: f64,
+    child_rss: u64,
+    series: Vec<Vec<Interval>>,
+    connect_series: Vec<Vec<Interval>>,
+    failures: Vec<String>,
+}
+
+fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
+    let mut m = Merged {
+        connect_latency: Some(new_histogram()),
+        latency: Some(new_histogram()),
+        ..Default::default()
+    };
+    for (i, s) in shards.into_iter().enumerate() {
+        if let Some(f) = s.failed {
+            m.failures.push(format!("shard {i}: {f}"));
+        }
+        let Some(r) = s.done else {
+            m.counts.add(&s.counts);
+            continue;
+        };
+        m.counts.add(&r.counts);
+        m.invalid += r.invalid;
+        if let Some(h) = m.connect_latency.as_mut() {
+            r.connect_latency.merge_into(h);
+        }
+        if let Some(h) = m.latency.as_mut() {
+            r.latency.merge_into(h);
+        }
+        add_vec(&mut m.subs_per_channel, &r.subs_per_channel);
+        add_vec(&mut m.unique_per_channel, &r.unique_per_channel);
+        if r.first_attempt_ns > 0
+            && (m.first_attempt_ns == 0 || r.first_attempt_ns < m.first_attempt_ns)
+        {
+            m.first_attempt_ns = r.first_attempt_ns;
+        }
+        m.last_established_ns = m.last_established_ns.max(r.last_established_ns);
+        for (k, v) in r.errors {
+            *m.errors.entry(k).or_insert(0) += v;
+        }
+        if !in_process {
+            m.child_cpu += r.cpu_seconds;
+            m.child_rss += r.rss_bytes;
+        }
+        m.series.push(r.series);
+        m.connect_series.push(r.connect_series);
+    }
+    m
+}
+
+fn base_report(
+    scenario: &str,
+    c: &CommonArgs,
+    connections: u64,
+    m: &Merged,
+    meter: &Meter,
+) -> Report {
+    let ramp_s = if m.last_established_ns > m.first_attempt_ns {
+        (m.last_established_ns - m.first_attempt_ns) as f64 / 1e9
+    } else {
+        0.0
+    };
+    let connect_latency = m
+        .connect_latency
+        .as_ref()
+        .map(Percentiles::from_histogram)
+        .unwrap_or_default();
+    let wall_s = meter.wall.elapsed().as_secs_f64();
+    let cpu = sysinfo::self_cpu_seconds() - meter.cpu + m.child_cpu;
+    Report {
+        scenario: scenario.into(),
+        target: c.target.name().into(),
+        url: c.url.clone(),
+        procs: c.procs,
+        threads: c.threads,
+        connections,
+        established: m.counts.established,
+        failed: m.counts.failed,
+        disconnected: m.counts.disconnected,
+        ramp_s,
+        connects_per_s: if ramp_s > 0.0 {
+            m.counts.established as f64 / ramp_s
+        } else {
+            m.counts.established as f64
+        },
+        connect_latency_ms: connect_latency,
+        delivered: m.counts.delivered,
+        duplicated: m.counts.duplicated,
+        out_of_order: m.counts.out_of_order,
+        invalid: m.invalid,
+        server_pid: meter.server_pid,
+        server_rss_before_bytes: meter.server_rss_before,
+        generator_cpu_percent: if wall_s > 0.0 {
+            cpu / wall_s * 100.0
+        } else {
+            0.0
+        },
+        generator_cpu_seconds: cpu,
+        generator_rss_bytes: sysinfo::self_rss_bytes() + m.child_rss,
+        wall_s,
+        errors: m.errors.clone(),
+        worker_failures: m.failures.clone(),
+        connect_series: series_points(m.connect_series.iter().map(Vec::as_slice)),
+        ..Default::default()
+    }
+}
+
+fn rss_per_connection(before: Option<u64>, loaded: Option<u64>, established: u64) -> Option<f64> {
+    match (before, loaded) {
+        (Some(b), Some(l)) if established > 0 => Some((l as f64 - b as f64) / established as f64),
+        _ => None,
+    }
+}
+
+fn progress_message(c: &Counts) -> String {
+    format!(
+        "ok {} failed {} dropped {} delivered {}",
+        c.established, c.failed, c.disconnected, c.delivered
+    )
+}
+
+/// Ramps `--connections` up at `--rate`, holds them for `--duration`, closes.
+pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
+    let c = &args.common;
+    check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
+    let ramp_s = args.connections as f64 / args.rate.max(0.001);
+    let max_runtime = ramp_s + c.connect_timeout + args.duration + 120.0;
+    let prep = prepare(
+        c,
+        args.connections,
+        args.rate,
+        vec![args.channel.clone()],
+        max_runtime,
+    )?;
+    let meter = Meter::start(c.server_pid);
+    let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let in_process = prep.jobs.len() == 1;
+    let mut fleet = Fleet::start(prep.jobs)?;
+
+    let bar = progress::bar(args.connections, "connect");
+    let ramp_deadline = Instant::now() + Duration::from_secs_f64(ramp_s + c.connect_timeout + 30.0);
+    let ramped = fleet
+        .wait_until(
+            ramp_deadline,
+            |f| {
+                let t = f.totals();
+                bar.set_position(t.established + t.failed);
+                bar.set_message(progress_message(&t));
+            },
+            Fleet::all_ready,
+        )
+        .await;
+    bar.finish_and_clear();
+
+    // Let the server settle (lazy allocations, timers) before reading its RSS.
+    let settle_until = Instant::now() + Duration::from_secs(1);
+    fleet.wait_until(settle_until, |_| {}, |_| false).await;
+    let rss_loaded = c.server_pid.and_then(sysinfo::rss_bytes);
+
+    let hold = progress::bar(args.duration.ceil() as u64, "hold");
+    let hold_start = Instant::now();
+    fleet
+        .wait_until(
+            hold_start + Duration::from_secs_f64(args.duration),
+            |f| {
+                hold.set_position(hold_start.elapsed().as_secs());
+                hold.set_message(progress_message(&f.totals()));
+            },
+            |_| false,
+        )
+        .await;
+    hold.finish_and_clear();
+    let server_cpu1 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let run_s = meter.wall.elapsed().as_secs_f64();
+
+    let shards = fleet.finish(Duration::from_secs(30)).await;
+    let m = merge(shards, in_process);
+    let mut r = base_report("connect", c, args.connections, &m, &meter);
+    if !ramped {
+        r.worker_failures.push("ramp did not finish in time".into());
+    }
+    r.channels = 1;
+    r.duration_s = args.duration;
+    r.latency_ms = r.connect_latency_ms.clone();
+    r.series = r.connect_series.clone();
+    r.server_rss_loaded_bytes = rss_loaded;
+    r.rss_per_connection_bytes =
+        rss_per_connection(meter.server_rss_before, rss_loaded, r.established);
+    if let (Some(a), Some(b)) = (server_cpu0, server_cpu1) {
+        r.server_cpu_percent = Some((b - a) / run_s * 100.0);
+    }
+    Ok(r)
+}
+
+/// Subscribers over channels, one publisher; delivery and latency accounting.
+pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
+    let c = &args.common;
+    check_range("duration", args.duration, 0.1, MAX_DURATION_S)?;
+    check_range("drain", args.drain, 0.0, 600.0)?;
+    check_range("publish-rate", args.publish_rate, 0.01, MAX_RATE)?;
+    if args.channels == 0 || args.channels > MAX_CHANNELS {
+        return Err(bad(format!("--channels must be within 1..={MAX_CHANNELS}")));
+    }
+    if args.payload > MAX_PAYLOAD {
+        return Err(bad(format!("--payload must be at most {MAX_PAYLOAD}")));
+    }
+    let ws = loopback_endpoint(&c.url, &["ws"])?;
+    let api = match c.target {
+        Target::Herald => {
+            let key = args
+                .api_key
+                .clone()
+                .ok_or_else(|| bad("--target herald needs --api-key (or HERALD_API_KEY)"))?;
+            let url = args
+                .api_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/api", ws.authority));
+            Some((loopback_endpoint(&url, &["http"])?, key))
+        }
+        _ => None,
+    };
+    let channels: Vec<String> = (0..args.channels)
+        .map(|i| format!("{}{i}", args.channel_prefix))
+        .collect();
+    let ramp_s = args.subscribers as f64 / args.connect_rate.max(0.001);
+    let max_runtime = ramp_s + c.connect_timeout + args.duration + args.drain + 180.0;
+    let prep = prepare(
+        c,
+        args.subscribers,
+        args.connect_rate,
+        channels.clone(),
+        max_runtime,
+    )?;
+    let meter = Meter::start(c.server_pid);
+    let in_process = prep.jobs.len() == 1;
+    let mut fleet = Fleet::start(prep.jobs)?;
+
+    let bar = progress::bar(args.subscribers, "subscribe");
+    let ramp_deadline = Instant::now() + Duration::from_secs_f64(ramp_s + c.connect_timeout + 30.0);
+    let ramped = fleet
+        .wait_until(
+            ramp_deadline,
+            |f| {
+                let t = f.totals();
+                bar.set_position(t.established + t.failed);
+                bar.set_message(progress_message(&t));
+            },
+            Fleet::all_ready,
+        )
+        .await;
+    bar.finish_and_clear();
+    let mut subs_per_channel = Vec::new();
+    for s in &fleet.shards {
+        if let Some(v) = &s.ready {
+            add_vec(&mut subs_per_channel, v);
+        }
+    }
+    if fleet.totals().established == 0 {
+        let shards = fleet.finish(Duration::from_secs(10)).await;
+        let m = merge(shards, in_process);
+        return Err(BenchError::Worker(format!(
+            "no subscriber could connect; errors: {:?} {:?}",
+            m.errors, m.failures
+        )));
+    }
+    let rss_loaded = c.server_pid.and_then(sysinfo::rss_bytes);
+    let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let publish_start = Instant::now();
+
+    let cfg = PubConfig {
+        target: c.target,
+        ws,
+        api,
+        channels,
+        rate: args.publish_rate,
+        duration: Duration::from_secs_f64(args.duration),
+        payload: args.payload,
+        api_connections: args.api_connections,
+        pipeline: args.pipeline,
+    };
+    let sent = AtomicU64::new(0);
+    let run_bar = progress::bar(args.duration.ceil() as u64, "publish");
+    let outcome = {
+        let publisher = run_publisher(&cfg, &sent);
+        tokio::pin!(publisher);
+        loop {
+            tokio::select! {
+                r = &mut publisher => break r,
+                _ = fleet.recv(Instant::now() + Duration::from_millis(250)) => {
+                    run_bar.set_position(publish_start.elapsed().as_secs());
+                    let t = fleet.totals();
+                    run_bar.set_message(format!(
+                        "sent {} delivered {} dropped {}",
+                        sent.load(Ordering::Relaxed), t.delivered, t.disconnected
+                    ));
+                }
+            }
+        }
+    };
+    run_bar.finish_and_clear();
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            fleet.finish(Duration::from_secs(10)).await;
+            return Err(e);
+        }
+    };
+    let expected = account(&subs_per_channel, &outcome.published, &[]).expected;
+    let drain_until = Instant::now() + Duration::from_secs_f64(args.drain);
+    fleet
+        .wait_until(drain_until, |_| {}, |f| f.totals().delivered >= expected)
+        .await;
+    let server_cpu1 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let publish_window = publish_start.elapsed().as_secs_f64();
+
+    let shards = fleet.finish(Duration::from_secs(30)).await;
+    let m = merge(shards, in_process);
+    let tally = account(
+        &m.subs_per_channel,
+        &outcome.published,
+        &m.unique_per_channel,
+    );
+    let mut r = base_report("fanout", c, args.subscribers, &m, &meter);
+    if !ramped {
+        r.worker_failures
+            .push("subscriber ramp did not finish in time".into());
+    }
+    let published: u64 = outcome.published.iter().sum();
+    let pub_s = outcome.elapsed.as_secs_f64().max(1e-9);
+    r.channels = args.channels;
+    r.publish_rate = Some(args.publish_rate);
+    r.payload_bytes = Some(args.payload);
+    r.duration_s = args.duration;
+    r.published = Some(published);
+    r.publish_errors = Some(outcome.errors);
+    r.published_per_s = Some(published as f64 / pub_s);
+    r.expected = Some(tally.expected);
+    r.delivered = tally.delivered;
+    r.lost = Some(tally.lost);
+    r.deliveries_per_s = Some(tally.delivered as f64 / pub_s);
+    r.latency_ms = m
+        .latency
+        .as_ref()
+        .map(Percentiles::from_histogram)
+        .unwrap_or_default();
+    r.series = series_points(m.series.iter().map(Vec::as_slice));
+    r.server_rss_loaded_bytes = rss_loaded;
+    r.rss_per_connection_bytes =
+        rss_per_connection(meter.server_rss_before, rss_loaded, r.established);
+    if let (Some(a), Some(b)) = (server_cpu0, server_cpu1) {
+        r.server_cpu_percent = Some((b - a) / publish_window * 100.0);
+    }
+    for (k, v) in outcome.error_kinds {
+        *r.errors.entry(format!("publisher: {k}")).or_insert(0) += v;
+    }
+    Ok(r)
+}

@@ -1,0 +1,273 @@
+//! Test support: a real Herald node on 127.0.0.1:0 and a WebSocket client built on a
+//! different WebSocket implementation (tokio-tungstenite) than the server's.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use herald_server::{Config, Server};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret";
+pub const API_KEY: &str = "test-api-key";
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A config with a permissive "" namespace (history 10), "big" (history 10000), a "news"
+/// namespace (history 3) where clients may not publish, and whatever `extra` TOML adds.
+pub fn config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout = "3s"
+[client]
+token_hmac_secret = "{SECRET}"
+{extra}
+[api]
+key = "{API_KEY}"
+[[namespaces]]
+name = ""
+history_size = 10
+history_ttl = "5m"
+force_recovery = true
+allow_subscribe_for_client = true
+allow_publish_for_subscriber = true
+allow_history_for_subscriber = true
+allow_presence_for_subscriber = true
+presence = true
+join_leave = true
+[[namespaces]]
+name = "big"
+history_size = 10000
+history_ttl = "5m"
+force_recovery = true
+allow_subscribe_for_client = true
+[[namespaces]]
+name = "news"
+history_size = 3
+history_ttl = "5m"
+force_recovery = true
+allow_subscribe_for_client = true
+"#
+    )
+}
+
+pub async fn start(extra: &str) -> Server {
+    start_with(&config(extra)).await
+}
+
+pub async fn start_with(toml: &str) -> Server {
+    let cfg = Config::from_toml(toml).expect("test config");
+    herald_server::start(cfg).await.expect("server starts")
+}
+
+pub fn token(user: &str, ttl_secs: i64) -> String {
+    token_with(json!({"sub": user}), ttl_secs)
+}
+
+pub fn token_with(mut claims: Value, ttl_secs: i64) -> String {
+    let now = herald_core::auth::unix_now() as i64;
+    claims["exp"] = json!(now + ttl_secs);
+    herald_core::auth::sign_hs256(SECRET, &claims).expect("signing a test token")
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending: VecDeque<Value>,
+    pub close: Option<(u16, String)>,
+}
+
+impl Client {
+    pub async fn open(server: &Server) -> Result<Self> {
+        let url = format!("ws://{}/connection/websocket", server.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self {
+            ws,
+            pending: VecDeque::new(),
+            close: None,
+        })
+    }
+
+    /// Opens, connects with a token for `user` and checks the reply.
+    pub async fn connect(server: &Server, user: &str) -> Result<(Self, Value)> {
+        let mut c = Self::open(server).await?;
+        c.send(json!({"id": 1, "connect": {"token": token(user, 3600)}}))
+            .await?;
+        let r = c.reply(1).await?;
+        if r.get("connect").is_none() {
+            bail!("connect failed: {r}");
+        }
+        Ok((c, r))
+    }
+
+    pub async fn send(&mut self, v: Value) -> Result<()> {
+        self.send_text(v.to_string()).await
+    }
+
+    pub async fn send_text(&mut self, s: String) -> Result<()> {
+        self.ws.send(Message::text(s)).await?;
+        Ok(())
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> Result<()> {
+        self.ws.send(m).await?;
+        Ok(())
+    }
+
+    /// The next message from the server (pings `{}` are answered and skipped).
+    pub async fn next(&mut self) -> Result<Value> {
+        loop {
+            if let Some(v) = self.pending.pop_front() {
+                if v == json!({}) {
+                    self.send(json!({})).await?;
+                    continue;
+                }
+                return Ok(v);
+            }
+            self.read_frame().await?;
+        }
+    }
+
+    /// The next message including pings.
+    pub async fn next_raw(&mut self) -> Result<Value> {
+        loop {
+            if let Some(v) = self.pending.pop_front() {
+                return Ok(v);
+            }
+            self.read_frame().await?;
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<()> {
+        let msg = tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .context("timed out waiting for the server")?
+            .ok_or_else(|| anyhow!("connection ended"))??;
+        match msg {
+            Message::Text(t) => {
+                for line in t.as_str().split('\n') {
+                    self.pending.push_back(serde_json::from_str(line)?);
+                }
+            }
+            Message::Close(f) => {
+                self.close =
+                    f.map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()));
+                bail!("closed: {:?}", self.close);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Waits for the reply with this id, keeping pushes that come first.
+    pub async fn reply(&mut self, id: u64) -> Result<Value> {
+        let mut skipped = VecDeque::new();
+        loop {
+            let v = self.next().await?;
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                for s in skipped.into_iter().rev() {
+                    self.pending.push_front(s);
+                }
+                return Ok(v);
+            }
+            skipped.push_back(v);
+        }
+    }
+
+    /// Sends a command and waits for its reply.
+    pub async fn call(&mut self, id: u64, method: &str, params: Value) -> Result<Value> {
+        self.send(json!({"id": id, method: params})).await?;
+        self.reply(id).await
+    }
+
+    /// The next publication push of `channel`.
+    pub async fn publication(&mut self, channel: &str) -> Result<Value> {
+        loop {
+            let v = self.next().await?;
+            if v["push"]["channel"] == channel && v["push"].get("pub").is_some() {
+                return Ok(v["push"]["pub"].clone());
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> Result<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if tokio::time::Instant::now() > deadline {
+                bail!("no close within 15s");
+            }
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    return Ok(f
+                        .map(|CloseFrame { code, reason }| (u16::from(code), reason.to_string()))
+                        .unwrap_or((1005, String::new())));
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => bail!("connection broke without a close frame: {e}"),
+                Ok(None) => bail!("connection ended without a close frame"),
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 POST to the server API; returns (status, body).
+pub async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Result<(u16, Value)> {
+    let mut s = TcpStream::connect(server.addr).await?;
+    let key_header = key
+        .map(|k| format!("X-API-Key: {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{key_header}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("no status"))?
+        .parse()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let json = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    Ok((status, json))
+}
+
+/// Calls `POST /api/<method>` with the right key and returns the JSON body.
+pub async fn api(server: &Server, method: &str, params: Value) -> Result<Value> {
+    let (status, v) = http(
+        server,
+        "POST",
+        &format!("/api/{method}"),
+        Some(API_KEY),
+        &params.to_string(),
+    )
+    .await?;
+    if status != 200 {
+        bail!("api {method}: HTTP {status}: {v}");
+    }
+    Ok(v)
+}
+
+pub async fn publish(server: &Server, channel: &str, data: Value) -> Result<Value> {
+    let v = api(server, "publish", json!({"channel": channel, "data": data})).await?;
+    v.get("result")
+        .cloned()
+        .ok_or_else(|| anyhow!("publish failed: {v}"))
+}
