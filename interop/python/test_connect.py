@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import time
 
-from cent import PresenceRequest, PublishRequest
+from cent import AsyncClient, PresenceRequest, PublishRequest
 
 from centrifuge import ClientState
 
-from conftest import cli_token, eventually, jwt_payload, mint_token, subscribed, uid
+from conftest import (
+    API_KEY,
+    DEFAULT_NAMESPACES,
+    cli_token,
+    eventually,
+    jwt_payload,
+    mint_token,
+    new_sub,
+    subscribed,
+    uid,
+)
 
 
 async def test_connects_with_a_backend_minted_jwt(server, clients, api):
@@ -35,13 +45,25 @@ async def test_anonymous_refused_when_not_allowed(server, clients):
 
 
 async def test_anonymous_allowed_by_config(start_server, clients):
-    server = await start_server(client={"allow_anonymous": True})
+    # As in Centrifugo, anonymous connections subscribe only where allow_subscribe_for_anonymous is on.
+    namespaces = [dict(DEFAULT_NAMESPACES[0], allow_subscribe_for_anonymous=True), DEFAULT_NAMESPACES[1]]
+    server = await start_server(client={"allow_anonymous": True}, namespaces=namespaces)
     client = clients.new(server.ws_url)
     await client.connect()
     await client.rec.wait_for("connected")
-    sub = await subscribed(client, uid("anon"))
-    stats = await sub.presence_stats()
-    assert stats.num_clients == 1
+    ch = uid("anon")
+    sub = await subscribed(client, ch)
+    async with AsyncClient(server.api_url, api_key=API_KEY) as api:
+        await api.publish(PublishRequest(channel=ch, data="hi"))
+        presence = await api.presence(PresenceRequest(channel=ch))
+    assert (await sub.rec.wait_for("publication")).pub.data == "hi"
+    assert [c.user for c in presence.presence.values()] == [""], "anonymous user id is empty"
+
+    # "news" allows clients but not anonymous ones.
+    denied = new_sub(client, f"news:{uid('anon')}")
+    await denied.subscribe()
+    ctx = await denied.rec.wait_for("unsubscribed")
+    assert ctx.code == 103, ctx
 
 
 async def test_token_from_the_cli_with_server_side_channels(server, clients, api):
@@ -75,13 +97,16 @@ async def test_short_lived_token_is_refreshed(server, clients, api):
     await client.rec.wait_for("connected")
     assert len(exps) == 1
 
-    async def three_tokens():
-        return len(exps) >= 3
+    async def refreshed_past_first_expiry():
+        return len(exps) >= 3 and time.time() > exps[0] + 2
 
-    # The second refresh happens after the first token expired.
-    await eventually(three_tokens, timeout=15, what="get_token called three times")
-    assert time.time() > exps[0], "past the first token expiry"
-    assert client.state == ClientState.CONNECTED
+    # Refreshed twice, and well past the first token's expiry.
+    await eventually(
+        refreshed_past_first_expiry,
+        timeout=15,
+        what="get_token called three times and 2 s past the first expiry",
+    )
+    assert client.state == ClientState.CONNECTED, client.rec.summary()
     assert client.rec.count("connecting") == 1, client.rec.summary()
     assert client.rec.count("disconnected") == 0, client.rec.summary()
     assert client.rec.count("error") == 0, client.rec.summary()

@@ -154,9 +154,13 @@ async def test_presence_from_the_sdk_and_the_api(server, clients, api):
     assert (stats.num_clients, stats.num_users) == (2, 2)
 
 
-async def test_presence_denied_in_news(server, clients):
+async def test_presence_not_available_in_news(server, clients):
+    # Presence is off in "news": 108 not available, as in Centrifugo.
     client = await clients.connected(server.ws_url, user="alice")
     sub = await subscribed(client, f"news:{uid('p')}")
     with pytest.raises(ReplyError) as err:
         await sub.presence()
-    assert err.value.code == 103
+    assert err.value.code == 108
+    with pytest.raises(ReplyError) as err:
+        await sub.presence_stats()
+    assert err.value.code == 108

@@ -93,8 +93,10 @@ pub struct Report {
     pub rss_per_connection_bytes: Option<f64>,
     pub server_cpu_percent: Option<f64>,
 
-    /// CPU of every generator process together; 100 = one core.
+    /// CPU of every generator process together, 100 = one core: over the publish
+    /// window (publishing and drain) for fan-out, over the whole run for connect.
     pub generator_cpu_percent: f64,
+    /// Over the whole run, ramp included.
     pub generator_cpu_seconds: f64,
     pub generator_rss_bytes: u64,
     pub wall_s: f64,
@@ -184,7 +186,7 @@ impl Report {
             row("server CPU", format!("{c:.0}%"));
         }
         row(
-            "generator CPU / RSS",
+            "generator CPU (% of one core) / CPU time / RSS",
             format!(
                 "{:.0}% ({:.1} s) / {}",
                 self.generator_cpu_percent,

@@ -243,6 +243,17 @@ fn rss_per_connection(before: Option<u64>, loaded: Option<u64>, established: u64
     }
 }
 
+/// CPU seconds used so far by every generator process (the parent includes in-process
+/// shards; children report theirs with each progress event).
+fn generator_cpu(fleet: &Fleet, in_process: bool) -> f64 {
+    let children = if in_process {
+        0.0
+    } else {
+        fleet.totals().cpu_ms as f64 / 1000.0
+    };
+    sysinfo::self_cpu_seconds() + children
+}
+
 fn progress_message(c: &Counts) -> String {
     format!(
         "ok {} failed {} dropped {} delivered {}",
@@ -396,6 +407,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     }
     let rss_loaded = c.server_pid.and_then(sysinfo::rss_bytes);
     let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let gen_cpu0 = generator_cpu(&fleet, in_process);
     let publish_start = Instant::now();
 
     let cfg = PubConfig {
@@ -443,6 +455,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         .await;
     let server_cpu1 = c.server_pid.and_then(sysinfo::cpu_seconds);
     let publish_window = publish_start.elapsed().as_secs_f64();
+    let gen_cpu_window = generator_cpu(&fleet, in_process) - gen_cpu0;
 
     let shards = fleet.finish(Duration::from_secs(30)).await;
     let m = merge(shards, in_process);
@@ -481,6 +494,8 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     if let (Some(a), Some(b)) = (server_cpu0, server_cpu1) {
         r.server_cpu_percent = Some((b - a) / publish_window * 100.0);
     }
+    // While publishing is what matters: the ramp is a different load.
+    r.generator_cpu_percent = gen_cpu_window / publish_window * 100.0;
     for (k, v) in outcome.error_kinds {
         *r.errors.entry(format!("publisher: {k}")).or_insert(0) += v;
     }

@@ -54,9 +54,18 @@ pub struct Counts {
     pub delivered: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// CPU the shard's process has used since the shard started, in milliseconds.
+    pub cpu_ms: u64,
 }
 
 impl Counts {
+    fn snapshot(r: &Recorder, cpu_start: f64) -> Self {
+        Counts {
+            cpu_ms: ((sysinfo::self_cpu_seconds() - cpu_start) * 1000.0) as u64,
+            ..Counts::of(r)
+        }
+    }
+
     fn of(r: &Recorder) -> Self {
         Counts {
             attempted: r.attempted,
@@ -66,6 +75,7 @@ impl Counts {
             delivered: r.delivered,
             duplicated: r.duplicated,
             out_of_order: r.out_of_order,
+            cpu_ms: 0,
         }
     }
 
@@ -77,6 +87,7 @@ impl Counts {
         self.delivered += o.delivered;
         self.duplicated += o.duplicated;
         self.out_of_order += o.out_of_order;
+        self.cpu_ms += o.cpu_ms;
     }
 }
 
@@ -162,7 +173,7 @@ pub async fn run_worker(
         tokio::spawn(async move {
             loop {
                 sleep(Duration::from_millis(250)).await;
-                let counts = Counts::of(&recorder.lock());
+                let counts = Counts::snapshot(&recorder.lock(), cpu_start);
                 if events
                     .send(WorkerEvent::Progress { shard, counts })
                     .is_err()
@@ -223,7 +234,7 @@ pub async fn run_worker(
         let r = recorder.lock();
         let _ = events.send(WorkerEvent::Ready {
             shard: job.shard,
-            counts: Counts::of(&r),
+            counts: Counts::snapshot(&r, cpu_start),
             subs_per_channel: r.subs_per_channel.clone(),
         });
     }
@@ -244,7 +255,7 @@ pub async fn run_worker(
 
     let r = recorder.lock();
     Ok(WorkerResult {
-        counts: Counts::of(&r),
+        counts: Counts::snapshot(&r, cpu_start),
         invalid: r.invalid,
         connect_latency: HistData::from_histogram(&r.connect_latency),
         connect_series: r.connect_series.to_data(),

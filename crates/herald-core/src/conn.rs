@@ -36,6 +36,9 @@ pub enum Control {
         expire_at: Option<u64>,
         expired: bool,
     },
+    /// Client commands that arrived on another request (the `/emulation` endpoint of the
+    /// HTTP-streaming and SSE transports), handled as if read from the connection.
+    Commands(bytes::Bytes),
 }
 
 #[derive(Default)]

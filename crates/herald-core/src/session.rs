@@ -723,10 +723,14 @@ impl Session {
 
     /// Carries out what the server API asked of this connection.
     pub async fn handle_control(&mut self, c: Control) -> Result<(), Disconnect> {
+        if let Control::Commands(data) = c {
+            return self.handle_frame(&data).await;
+        }
         if !self.connected {
             return Ok(());
         }
         match c {
+            Control::Commands(_) => {}
             Control::Unsubscribe {
                 channel,
                 code,

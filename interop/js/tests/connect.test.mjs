@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import {
+  DEFAULT_NAMESPACES,
   PlainWebSocket,
   apiResult,
   cliToken,
@@ -125,7 +126,11 @@ describe('connect', () => {
 describe('anonymous connections allowed by config', () => {
   let server;
   before(async () => {
-    server = await startServer({ client: { allow_anonymous: true } });
+    // As in Centrifugo, anonymous connections subscribe only where allow_subscribe_for_anonymous is on.
+    server = await startServer({
+      client: { allow_anonymous: true },
+      namespaces: [{ ...DEFAULT_NAMESPACES[0], allow_subscribe_for_anonymous: true }, DEFAULT_NAMESPACES[1]],
+    });
   });
   after(async () => {
     await server?.stop();
@@ -138,18 +143,24 @@ describe('anonymous connections allowed by config', () => {
     await client.rec.waitFor('connected');
     const ch = uid('anon');
     const sub = await subscribed(client, ch);
-    const stats = await sub.presenceStats();
-    assert.equal(stats.numClients, 1);
     await publish(server, ch, 'hi');
     const pub = await sub.rec.waitFor('publication');
     assert.equal(pub.data, 'hi');
+    const presence = await apiResult(server, 'presence', { channel: ch });
+    assert.deepEqual(Object.values(presence.presence).map((c) => c.user ?? ''), [''], 'anonymous user id is ""');
+
+    // "news" allows clients but not anonymous ones.
+    const denied = newSub(client, `news:${uid('anon')}`);
+    denied.subscribe();
+    const ctx = await denied.rec.waitFor('unsubscribed');
+    assert.equal(ctx.code, 103, JSON.stringify(ctx));
   });
 });
 
 describe('ping and pong', () => {
   let server;
   before(async () => {
-    server = await startServer({ client: { ping_interval: '1s', pong_timeout: '1s' } });
+    server = await startServer({ client: { ping_interval: '1s', pong_timeout: '500ms' } });
   });
   after(async () => {
     await server?.stop();

@@ -195,10 +195,11 @@ describe('publish and subscribe', () => {
     assert.deepEqual(after, { numClients: 2, numUsers: 2 });
   });
 
-  test('presence is denied with 103 where allow_presence_for_subscriber is off ("news")', async (t) => {
+  test('presence where the namespace has it off ("news") is 108 not available', async (t) => {
     const client = await connectedClient(t, server.wsUrl, { user: 'alice' });
     const sub = await subscribed(client, `news:${uid('p')}`);
-    await rejectsWithCode(sub.presence(), 103, 'presence in news');
+    await rejectsWithCode(sub.presence(), 108, 'presence in news');
+    await rejectsWithCode(sub.presenceStats(), 108, 'presence stats in news');
   });
 
   test('join and leave events reach a subscriber that asked for them', async (t) => {
