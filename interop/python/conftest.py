@@ -31,6 +31,12 @@ from centrifuge import (
 )
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Every node under test listens on loopback: never send that traffic to a configured proxy
+# (requests, used by cent's sync client, honours the proxy variables).
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(x for x in (os.environ.get(_var, ""), "127.0.0.1,localhost") if x)
+
 SECRET = "secret"
 API_KEY = "apikey"
 LISTEN_RE = re.compile(r"^herald: listening on http://127\.0\.0\.1:(\d+)$")
@@ -116,6 +122,8 @@ def render_config(
         _toml_table("[client]", client_section),
         _toml_table("[api]", {"key": API_KEY}),
         _toml_table("[engine]", {"type": "memory"}),
+        # No drain window: a stopped test node lets its clients go at once.
+        _toml_table("[shutdown]", {"drain_duration": "0s"}),
     ]
     sections += [_toml_table("[[namespaces]]", ns) for ns in (namespaces or DEFAULT_NAMESPACES)]
     return "\n\n".join(sections) + "\n"

@@ -134,8 +134,9 @@ pub struct FanoutArgs {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Seconds to wait for outstanding deliveries after the last publication.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds to wait for outstanding deliveries after the last publication (the wait
+    /// ends as soon as everything has arrived); later deliveries count as lost.
+    #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
     /// Subscriber connection rate during the ramp (per second).
     #[arg(long, default_value_t = 2000.0)]

@@ -29,6 +29,20 @@ fn register_font() -> Result<(), BenchError> {
     }
 }
 
+/// Axis labels without spurious decimals: 0.25, 2.5, 25, 2500.
+fn label(v: &f64) -> String {
+    let a = v.abs();
+    if a >= 10.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.1}")
+    } else if a >= 0.1 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 fn perr<E: std::fmt::Debug>(e: E) -> BenchError {
     BenchError::Plot(format!("{e:?}"))
 }
@@ -80,6 +94,7 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), BenchError> {
             .configure_mesh()
             .x_desc("seconds")
             .y_desc("ms")
+            .y_label_formatter(&label)
             .label_style((FONT, 13))
             .draw()
             .map_err(perr)?;
@@ -123,6 +138,7 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), BenchError> {
             .configure_mesh()
             .x_desc("seconds")
             .y_desc(what)
+            .y_label_formatter(&label)
             .label_style((FONT, 13))
             .draw()
             .map_err(perr)?;

@@ -92,6 +92,10 @@ pub struct Report {
     pub server_rss_loaded_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,
     pub server_cpu_percent: Option<f64>,
+    /// Server CPU seconds over the same window as `server_cpu_percent`.
+    pub server_cpu_seconds: Option<f64>,
+    /// Server CPU per unique delivery (fan-out), in microseconds.
+    pub server_cpu_us_per_delivery: Option<f64>,
 
     /// CPU of every generator process together, 100 = one core: over the publish
     /// window (publishing and drain) for fan-out, over the whole run for connect.
@@ -100,6 +104,10 @@ pub struct Report {
     pub generator_cpu_seconds: f64,
     pub generator_rss_bytes: u64,
     pub wall_s: f64,
+    /// 1-minute load average before and after the run (other work on the machine
+    /// skews every figure).
+    pub load_average_start: Option<f64>,
+    pub load_average_end: Option<f64>,
 
     pub errors: BTreeMap<String, u64>,
     pub worker_failures: Vec<String>,
@@ -182,8 +190,11 @@ impl Report {
                 format!("{:.1} KiB", r / 1024.0),
             );
         }
-        if let Some(c) = self.server_cpu_percent {
-            row("server CPU", format!("{c:.0}%"));
+        if let (Some(c), Some(s)) = (self.server_cpu_percent, self.server_cpu_seconds) {
+            row("server CPU", format!("{c:.0}% ({s:.1} s)"));
+        }
+        if let Some(u) = self.server_cpu_us_per_delivery {
+            row("server CPU per delivery", format!("{u:.2} µs"));
         }
         row(
             "generator CPU (% of one core) / CPU time / RSS",
@@ -194,6 +205,12 @@ impl Report {
                 mib(self.generator_rss_bytes)
             ),
         );
+        if let (Some(a), Some(b)) = (self.load_average_start, self.load_average_end) {
+            row(
+                "load average (1 min) start → end",
+                format!("{a:.2} → {b:.2}"),
+            );
+        }
         if !self.errors.is_empty() {
             let e: Vec<String> = self
                 .errors

@@ -45,6 +45,7 @@ struct Meter {
     cpu: f64,
     server_pid: Option<u32>,
     server_rss_before: Option<u64>,
+    load_start: Option<f64>,
 }
 
 impl Meter {
@@ -54,6 +55,7 @@ impl Meter {
             cpu: sysinfo::self_cpu_seconds(),
             server_pid,
             server_rss_before: server_pid.and_then(sysinfo::rss_bytes),
+            load_start: sysinfo::load_average(),
         }
     }
 }
@@ -128,6 +130,7 @@ struct Merged {
     unique_per_channel: Vec<u64>,
     first_attempt_ns: u64,
     last_established_ns: u64,
+    last_delivery_ns: u64,
     errors: BTreeMap<String, u64>,
     child_cpu: f64,
     child_rss: u64,
@@ -166,6 +169,7 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
             m.first_attempt_ns = r.first_attempt_ns;
         }
         m.last_established_ns = m.last_established_ns.max(r.last_established_ns);
+        m.last_delivery_ns = m.last_delivery_ns.max(r.last_delivery_ns);
         for (k, v) in r.errors {
             *m.errors.entry(k).or_insert(0) += v;
         }
@@ -229,6 +233,8 @@ fn base_report(
         generator_cpu_seconds: cpu,
         generator_rss_bytes: sysinfo::self_rss_bytes() + m.child_rss,
         wall_s,
+        load_average_start: meter.load_start,
+        load_average_end: sysinfo::load_average(),
         errors: m.errors.clone(),
         worker_failures: m.failures.clone(),
         connect_series: series_points(m.connect_series.iter().map(Vec::as_slice)),
@@ -330,6 +336,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
         rss_per_connection(meter.server_rss_before, rss_loaded, r.established);
     if let (Some(a), Some(b)) = (server_cpu0, server_cpu1) {
         r.server_cpu_percent = Some((b - a) / run_s * 100.0);
+        r.server_cpu_seconds = Some(b - a);
     }
     Ok(r)
 }
@@ -409,6 +416,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
     let gen_cpu0 = generator_cpu(&fleet, in_process);
     let publish_start = Instant::now();
+    let publish_start_ns = now_ns();
 
     let cfg = PubConfig {
         target: c.target,
@@ -481,7 +489,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     r.expected = Some(tally.expected);
     r.delivered = tally.delivered;
     r.lost = Some(tally.lost);
-    r.deliveries_per_s = Some(tally.delivered as f64 / pub_s);
+    // Sustained delivery rate: from the first publication to the last delivery, so a
+    // server that queues (and delivers late) is not credited with the publish rate.
+    let delivery_s = (m.last_delivery_ns.saturating_sub(publish_start_ns) as f64 / 1e9).max(pub_s);
+    r.deliveries_per_s = Some(tally.delivered as f64 / delivery_s);
     r.latency_ms = m
         .latency
         .as_ref()
@@ -493,6 +504,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         rss_per_connection(meter.server_rss_before, rss_loaded, r.established);
     if let (Some(a), Some(b)) = (server_cpu0, server_cpu1) {
         r.server_cpu_percent = Some((b - a) / publish_window * 100.0);
+        r.server_cpu_seconds = Some(b - a);
+        if tally.delivered > 0 {
+            r.server_cpu_us_per_delivery = Some((b - a) * 1e6 / tally.delivered as f64);
+        }
     }
     // While publishing is what matters: the ramp is a different load.
     r.generator_cpu_percent = gen_cpu_window / publish_window * 100.0;

@@ -218,6 +218,7 @@ pub struct Recorder {
     pub connect_series: Series,
     pub first_attempt_ns: u64,
     pub last_established_ns: u64,
+    pub last_delivery_ns: u64,
     pub delivered: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
@@ -240,6 +241,7 @@ impl Recorder {
             connect_series: Series::new(epoch_ns, max_seconds),
             first_attempt_ns: 0,
             last_established_ns: 0,
+            last_delivery_ns: 0,
             delivered: 0,
             duplicated: 0,
             out_of_order: 0,
@@ -297,6 +299,7 @@ impl Recorder {
             SeqOutcome::InOrder => {}
         }
         self.delivered += 1;
+        self.last_delivery_ns = self.last_delivery_ns.max(at_ns);
         if let Some(n) = self.unique_per_channel.get_mut(channel) {
             *n += 1;
         }

@@ -14,6 +14,16 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The 1-minute load average: how busy the machine was around a run.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Our own resident set size.
 pub fn self_rss_bytes() -> u64 {
     rss_bytes(std::process::id()).unwrap_or(0)

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use herald_protocol::Disconnect;
@@ -17,6 +18,8 @@ pub struct PubMessage {
     pub publication: Publication,
     /// `{"push":{"channel":..,"pub":{..}}}`, without trailing newline.
     pub frame: Bytes,
+    /// When the hub received it (for the delivery latency metric).
+    pub received: Instant,
 }
 
 /// Actions asked of a session from outside (server API, node shutdown).
@@ -50,6 +53,8 @@ struct Outbox {
     buffering: Vec<(Arc<str>, Vec<Arc<PubMessage>>)>,
     controls: Vec<Control>,
     closing: Option<Disconnect>,
+    /// When the oldest publication among `frames` reached the hub.
+    oldest_publication: Option<Instant>,
 }
 
 /// What the connection task takes from the outbox in one go.
@@ -58,6 +63,9 @@ pub struct Drained {
     pub frames: VecDeque<Bytes>,
     pub controls: Vec<Control>,
     pub closing: Option<Disconnect>,
+    /// When the oldest publication among `frames` reached the hub; after writing them, pass
+    /// it to `Metrics::written`.
+    pub oldest_publication: Option<Instant>,
 }
 
 pub struct ConnHandle {
@@ -123,6 +131,7 @@ impl ConnHandle {
             // A slow consumer: drop what it has not read and close it; nobody else waits.
             st.frames.clear();
             st.bytes = 0;
+            st.oldest_publication = None;
             st.closing = Some(Disconnect::SLOW.into());
             self.closed.notify_waiters();
             return false;
@@ -149,7 +158,9 @@ impl ConnHandle {
                 buf.push(msg.clone());
                 return;
             }
-            self.push_locked(&mut st, msg.frame.clone());
+            if self.push_locked(&mut st, msg.frame.clone()) {
+                st.oldest_publication.get_or_insert(msg.received);
+            }
         }
         self.notify.notify_one();
     }
@@ -233,6 +244,11 @@ impl ConnHandle {
         self.state.lock().closing.is_some()
     }
 
+    /// Why the connection is closing, once it is.
+    pub fn close_reason(&self) -> Option<Disconnect> {
+        self.state.lock().closing.clone()
+    }
+
     /// Takes every queued frame and control at once (the writer batches them).
     pub fn drain(&self) -> Drained {
         let mut st = self.state.lock();
@@ -241,6 +257,7 @@ impl ConnHandle {
             frames: std::mem::take(&mut st.frames),
             controls: std::mem::take(&mut st.controls),
             closing: st.closing.clone(),
+            oldest_publication: st.oldest_publication.take(),
         }
     }
 
@@ -263,6 +280,7 @@ mod tests {
                 time: 0,
             },
             frame: Bytes::from(format!("p{offset}")),
+            received: Instant::now(),
         })
     }
 

@@ -11,7 +11,11 @@ use herald_protocol::client::{
 };
 use parking_lot::RwLock;
 
-use crate::conn::{ConnHandle, PubMessage};
+use crate::conn::{ConnHandle, Control, PubMessage};
+use crate::engine::ControlCommand;
+use crate::metrics::Metrics;
+use herald_protocol::Disconnect;
+use herald_protocol::codes::unsubscribe;
 
 const SHARDS: usize = 64;
 
@@ -26,6 +30,13 @@ type ChannelMap = HashMap<Arc<str>, HashMap<Arc<str>, Subscriber>>;
 pub trait BrokerHandler: Send + Sync {
     fn on_publication(&self, channel: &str, publication: Publication);
     fn on_join_leave(&self, channel: &str, info: &ClientInfo, join: bool);
+    /// A server API action for the users connected here.
+    fn on_control(&self, cmd: ControlCommand);
+    /// The live stream of `channel` may have a hole (missed or reordered delivery, engine
+    /// reconnect): its local subscribers are told to resubscribe and recover.
+    fn on_insufficient_state(&self, channel: &str);
+    /// Channels with local subscribers and their counts.
+    fn local_channels(&self) -> Vec<(String, u32)>;
 }
 
 pub struct Hub {
@@ -33,6 +44,7 @@ pub struct Hub {
     hasher: std::collections::hash_map::RandomState,
     conns: RwLock<HashMap<Arc<str>, Arc<ConnHandle>>>,
     users: RwLock<HashMap<Arc<str>, Vec<Arc<ConnHandle>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Default for Hub {
@@ -52,12 +64,23 @@ pub struct HubStats {
 
 impl Hub {
     pub fn new() -> Self {
+        Self::with_metrics(Arc::new(Metrics::noop()))
+    }
+
+    /// A hub that counts its deliveries in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: Default::default(),
             conns: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
+            metrics,
         }
+    }
+
+    /// Connected clients on this node.
+    pub fn num_conns(&self) -> usize {
+        self.conns.read().len()
     }
 
     fn shard(&self, channel: &str) -> &RwLock<ChannelMap> {
@@ -166,11 +189,18 @@ impl Hub {
         let Some(subs) = shard.get(channel) else {
             return;
         };
+        let received = std::time::Instant::now();
         let frame = encode_publication_push(channel, &publication);
-        let msg = Arc::new(PubMessage { publication, frame });
+        let msg = Arc::new(PubMessage {
+            publication,
+            frame,
+            received,
+        });
         for sub in subs.values() {
             sub.conn.deliver(channel, &msg);
         }
+        // Counted once per broadcast, not per subscriber.
+        self.metrics.delivered(subs.len());
     }
 
     pub fn broadcast_join_leave(&self, channel: &str, info: &ClientInfo, join: bool) {
@@ -185,12 +215,112 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The connections a server API action addresses: a user's, optionally one client.
+    fn targets(&self, user: &str, client: &str, session: &str) -> Vec<Arc<ConnHandle>> {
+        self.user_conns(user)
+            .into_iter()
+            .filter(|c| client.is_empty() || &*c.id == client)
+            .filter(|c| session.is_empty() || &*c.id == session)
+            .collect()
+    }
+
+    /// Carries out a server API action on this node's connections.
+    pub fn apply_control(&self, cmd: ControlCommand) {
+        match cmd {
+            ControlCommand::Disconnect {
+                user,
+                client,
+                session,
+                whitelist,
+                code,
+                reason,
+            } => {
+                for c in self.targets(&user, &client, &session) {
+                    if !whitelist.iter().any(|w| **w == *c.id) {
+                        c.close(Disconnect::new(code, reason.clone()));
+                    }
+                }
+            }
+            ControlCommand::Unsubscribe {
+                user,
+                channel,
+                client,
+                session,
+            } => {
+                for c in self.targets(&user, &client, &session) {
+                    c.control(Control::Unsubscribe {
+                        channel: channel.clone(),
+                        code: unsubscribe::SERVER.0,
+                        reason: unsubscribe::SERVER.1.to_string(),
+                    });
+                }
+            }
+            ControlCommand::Subscribe {
+                user,
+                channel,
+                client,
+                session,
+                info,
+                data,
+            } => {
+                for c in self.targets(&user, &client, &session) {
+                    c.control(Control::Subscribe {
+                        channel: channel.clone(),
+                        info: info.clone(),
+                        data: data.clone(),
+                    });
+                }
+            }
+            ControlCommand::Refresh {
+                user,
+                client,
+                session,
+                expire_at,
+                expired,
+            } => {
+                for c in self.targets(&user, &client, &session) {
+                    c.control(Control::Refresh { expire_at, expired });
+                }
+            }
+        }
+    }
+
+    /// Tells every local subscriber of `channel` to resubscribe (unsubscribe push 2500); the
+    /// SDK resubscribes with recovery from its last offset.
+    pub fn resubscribe_all(&self, channel: &str) {
+        let conns: Vec<Arc<ConnHandle>> = {
+            let shard = self.shard(channel).read();
+            match shard.get(channel) {
+                Some(subs) => subs.values().map(|s| s.conn.clone()).collect(),
+                None => return,
+            }
+        };
+        for c in conns {
+            c.control(Control::Unsubscribe {
+                channel: channel.to_string(),
+                code: unsubscribe::INSUFFICIENT_STATE.0,
+                reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
+            });
+        }
+    }
+}
+
 impl BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, publication: Publication) {
         self.broadcast_publication(channel, publication);
     }
     fn on_join_leave(&self, channel: &str, info: &ClientInfo, join: bool) {
         self.broadcast_join_leave(channel, info, join);
+    }
+    fn on_control(&self, cmd: ControlCommand) {
+        self.apply_control(cmd);
+    }
+    fn on_insufficient_state(&self, channel: &str) {
+        self.resubscribe_all(channel);
+    }
+    fn local_channels(&self) -> Vec<(String, u32)> {
+        self.channels()
     }
 }
 

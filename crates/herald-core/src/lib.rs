@@ -7,8 +7,10 @@ pub mod conn;
 pub mod duration;
 pub mod engine;
 pub mod hub;
+pub mod metrics;
 pub mod node;
 pub mod options;
+pub mod ratelimit;
 pub mod recovery;
 pub mod session;
 

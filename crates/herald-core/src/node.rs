@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use herald_protocol::api::NodeInfo;
 use herald_protocol::client::{ClientInfo, Publication};
@@ -13,11 +13,13 @@ use herald_protocol::{Disconnect, ErrorCode, ProtocolError};
 
 use crate::auth::TokenVerifier;
 use crate::channel;
-use crate::conn::Control;
+
 use crate::engine::{
-    Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions, StreamPosition,
+    ControlCommand, Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions,
+    StreamPosition,
 };
 use crate::hub::{BrokerHandler, Hub};
+use crate::metrics::{InstrumentedEngine, Metrics};
 use crate::options::{ClientOptions, NamespaceOptions};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -39,12 +41,15 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub engine: Arc<dyn Engine>,
     pub tokens: TokenVerifier,
+    /// Metric handles (see `crate::metrics`).
+    pub metrics: Arc<Metrics>,
     draining: AtomicBool,
 }
 
 impl From<EngineError> for ProtocolError {
     fn from(e: EngineError) -> Self {
-        tracing::warn!(error = %e, "engine operation failed");
+        // Logged as a warning, with the operation, where it failed (`InstrumentedEngine`).
+        tracing::debug!(error = %e, "engine error answered as internal error");
         ErrorCode::INTERNAL.error()
     }
 }
@@ -78,11 +83,32 @@ impl Node {
         config: NodeConfig,
         engine: impl FnOnce(Arc<dyn BrokerHandler>) -> Arc<dyn Engine>,
     ) -> Arc<Self> {
-        let hub = Arc::new(Hub::new());
+        Self::with_metrics(config, Arc::new(Metrics::noop()), engine)
+    }
+
+    /// Builds a node that records into `metrics` (see `crate::metrics`).
+    pub fn with_metrics(
+        config: NodeConfig,
+        metrics: Arc<Metrics>,
+        engine: impl FnOnce(Arc<dyn BrokerHandler>) -> Arc<dyn Engine>,
+    ) -> Arc<Self> {
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
         let engine = engine(hub.clone());
-        let id = new_id();
+        Self::assemble(config, new_id(), hub, engine, metrics)
+    }
+
+    /// Builds a node from parts made beforehand (engines that connect asynchronously need
+    /// the node id and hub before the node exists).
+    pub fn assemble(
+        config: NodeConfig,
+        id: String,
+        hub: Arc<Hub>,
+        engine: Arc<dyn Engine>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let engine: Arc<dyn Engine> = Arc::new(InstrumentedEngine::new(engine, metrics.clone()));
         let name = if config.name.is_empty() {
-            format!("herald-{}", &id[..8])
+            format!("herald-{}", &id[..8.min(id.len())])
         } else {
             config.name
         };
@@ -99,6 +125,7 @@ impl Node {
                 .collect(),
             hub,
             engine,
+            metrics,
             draining: AtomicBool::new(false),
         })
     }
@@ -153,6 +180,7 @@ impl Node {
         }
         let mut opts = Self::publish_options(ns, skip_history);
         opts.idempotency_key = idempotency_key.filter(|k| !k.is_empty());
+        let from_client = info.is_some();
         let publication = Publication {
             data,
             info,
@@ -160,7 +188,9 @@ impl Node {
             tags,
             time: now_ms(),
         };
-        Ok(self.engine.publish(ch, publication, &opts).await?)
+        let position = self.engine.publish(ch, publication, &opts).await?;
+        self.metrics.published(from_client);
+        Ok(position)
     }
 
     /// Reads history. `limit`: 0 → position only, -1 → all (capped), n → at most n.
@@ -214,13 +244,23 @@ impl Node {
         Ok((p.len() as u32, users.len() as u32))
     }
 
-    /// Channels with subscribers, filtered by a glob-like pattern (`*` matches any run).
-    pub fn channels(&self, pattern: &str) -> Vec<(String, u32)> {
-        self.hub
+    /// Channels with subscribers on any node, filtered by a glob-like pattern (`*` matches
+    /// any run).
+    pub async fn channels(&self, pattern: &str) -> Result<Vec<(String, u32)>, ProtocolError> {
+        Ok(self
+            .engine
             .channels()
+            .await?
             .into_iter()
             .filter(|(c, _)| pattern.is_empty() || glob_match(pattern, c))
-            .collect()
+            .collect())
+    }
+
+    /// This node and every live peer.
+    pub fn cluster_info(&self) -> Vec<NodeInfo> {
+        let mut nodes = vec![self.info()];
+        nodes.extend(self.engine.peers().into_iter().filter(|n| n.uid != self.id));
+        nodes
     }
 
     pub fn info(&self) -> NodeInfo {
@@ -237,84 +277,59 @@ impl Node {
         }
     }
 
-    /// The connections a server API call addresses: a user's, optionally one client of theirs.
-    fn targets(
-        &self,
-        user: &str,
-        client: &str,
-        session: &str,
-    ) -> Vec<Arc<crate::conn::ConnHandle>> {
-        self.hub
-            .user_conns(user)
-            .into_iter()
-            .filter(|c| client.is_empty() || &*c.id == client)
-            .filter(|c| session.is_empty() || &*c.id == session)
-            .collect()
-    }
-
-    pub fn disconnect_user(
-        &self,
-        user: &str,
-        client: &str,
-        session: &str,
-        whitelist: &[String],
-        d: Disconnect,
-    ) {
-        for c in self.targets(user, client, session) {
-            if !whitelist.iter().any(|w| **w == *c.id) {
-                c.close(d.clone());
-            }
-        }
-    }
-
-    pub fn unsubscribe_user(&self, user: &str, ch: &str, client: &str, session: &str) {
-        for c in self.targets(user, client, session) {
-            c.control(Control::Unsubscribe {
-                channel: ch.to_string(),
-                code: herald_protocol::codes::unsubscribe::SERVER.0,
-                reason: herald_protocol::codes::unsubscribe::SERVER.1.to_string(),
-            });
-        }
-    }
-
-    pub fn subscribe_user(
-        &self,
-        user: &str,
-        ch: &str,
-        client: &str,
-        session: &str,
-        info: Option<Raw>,
-        data: Option<Raw>,
-    ) {
-        for c in self.targets(user, client, session) {
-            c.control(Control::Subscribe {
-                channel: ch.to_string(),
-                info: info.clone(),
-                data: data.clone(),
-            });
-        }
-    }
-
-    pub fn refresh_user(
-        &self,
-        user: &str,
-        client: &str,
-        session: &str,
-        expire_at: Option<u64>,
-        expired: bool,
-    ) {
-        for c in self.targets(user, client, session) {
-            c.control(Control::Refresh { expire_at, expired });
-        }
+    /// Server API actions on a user's connections reach every node of the cluster.
+    pub async fn control(&self, cmd: ControlCommand) -> Result<(), ProtocolError> {
+        Ok(self.engine.publish_control(cmd).await?)
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Stops taking connections and asks every client to reconnect elsewhere (3001).
+    /// Stops taking connections (readiness fails, connect is answered 3001). True the first
+    /// time.
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::Relaxed)
+    }
+
+    /// Drains: stops taking connections, then closes the connected clients with 3001 spread
+    /// evenly over `over`, so they do not all reconnect elsewhere at the same instant. The
+    /// first goes at once, the last at about `over`. Returns early when every client is gone.
+    /// Cancel-safe: dropping it leaves the rest connected (`shutdown` closes them).
+    pub async fn drain(&self, over: Duration) {
+        self.start_draining();
+        let conns = self.hub.all_conns();
+        let n = conns.len();
+        tracing::info!(clients = n, over = ?over, "draining: disconnecting clients (3001)");
+        if n == 0 {
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        // Wake at most every 10ms: with many clients each wake-up closes a batch.
+        let tick = (over / n as u32).max(Duration::from_millis(10));
+        let mut closed = 0;
+        loop {
+            let elapsed = start.elapsed();
+            let due = if elapsed >= over {
+                n
+            } else {
+                let share = (n as u128 * elapsed.as_nanos()) / over.as_nanos().max(1);
+                (share as usize + 1).min(n)
+            };
+            for c in &conns[closed..due] {
+                c.close(Disconnect::SHUTDOWN.into());
+            }
+            closed = due;
+            if closed == n || self.hub.num_conns() == 0 {
+                return;
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+
+    /// Stops taking connections and asks every client to reconnect elsewhere (3001) now.
     pub fn shutdown(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.start_draining();
         for c in self.hub.all_conns() {
             c.close(Disconnect::SHUTDOWN.into());
         }

@@ -24,6 +24,10 @@ pub struct ClientOptions {
     /// How long a new connection may wait before sending its connect command. Default: "10s".
     #[serde(with = "crate::duration")]
     pub connect_timeout: Duration,
+    /// Grace after a connection's token expired before it is closed with 3005, so a refresh
+    /// sent exactly at `ttl` is never late. Default: "25s".
+    #[serde(with = "crate::duration")]
+    pub expired_close_delay: Duration,
     /// Bytes queued for one connection beyond which it is a slow consumer and is
     /// disconnected with 3008. Default: 1048576 (1 MiB).
     pub max_queue_bytes: usize,
@@ -37,6 +41,40 @@ pub struct ClientOptions {
     pub history_max_publication_limit: usize,
     /// Most publications a recovery may return before it is refused. Default: 300.
     pub recovery_max_publication_limit: usize,
+    /// RSA public key for RS256/384/512 tokens: the PEM text itself, or the path of a PEM
+    /// file. Default: "" (no RSA tokens, unless from a JWKS endpoint).
+    pub token_rsa_public_key: String,
+    /// ECDSA public key for ES256 (P-256) or ES384 (P-384) tokens: PEM text or a PEM file
+    /// path. Default: "".
+    pub token_ecdsa_public_key: String,
+    /// URL of a JWKS document (`http://` or `https://`); RS/ES tokens with a `kid` are checked
+    /// with its key of that `kid`. Default: "".
+    pub token_jwks_public_endpoint: String,
+    /// How often the JWKS document is fetched again; a token with an unknown `kid` also
+    /// triggers a fetch (at most one per 10s). Default: "5m".
+    #[serde(with = "crate::duration")]
+    pub token_jwks_refresh_interval: Duration,
+    /// When set, connection and subscription tokens must carry this `aud`. Default: "".
+    pub token_audience: String,
+    /// When set, connection and subscription tokens must carry this `iss`. Default: "".
+    pub token_issuer: String,
+    /// Origins (glob patterns, `*` matches any run: `https://*.example.com`) whose browsers
+    /// may open client connections; a request with another `Origin` gets 403. A request
+    /// without `Origin` (not a browser) is always allowed. Default: [] (any origin).
+    pub allowed_origins: Vec<String>,
+    /// Connections one user may hold on this node; the next one is closed with 3504.
+    /// Anonymous connections are not counted. Default: 0 (no limit).
+    pub user_connection_limit: usize,
+    /// Commands per second one connection may send (token bucket); beyond it the command
+    /// gets error 111, and a connection that keeps going is closed with 3013.
+    /// Default: 0 (no limit).
+    pub command_rate: u32,
+    /// Commands a connection may send in a burst above `command_rate`. Default: 0 (equal to
+    /// `command_rate`).
+    pub command_burst: u32,
+    /// Client connections this node accepts at once; more are refused (HTTP 503).
+    /// Default: 0 (no limit).
+    pub max_connections: usize,
 }
 
 impl Default for ClientOptions {
@@ -47,12 +85,24 @@ impl Default for ClientOptions {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(8),
             connect_timeout: Duration::from_secs(10),
+            expired_close_delay: Duration::from_secs(25),
             max_queue_bytes: 1 << 20,
             max_message_size: 65536,
             max_channels: 128,
             channel_max_length: 255,
             history_max_publication_limit: 300,
             recovery_max_publication_limit: 300,
+            token_rsa_public_key: String::new(),
+            token_ecdsa_public_key: String::new(),
+            token_jwks_public_endpoint: String::new(),
+            token_jwks_refresh_interval: Duration::from_secs(300),
+            token_audience: String::new(),
+            token_issuer: String::new(),
+            allowed_origins: Vec::new(),
+            user_connection_limit: 0,
+            command_rate: 0,
+            command_burst: 0,
+            max_connections: 0,
         }
     }
 }

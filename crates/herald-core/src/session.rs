@@ -18,6 +18,7 @@ use crate::auth::{self, TokenError, unix_now};
 use crate::channel;
 use crate::conn::{ConnHandle, Control, PubMessage};
 use crate::engine::StreamPosition;
+use crate::metrics::CommandKind;
 use crate::node::{Node, VERSION};
 use crate::options::NamespaceOptions;
 use crate::recovery;
@@ -88,12 +89,20 @@ pub struct Session {
     subs: HashMap<String, Sub>,
     next_ping: Instant,
     awaiting_pong: Option<Instant>,
+    /// False on unidirectional transports: the client cannot answer pings.
+    expects_pong: bool,
     closed: bool,
+    /// Command rate limit (`client.command_rate`); None when unlimited.
+    rate: Option<crate::ratelimit::CommandBucket>,
 }
 
 impl Session {
     pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>) -> Self {
         let now = Instant::now();
+        let rate = crate::ratelimit::CommandBucket::new(
+            node.client.command_rate,
+            node.client.command_burst,
+        );
         Self {
             next_ping: now + node.client.ping_interval,
             node,
@@ -105,8 +114,16 @@ impl Session {
             expire_at: None,
             subs: HashMap::new(),
             awaiting_pong: None,
+            expects_pong: true,
             closed: false,
+            rate,
         }
+    }
+
+    /// For transports where the client cannot send (unidirectional): pings still go out as
+    /// keep-alives, but no pong is expected and the connect result says `pong: false`.
+    pub fn set_unidirectional(&mut self) {
+        self.expects_pong = false;
     }
 
     pub fn conn(&self) -> &Arc<ConnHandle> {
@@ -149,13 +166,31 @@ impl Session {
     }
 
     pub async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
-        if cmd.is_pong() {
+        let kind = CommandKind::of(&cmd);
+        if kind == CommandKind::Pong {
+            self.node.metrics.command(kind, None);
             self.awaiting_pong = None;
             return Ok(());
         }
         let id = cmd.id;
         if id == 0 && cmd.send.is_none() {
             return Err(Disconnect::BAD_REQUEST.into());
+        }
+        if let Some(bucket) = self.rate.as_mut() {
+            match bucket.take(Instant::now()) {
+                crate::ratelimit::Verdict::Allow => {}
+                crate::ratelimit::Verdict::Refuse => {
+                    let e = ErrorCode::TOO_MANY_REQUESTS;
+                    self.node.metrics.command(kind, Some(e.code));
+                    if id != 0 {
+                        self.send(&Reply::error(id, e.error()));
+                    }
+                    return Ok(());
+                }
+                crate::ratelimit::Verdict::Disconnect => {
+                    return Err(Disconnect::TOO_MANY_REQUESTS.into());
+                }
+            }
         }
         let outcome = if !self.connected {
             match cmd.connect {
@@ -182,9 +217,9 @@ impl Session {
         } else if let Some(req) = cmd.history {
             self.cmd_history(id, req).await
         } else if let Some(req) = cmd.refresh {
-            self.cmd_refresh(id, &req.token)
+            self.cmd_refresh(id, &req.token).await
         } else if let Some(req) = cmd.sub_refresh {
-            self.cmd_sub_refresh(id, &req.channel, &req.token)
+            self.cmd_sub_refresh(id, &req.channel, &req.token).await
         } else if cmd.rpc.is_some() {
             // No RPC handler is configured on this node.
             Err(ErrorCode::METHOD_NOT_FOUND.into())
@@ -194,6 +229,11 @@ impl Session {
         } else {
             Err(ErrorCode::METHOD_NOT_FOUND.into())
         };
+        let error = match &outcome {
+            Err(Fail::Error(e)) => Some(e.code),
+            _ => None,
+        };
+        self.node.metrics.command(kind, error);
         match outcome {
             Ok(Some(reply)) => self.send(&reply),
             Ok(None) => {}
@@ -223,7 +263,7 @@ impl Session {
                 return Err(ErrorCode::UNAUTHORIZED.into());
             }
         } else {
-            let claims = match self.node.tokens.verify_connect(&req.token) {
+            let claims = match self.node.tokens.check_connect(&req.token).await {
                 Ok(c) => c,
                 Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
                 Err(TokenError::Invalid(e)) => {
@@ -250,9 +290,15 @@ impl Session {
             server_channels.extend(claims.channels);
             server_channels.extend(claims.subs.into_keys());
         }
+        let limit = self.node.client.user_connection_limit;
+        if limit > 0 && !self.user.is_empty() && self.node.hub.user_conns(&self.user).len() >= limit
+        {
+            return Err(Disconnect::CONNECTION_LIMIT.into());
+        }
         self.conn.set_user(&self.user);
         self.connected = true;
         self.node.hub.add_conn(&self.conn);
+        self.node.metrics.connected();
         tracing::debug!(client = %self.conn.id, user = %self.user, "client connected");
 
         // Server-side subscriptions: from the token, recovering from the positions the
@@ -289,7 +335,7 @@ impl Session {
             data: None,
             subs: BTreeMap::new(),
             ping: self.node.client.ping_interval.as_secs() as u32,
-            pong: true,
+            pong: self.expects_pong,
             session: self.conn.id.to_string(),
             node: self.node.id.clone(),
         };
@@ -337,8 +383,12 @@ impl Session {
     }
 
     /// Checks a subscription token; returns (chan_info, expire_at).
-    fn check_sub_token(&self, ch: &str, token: &str) -> Result<(Option<Raw>, Option<u64>), Fail> {
-        let claims = match self.node.tokens.verify_subscribe(token) {
+    async fn check_sub_token(
+        &self,
+        ch: &str,
+        token: &str,
+    ) -> Result<(Option<Raw>, Option<u64>), Fail> {
+        let claims = match self.node.tokens.check_subscribe(token).await {
             Ok(c) => c,
             Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
             Err(TokenError::Invalid(e)) => {
@@ -382,7 +432,7 @@ impl Session {
             if req.token.is_empty() {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
-            (chan_info, expire_at) = self.check_sub_token(ch, &req.token)?;
+            (chan_info, expire_at) = self.check_sub_token(ch, &req.token).await?;
         } else if let Some(allowed) = channel::user_allowed(ch, &self.user) {
             if !allowed {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
@@ -683,8 +733,8 @@ impl Session {
         }))
     }
 
-    fn cmd_refresh(&mut self, id: u32, token: &str) -> Result<Option<Reply>, Fail> {
-        let claims = match self.node.tokens.verify_connect(token) {
+    async fn cmd_refresh(&mut self, id: u32, token: &str) -> Result<Option<Reply>, Fail> {
+        let claims = match self.node.tokens.check_connect(token).await {
             Ok(c) => c,
             Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
             Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
@@ -705,11 +755,16 @@ impl Session {
         }))
     }
 
-    fn cmd_sub_refresh(&mut self, id: u32, ch: &str, token: &str) -> Result<Option<Reply>, Fail> {
+    async fn cmd_sub_refresh(
+        &mut self,
+        id: u32,
+        ch: &str,
+        token: &str,
+    ) -> Result<Option<Reply>, Fail> {
         if !self.subs.contains_key(ch) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (_, expire_at) = self.check_sub_token(ch, token)?;
+        let (_, expire_at) = self.check_sub_token(ch, token).await?;
         if let Some(sub) = self.subs.get_mut(ch) {
             sub.expire_at = expire_at;
         }
@@ -800,8 +855,9 @@ impl Session {
             return Err(Disconnect::NO_PONG.into());
         }
         let unix = unix_now();
+        let grace = opts.expired_close_delay.as_secs();
         if let Some(at) = self.expire_at
-            && unix >= at
+            && unix >= at + grace
         {
             return Err(Disconnect::EXPIRED.into());
         }
@@ -819,7 +875,7 @@ impl Session {
         if now >= self.next_ping {
             // The ping is an empty message; clients answer with an empty command.
             self.conn.send(Bytes::from_static(b"{}"));
-            if self.awaiting_pong.is_none() {
+            if self.awaiting_pong.is_none() && self.expects_pong {
                 self.awaiting_pong = Some(now);
             }
             self.next_ping = now + opts.ping_interval;
@@ -837,8 +893,10 @@ impl Session {
         if let Some(sent) = self.awaiting_pong {
             next = next.min(sent + opts.pong_timeout);
         }
+        let grace = opts.expired_close_delay.as_secs();
         let soonest_expiry = self
             .expire_at
+            .map(|at| at + grace)
             .into_iter()
             .chain(self.subs.values().filter_map(|s| s.expire_at))
             .min();
@@ -859,9 +917,16 @@ impl Session {
         for (ch, sub) in subs {
             self.leave(&ch, sub).await;
         }
+        // The transport records why the connection ended with `ConnHandle::close` before
+        // calling this; no reason recorded means the client or the network closed it.
+        let code = self.conn.close_reason().map_or(3000, |d| d.code);
+        self.node.metrics.disconnected(code);
+        if code == Disconnect::SLOW.code {
+            tracing::warn!(client = %self.conn.id, user = %self.user, "slow consumer disconnected");
+        }
         if self.connected {
             self.node.hub.remove_conn(&self.conn);
-            tracing::debug!(client = %self.conn.id, user = %self.user, "client disconnected");
+            tracing::debug!(client = %self.conn.id, user = %self.user, code, "client disconnected");
         }
     }
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use herald_core::engine::StreamPosition;
+use herald_core::engine::{ControlCommand, StreamPosition};
 use herald_protocol::api::{self, ApiError};
 use herald_protocol::json::Raw;
 use herald_protocol::{Disconnect, ErrorCode};
@@ -50,7 +50,9 @@ pub async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let label = herald_core::metrics::api_method_label(&method);
     if !authorized(&state, &headers) {
+        state.node.metrics.api_call(label, "unauthorized");
         return (
             StatusCode::UNAUTHORIZED,
             "{\"error\":{\"code\":101,\"message\":\"unauthorized\"}}",
@@ -59,13 +61,18 @@ pub async fn handle(
     }
     if method == "batch" {
         // `batch` answers `{"replies":[..]}` at the top level, as Centrifugo does.
-        return match batch(&state, &body).await {
+        let r = batch(&state, &body).await;
+        state
+            .node
+            .metrics
+            .api_call(label, if r.is_ok() { "ok" } else { "error" });
+        return match r {
             Ok(v) => axum::Json(v).into_response(),
             Err(Failure::Api(e)) => axum::Json(json!({ "error": e })).into_response(),
             Err(Failure::NotFound) => StatusCode::NOT_FOUND.into_response(),
         };
     }
-    let reply = match call(&state, &method, &body).await {
+    let reply = match counted_call(&state, &method, &body).await {
         Ok(result) => json!({ "result": result }),
         Err(Failure::NotFound) => {
             return (
@@ -157,6 +164,19 @@ async fn publish(state: &AppState, req: api::PublishRequest) -> Result<Value, Fa
     })
 }
 
+/// `call`, counted in `herald_api_calls_total` by method and result.
+async fn counted_call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Failure> {
+    let r = call(state, method, body).await;
+    let result = match &r {
+        Ok(_) => "ok",
+        Err(Failure::NotFound) => "not_found",
+        Err(Failure::Api(_)) => "error",
+    };
+    let label = herald_core::metrics::api_method_label(method);
+    state.node.metrics.api_call(label, result);
+    r
+}
+
 async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Failure> {
     {
         let node = &state.node;
@@ -190,14 +210,15 @@ async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Fail
                 if req.user.is_empty() {
                     return Err(ErrorCode::BAD_REQUEST.into());
                 }
-                node.subscribe_user(
-                    &req.user,
-                    &req.channel,
-                    &req.client,
-                    &req.session,
-                    req.info,
-                    req.data,
-                );
+                node.control(ControlCommand::Subscribe {
+                    user: req.user,
+                    channel: req.channel,
+                    client: req.client,
+                    session: req.session,
+                    info: req.info,
+                    data: req.data,
+                })
+                .await?;
                 Ok(json!({}))
             }
             "unsubscribe" => {
@@ -205,7 +226,13 @@ async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Fail
                 if req.user.is_empty() || req.channel.is_empty() {
                     return Err(ErrorCode::BAD_REQUEST.into());
                 }
-                node.unsubscribe_user(&req.user, &req.channel, &req.client, &req.session);
+                node.control(ControlCommand::Unsubscribe {
+                    user: req.user,
+                    channel: req.channel,
+                    client: req.client,
+                    session: req.session,
+                })
+                .await?;
                 Ok(json!({}))
             }
             "disconnect" => {
@@ -217,7 +244,15 @@ async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Fail
                     Some(d) if d.code > 0 => Disconnect::new(d.code, d.reason),
                     _ => Disconnect::FORCE_NO_RECONNECT.into(),
                 };
-                node.disconnect_user(&req.user, &req.client, &req.session, &req.whitelist, d);
+                node.control(ControlCommand::Disconnect {
+                    user: req.user,
+                    client: req.client,
+                    session: req.session,
+                    whitelist: req.whitelist,
+                    code: d.code,
+                    reason: d.reason,
+                })
+                .await?;
                 Ok(json!({}))
             }
             "refresh" => {
@@ -226,7 +261,14 @@ async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Fail
                     return Err(ErrorCode::BAD_REQUEST.into());
                 }
                 let at = (req.expire_at > 0).then_some(req.expire_at);
-                node.refresh_user(&req.user, &req.client, &req.session, at, req.expired);
+                node.control(ControlCommand::Refresh {
+                    user: req.user,
+                    client: req.client,
+                    session: req.session,
+                    expire_at: at,
+                    expired: req.expired,
+                })
+                .await?;
                 Ok(json!({}))
             }
             "presence" => {
@@ -258,14 +300,21 @@ async fn call(state: &AppState, method: &str, body: &[u8]) -> Result<Value, Fail
             "channels" => {
                 let req: api::ChannelsRequest = parse(body)?;
                 let mut res = api::ChannelsResult::default();
-                for (ch, n) in node.channels(&req.pattern) {
+                for (ch, n) in node.channels(&req.pattern).await? {
                     res.channels.insert(ch, api::ChannelInfo { num_clients: n });
                 }
                 to_value(res)
             }
             "info" => to_value(api::InfoResult {
-                nodes: vec![node.info()],
+                nodes: node.cluster_info(),
             }),
+            // Herald's own: drain this node and stop (as on SIGTERM).
+            "drain" => {
+                if state.ops.drain() {
+                    tracing::info!("drain requested through the server API");
+                }
+                Ok(json!({}))
+            }
             _ => Err(Failure::NotFound),
         }
     }
@@ -286,7 +335,7 @@ async fn batch(state: &AppState, body: &[u8]) -> Result<Value, Failure> {
             continue;
         };
         let body = serde_json::to_vec(&params).unwrap_or_default();
-        replies.push(match call(state, &m, &body).await {
+        replies.push(match counted_call(state, &m, &body).await {
             Ok(r) => json!({ m: r }),
             Err(Failure::NotFound) => json!({"error": ApiError::from(ErrorCode::METHOD_NOT_FOUND)}),
             Err(Failure::Api(e)) => json!({ "error": e }),

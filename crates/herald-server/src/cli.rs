@@ -84,8 +84,11 @@ fn init_logs(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .or_else(|_| config.log.level.parse())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -118,17 +121,46 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let shutdown_timeout = config.server.shutdown_timeout;
+    let drain_duration = config.shutdown.drain_duration;
+    let admin_page = !config.admin.password.is_empty();
     let server = crate::server::start(config).await?;
     // Tests and scripts read this line to learn the port.
-    println!("herald: listening on http://{}", server.addr);
+    let scheme = if server.tls { "https" } else { "http" };
+    println!("herald: listening on {scheme}://{}", server.addr);
+    if let Some(a) = server.admin_addr {
+        println!("herald: admin listening on {scheme}://{a}");
+    }
+    if let Some(a) = server.api_addr {
+        println!("herald: api listening on {scheme}://{a}");
+    }
     tracing::info!(addr = %server.addr, node = %server.node.name, "herald serving");
-    crate::server::signal().await;
-    tracing::info!("stopping: disconnecting clients (3001)");
-    if tokio::time::timeout(shutdown_timeout + Duration::from_secs(2), server.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown took too long; exiting");
+    if admin_page {
+        let at = server.admin_addr.unwrap_or(server.addr);
+        tracing::info!(url = %format!("http://{at}/admin/"), "admin page enabled");
+    }
+    tokio::select! {
+        _ = crate::server::signal() => tracing::info!("stop signal received"),
+        _ = server.drain_requested() => tracing::info!("drain requested"),
+    }
+    // Drain, then stop; a second signal disconnects the remaining clients at once.
+    let ops = server.ops();
+    ops.drain();
+    let bound = drain_duration + shutdown_timeout + Duration::from_secs(5);
+    let stopped = tokio::time::timeout(bound, server.stopped());
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            r = &mut stopped => {
+                if r.is_err() {
+                    tracing::warn!("shutdown took too long; exiting");
+                }
+                break;
+            }
+            _ = crate::server::signal() => {
+                tracing::info!("second stop signal: disconnecting the remaining clients now");
+                ops.hurry();
+            }
+        }
     }
     Ok(())
 }

@@ -18,7 +18,39 @@ pub struct Config {
     pub api: ApiConfig,
     pub engine: EngineConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub shutdown: ShutdownConfig,
     pub namespaces: Vec<NamespaceOptions>,
+}
+
+/// `[admin]`: the admin page and where the operations endpoints listen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address for `/metrics`, `/health`, `/ready` and `/admin/`; "" serves them on
+    /// `server.listen` with the clients. Default: "".
+    pub listen: String,
+    /// Password of the admin page (`/admin/`); "" disables the page and its API.
+    /// Default: "".
+    pub password: String,
+}
+
+/// `[shutdown]`: how a stopping node lets its clients go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Connected clients are disconnected (3001) spread evenly over this time, so they do not
+    /// all reconnect elsewhere at once. Default: "30s".
+    #[serde(with = "herald_core::duration")]
+    pub drain_duration: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_duration: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[server]`
@@ -29,9 +61,25 @@ pub struct ServerConfig {
     pub listen: String,
     /// Node name shown by `info`. Default: "" (derived from the node id).
     pub name: String,
-    /// How long a stopping node waits for its connections to close. Default: "10s".
+    /// After the drain (`shutdown.drain_duration`), how long a stopping node waits for its
+    /// connections to finish closing (queued messages flushed). Default: "10s".
     #[serde(with = "herald_core::duration")]
     pub shutdown_timeout: Duration,
+    /// PEM file with the TLS certificate chain (leaf first). With `tls_key`, every listener
+    /// (clients, API, operations) speaks HTTPS/WSS only. Reloaded on SIGHUP and when the file
+    /// changes. Default: "" (plain TCP).
+    pub tls_cert: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`. Default: "".
+    pub tls_key: String,
+    /// Time a new socket has to finish its TLS handshake and send complete HTTP request
+    /// headers; slower sockets are closed. Default: "10s".
+    #[serde(with = "herald_core::duration")]
+    pub handshake_timeout: Duration,
+    /// Negotiate permessage-deflate with WebSocket clients that offer it. Default: true.
+    pub websocket_compression: bool,
+    /// Serve `/connection/echo`, a WebSocket endpoint on the same stack that echoes every
+    /// message (for conformance suites). Never on in production. Default: false.
+    pub websocket_echo: bool,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +88,11 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8000".into(),
             name: String::new(),
             shutdown_timeout: Duration::from_secs(10),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            handshake_timeout: Duration::from_secs(10),
+            websocket_compression: true,
+            websocket_echo: false,
         }
     }
 }
@@ -53,6 +106,9 @@ pub struct ApiConfig {
     pub key: String,
     /// Serve the API without a key. Only for local development. Default: false.
     pub insecure: bool,
+    /// Address of a separate listener for the API (e.g. a private interface); when set,
+    /// `/api` is served there only and no longer on `server.listen`. Default: "".
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,15 +117,19 @@ pub enum EngineKind {
     /// Embedded, single node; no external service.
     #[default]
     Memory,
+    /// Redis: history, presence and node-to-node fan-out for a cluster of nodes.
+    Redis,
 }
 
 /// `[engine]`
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Which engine: "memory". Default: "memory".
+    /// Which engine: "memory" or "redis". Default: "memory".
     #[serde(rename = "type")]
     pub kind: EngineKind,
+    /// `[engine.redis]`, used with type = "redis".
+    pub redis: herald_redis::RedisConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,8 +232,37 @@ impl Config {
         })
     }
 
+    /// The separate operations listener, when `admin.listen` is set.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin.listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "admin.listen: {:?} is not an address like \"127.0.0.1:9000\"",
+                self.admin.listen
+            ))
+        })
+    }
+
+    /// The separate server API listener, when `api.listen` is set.
+    pub fn api_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.api.listen.is_empty() {
+            return Ok(None);
+        }
+        self.api.listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "api.listen: {:?} is not an address like \"10.0.0.5:9001\"",
+                self.api.listen
+            ))
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.api_addr()?;
+        crate::security::validate(self).map_err(ConfigError::Invalid)?;
+        self.admin_addr()?;
         let c = &self.client;
         let positive = [
             ("client.max_queue_bytes", c.max_queue_bytes),
@@ -197,6 +286,9 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "client.pong_timeout: must be above 0 and below client.ping_interval".into(),
             ));
+        }
+        if self.engine.kind == EngineKind::Redis {
+            self.engine.redis.validate().map_err(ConfigError::Invalid)?;
         }
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
@@ -258,8 +350,18 @@ pub fn generate(secret: &str, api_key: &str) -> String {
 listen = "127.0.0.1:8000"
 # Node name shown by the `info` API; "" derives one from the node id.
 name = ""
-# How long a stopping node waits for its clients to go.
+# After the drain, how long a stopping node waits for its connections to finish closing.
 shutdown_timeout = "10s"
+
+[shutdown]
+# On SIGTERM (or POST /api/drain) clients are disconnected (3001) spread over this time.
+drain_duration = "30s"
+
+[admin]
+# Address for /metrics, /health, /ready and /admin/; "" serves them on server.listen.
+listen = ""
+# Password of the admin page /admin/; "" disables it.
+password = ""
 
 [client]
 # Secret for HS256/384/512 connection and subscription tokens. Keep it private.
@@ -271,6 +373,8 @@ ping_interval = "25s"
 pong_timeout = "8s"
 # A new connection must send its connect command within this time.
 connect_timeout = "10s"
+# Grace after a token expired before the connection is closed (3005).
+expired_close_delay = "25s"
 # Bytes queued for one slow client before it is disconnected (3008).
 max_queue_bytes = 1048576
 # Largest incoming message.
@@ -287,8 +391,19 @@ key = "{api_key}"
 insecure = false
 
 [engine]
-# "memory": embedded single-node engine.
+# "memory": embedded single-node engine. "redis": several nodes share one channel space
+# through Redis (history, presence, fan-out); see docs/cluster.md.
 type = "memory"
+
+[engine.redis]
+url = "redis://127.0.0.1:6379"
+# Prefix of every key and pub/sub channel; lets several clusters share one Redis.
+prefix = "herald"
+pubsub_shards = 4
+presence_ttl = "60s"
+node_heartbeat = "2s"
+node_eviction = "10s"
+command_timeout = "3s"
 
 [log]
 level = "info"
@@ -347,6 +462,24 @@ mod tests {
         assert!(e.to_string().contains("server.listen"), "{e}");
         let e = Config::from_toml("[engine]\ntype = \"carrier-pigeon\"\n").unwrap_err();
         assert!(e.to_string().contains("type"), "{e}");
+    }
+
+    #[test]
+    fn admin_and_shutdown_sections() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.shutdown.drain_duration, Duration::from_secs(30));
+        assert!(c.admin.password.is_empty());
+        assert_eq!(c.admin_addr().unwrap(), None);
+        let c = Config::from_toml(
+            "[admin]\nlisten = \"127.0.0.1:0\"\npassword = \"p\"\n[shutdown]\ndrain_duration = \"2s\"\n",
+        )
+        .unwrap();
+        assert!(c.admin_addr().unwrap().is_some());
+        assert_eq!(c.shutdown.drain_duration, Duration::from_secs(2));
+        let e = Config::from_toml("[admin]\nlisten = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("admin.listen"), "{e}");
+        let e = Config::from_toml("[shutdown]\ndrain_duration = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("drain_duration"), "{e}");
     }
 
     #[test]

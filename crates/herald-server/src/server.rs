@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herald_core::Node;
 use herald_core::engine::memory::MemoryEngine;
+use herald_core::metrics::Metrics;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, EngineKind};
@@ -60,58 +61,133 @@ pub struct AppState {
     pub node: Arc<Node>,
     pub config: Arc<Config>,
     pub tracker: Arc<Tracker>,
+    /// Metrics exporter, drain switch, admin sessions.
+    pub ops: Arc<crate::ops::Ops>,
 }
 
 /// A running node (for the binary and for tests).
 pub struct Server {
     pub addr: SocketAddr,
+    /// The operations listener (`admin.listen`), when configured apart from `addr`.
+    pub admin_addr: Option<SocketAddr>,
+    /// The server API listener (`api.listen`), when configured apart from `addr`.
+    pub api_addr: Option<SocketAddr>,
+    /// Whether the listeners speak TLS (`server.tls_cert`).
+    pub tls: bool,
     pub node: Arc<Node>,
-    stop: watch::Sender<bool>,
+    ops: Arc<crate::ops::Ops>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Stops accepting, disconnects every client with 3001, waits for them (bounded).
+    /// Drains (readiness fails, no new connections, clients disconnected with 3001 over
+    /// `shutdown.drain_duration`), waits for connections to close (bounded by
+    /// `server.shutdown_timeout`), and stops listening.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.ops.drain();
+        let _ = self.task.await;
+    }
+
+    /// The drain switch (also flipped by `POST /api/drain` and the admin page).
+    pub fn ops(&self) -> Arc<crate::ops::Ops> {
+        self.ops.clone()
+    }
+
+    /// Resolves once the node has been asked to drain, by whatever means.
+    pub async fn drain_requested(&self) {
+        let mut phase = self.ops.watch();
+        let _ = phase.wait_for(|p| *p >= crate::ops::Phase::Draining).await;
+    }
+
+    /// Waits until the node has drained and stopped.
+    pub async fn stopped(self) {
         let _ = self.task.await;
     }
 }
 
-pub fn build_node(config: &Config) -> Arc<Node> {
-    match config.engine.kind {
-        EngineKind::Memory => {
-            Node::new(config.node_config(), |hub| Arc::new(MemoryEngine::new(hub)))
+pub async fn build_node(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Node>> {
+    Ok(match config.engine.kind {
+        EngineKind::Memory => Node::with_metrics(config.node_config(), metrics, |hub| {
+            Arc::new(MemoryEngine::new(hub))
+        }),
+        EngineKind::Redis => {
+            let hub = Arc::new(herald_core::hub::Hub::with_metrics(metrics.clone()));
+            let id = herald_core::node::new_id();
+            let engine = herald_redis::RedisEngine::connect(
+                config.engine.redis.clone(),
+                id.clone(),
+                hub.clone(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("engine.redis.url {}: {e}", config.engine.redis.url))?;
+            let node = Node::assemble(config.node_config(), id, hub, Arc::new(engine), metrics);
+            spawn_heartbeat(
+                node.clone(),
+                herald_redis::heartbeat_interval(&config.engine.redis),
+            );
+            node
         }
-    }
+    })
+}
+
+/// Announces this node to the cluster until it stops.
+fn spawn_heartbeat(node: Arc<Node>, every: std::time::Duration) {
+    let weak = Arc::downgrade(&node);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if let Err(e) = node.engine.heartbeat(node.info()).await {
+                tracing::debug!(error = %e, "heartbeat failed");
+            }
+        }
+    });
 }
 
 pub fn router(state: AppState) -> Router {
+    // Health, readiness, metrics and the admin page: here unless `admin.listen` moves them.
+    let ops = if state.config.admin.listen.is_empty() {
+        crate::ops::routes(&state.config)
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/connection/websocket", get(websocket))
+        .route("/connection/http_stream", post(crate::comet::http_stream))
+        .route("/connection/sse", get(crate::comet::sse))
+        .route("/emulation", post(crate::emulation::handle))
+        .route(
+            "/connection/uni_http_stream",
+            post(crate::comet::uni_http_stream),
+        )
+        .route(
+            "/connection/uni_sse",
+            get(crate::comet::uni_sse_get).post(crate::comet::uni_sse_post),
+        )
+        .route("/connection/uni_websocket", get(crate::uni_ws::handle))
+        .route("/connection/echo", get(crate::echo::handle))
         .route("/api/{method}", post(crate::api::handle))
-        .route("/health", get(health))
+        .merge(ops)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::security::gate,
+        ))
         .with_state(state)
 }
 
-async fn health(State(state): State<AppState>) -> Response {
-    if state.node.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"draining\"}").into_response();
-    }
-    (StatusCode::OK, "{}").into_response()
+/// The routes of the separate server API listener (`api.listen`).
+pub fn api_router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/{method}", post(crate::api::handle))
+        .with_state(state)
 }
 
 async fn websocket(State(state): State<AppState>, ws: yawc::IncomingUpgrade) -> Response {
     if state.node.is_draining() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let opts = yawc::Options::default()
-        .with_max_payload_read(state.node.client.max_message_size)
-        .with_max_read_buffer(state.node.client.max_message_size)
-        .with_read_buffer_capacity(4096)
-        .with_write_buffer_capacity(4096)
-        .with_utf8()
-        .with_no_delay();
+    let opts = crate::echo::websocket_options(&state, state.node.client.max_message_size);
     match ws.upgrade(opts) {
         Ok((response, upgrade)) => {
             tokio::spawn(async move {
@@ -133,26 +209,116 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         .await
         .map_err(|e| anyhow::anyhow!("server.listen {addr}: {e}"))?;
     let addr = listener.local_addr()?;
-    let node = build_node(&config);
+    let admin_listener = match config.admin_addr()? {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin.listen {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let api_listener = match config.api_addr()? {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("api.listen {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let api_addr = match &api_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let tls = match (
+        config.server.tls_cert.as_str(),
+        config.server.tls_key.as_str(),
+    ) {
+        ("", "") => None,
+        (cert, key) => Some(
+            crate::tls::Tls::load(std::path::Path::new(cert), std::path::Path::new(key))
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    let listen = crate::listener::ListenOptions::from_config(&config, tls.clone());
+    // Background work that lives as long as the listeners: certificate reload, JWKS refresh.
+    let (stop_background, background) = watch::channel(false);
+    let (metrics, prometheus) = crate::ops::new_metrics();
+    let node = build_node(&config, metrics).await?;
+    if let Some(tls) = &tls {
+        tls.spawn_reloader(background.clone());
+    }
+    if let Some(jwks) = node.tokens.jwks() {
+        crate::jwks::start(jwks.clone(), background.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("client.token_jwks_public_endpoint: {e}"))?;
+    }
+    let ops = Arc::new(crate::ops::Ops::new(prometheus));
     let shutdown_timeout = config.server.shutdown_timeout;
+    let drain_duration = config.shutdown.drain_duration;
     let state = AppState {
         node: node.clone(),
         config: Arc::new(config),
         tracker: Arc::new(Tracker::default()),
+        ops: ops.clone(),
     };
     let tracker = state.tracker.clone();
+    let admin_app = admin_listener.map(|l| {
+        (
+            l,
+            crate::ops::routes(&state.config).with_state(state.clone()),
+        )
+    });
+    let api_app = api_listener.map(|l| (l, api_router(state.clone())));
     let app = router(state);
-    let (stop, mut stopped) = watch::channel(false);
-    let stop_node = node.clone();
+    let task_node = node.clone();
+    let task_ops = ops.clone();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-            stop_node.shutdown();
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "listener failed");
+        let node = task_node;
+        let (stop_listening, listening) = watch::channel(false);
+        let mut listeners = vec![tokio::spawn(serve_http(
+            listener,
+            app,
+            listen.clone(),
+            listening.clone(),
+        ))];
+        if let Some((l, app)) = api_app {
+            listeners.push(tokio::spawn(serve_http(
+                l,
+                app,
+                listen.clone(),
+                listening.clone(),
+            )));
         }
-        // Upgraded connections outlive the HTTP server: wait for them to close.
+        if let Some((l, app)) = admin_app {
+            listeners.push(tokio::spawn(serve_http(l, app, listen, listening)));
+        }
+        // Histograms keep their samples until drained; a node nobody scrapes must not grow.
+        let upkeep_handle = task_ops.prometheus.clone();
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep_handle.run_upkeep();
+            }
+        });
+        let mut phase = task_ops.watch();
+        let _ = phase.wait_for(|p| *p >= crate::ops::Phase::Draining).await;
+        // The listeners stay up while draining: /ready answers 503, the API still publishes
+        // to the clients that remain.
+        node.start_draining();
+        tokio::select! {
+            _ = node.drain(drain_duration) => {}
+            _ = phase.wait_for(|p| *p >= crate::ops::Phase::Hurry) => {
+                tracing::info!("drain cut short: disconnecting the remaining clients");
+            }
+        }
+        // Whoever is left (connected during the drain, or cut short) goes now.
+        node.shutdown();
+        // Connections flush what is queued and close; wait for them, bounded.
         if tokio::time::timeout(shutdown_timeout, tracker.wait_idle())
             .await
             .is_err()
@@ -162,13 +328,40 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 "shutdown timeout: connections left open"
             );
         }
+        let _ = stop_listening.send(true);
+        for l in listeners {
+            // Streaming responses have ended with their sessions; don't wait on stragglers.
+            let abort = l.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), l)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        upkeep.abort();
+        let _ = stop_background.send(true);
+        tracing::info!("stopped");
     });
     Ok(Server {
         addr,
+        admin_addr,
+        api_addr,
+        tls: tls.is_some(),
         node,
-        stop,
+        ops,
         task,
     })
+}
+
+/// Serves HTTP (HTTPS with `server.tls_cert`) on `listener` until `stop` turns true.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    opts: crate::listener::ListenOptions,
+    stop: watch::Receiver<bool>,
+) {
+    crate::listener::serve(listener, app, opts, stop).await;
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -35,13 +35,17 @@ fn batch(frames: &mut VecDeque<Bytes>) -> Option<Bytes> {
     }
 }
 
-async fn write_all<S>(ws: &mut WebSocket<S>, mut frames: VecDeque<Bytes>) -> yawc::Result<()>
+/// Writes the frames as one message; returns the payload bytes written.
+async fn write_all<S>(ws: &mut WebSocket<S>, mut frames: VecDeque<Bytes>) -> yawc::Result<usize>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     match batch(&mut frames) {
-        Some(payload) => ws.send(Frame::text(payload)).await,
-        None => Ok(()),
+        Some(payload) => {
+            let n = payload.len();
+            ws.send(Frame::text(payload)).await.map(|()| n)
+        }
+        None => Ok(0),
     }
 }
 
@@ -61,6 +65,8 @@ where
         node.client.max_queue_bytes,
     ));
     let mut session = Session::new(node.clone(), conn.clone());
+    let transport = node.metrics.transport("websocket");
+    let _counted = transport.open();
     let mut deadline = match session.tick(Instant::now()).await {
         Ok(d) => d,
         Err(_) => return,
@@ -88,25 +94,30 @@ where
                 let write = write_all(&mut ws, drained.frames);
                 tokio::pin!(write);
                 let written = tokio::select! {
-                    r = &mut write => r.is_ok(),
+                    r = &mut write => r.ok(),
                     _ = conn.closing() => {
                         if conn.is_slow() {
                             // Mid-frame on a client that does not read: no clean close is
                             // possible, drop the socket.
-                            false
+                            None
                         } else {
-                            matches!(tokio::time::timeout(CLOSE_TIMEOUT, write).await, Ok(Ok(())))
+                            tokio::time::timeout(CLOSE_TIMEOUT, write).await.ok().and_then(Result::ok)
                         }
                     }
                 };
-                if !written {
+                let Some(n) = written else {
                     break 'conn None;
+                };
+                transport.bytes_sent.increment(n as u64);
+                if let Some(t) = drained.oldest_publication {
+                    node.metrics.written(t);
                 }
             }
             frame = ws.next_frame() => {
                 match frame {
                     Ok(f) => match f.opcode() {
                         OpCode::Text | OpCode::Binary => {
+                            transport.bytes_received.increment(f.payload().len() as u64);
                             if let Err(d) = session.handle_frame(f.payload()).await {
                                 break 'conn Some(d);
                             }
@@ -138,9 +149,8 @@ where
         }
     };
     if let Some(d) = disconnect {
-        if d.code == Disconnect::SLOW.code {
-            tracing::warn!(client = %conn.id, user = %session.user(), "slow consumer disconnected");
-        }
+        // Recorded as the reason (metrics and logs read it in `Session::close`).
+        conn.close(d.clone());
         // Whatever was queued before the decision still goes out, then the close frame.
         let pending = conn.drain().frames;
         let goodbye = async {

@@ -277,7 +277,7 @@ async fn refresh_extends_connection() {
 
 #[tokio::test]
 async fn expired_connection_is_disconnected_3005() {
-    let s = start("").await;
+    let s = start("expired_close_delay = \"0s\"").await;
     let mut c = Client::open(&s).await.unwrap();
     c.send(json!({"id":1,"connect":{"token": token("e", 1)}}))
         .await
@@ -311,7 +311,9 @@ async fn ping_pong_and_no_pong_disconnect() {
     let s = start("ping_interval = \"1s\"\npong_timeout = \"800ms\"").await;
     let (mut quiet, _) = Client::connect(&s, "quiet").await.unwrap();
     let (mut good, _) = Client::connect(&s, "good").await.unwrap();
-    good.call(2, "subscribe", json!({"channel":"room"})).await.unwrap();
+    good.call(2, "subscribe", json!({"channel":"room"}))
+        .await
+        .unwrap();
     // `good` answers three pings while `quiet` is left unanswered.
     let answering = tokio::spawn(async move {
         for _ in 0..3 {
@@ -323,7 +325,10 @@ async fn ping_pong_and_no_pong_disconnect() {
     assert_eq!(quiet.next_raw().await.unwrap(), json!({}));
     assert_eq!(quiet.closed().await.unwrap().0, 3012);
     let mut good = answering.await.unwrap();
-    let r = good.call(3, "presence_stats", json!({"channel":"room"})).await.unwrap();
+    let r = good
+        .call(3, "presence_stats", json!({"channel":"room"}))
+        .await
+        .unwrap();
     assert_eq!(r["presence_stats"]["num_clients"], 1);
     s.shutdown().await;
 }

@@ -9,7 +9,6 @@ import {
   PlainWebSocket,
   apiResult,
   cliToken,
-  connectedClient,
   jwtPayload,
   mintToken,
   newClient,

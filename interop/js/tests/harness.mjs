@@ -91,9 +91,17 @@ function tomlTable(header, obj) {
 
 /**
  * Renders a Herald config. `client` and `server` entries override the defaults key by key;
- * `namespaces` replaces the default list.
+ * `namespaces` replaces the default list. `shutdown` overrides the test default (no drain
+ * window: a stopped node lets its clients go at once); `admin` adds an `[admin]` section.
  */
-export function renderConfig({ listen = '127.0.0.1:0', client = {}, api = {}, namespaces } = {}) {
+export function renderConfig({
+  listen = '127.0.0.1:0',
+  client = {},
+  api = {},
+  namespaces,
+  shutdown = {},
+  admin,
+} = {}) {
   const sections = [
     tomlTable('[server]', { listen }),
     tomlTable('[client]', {
@@ -107,7 +115,10 @@ export function renderConfig({ listen = '127.0.0.1:0', client = {}, api = {}, na
       ...client,
     }),
     tomlTable('[api]', { key: API_KEY, ...api }),
-    tomlTable('[engine]', { type: 'memory' }),
+    tomlTable('[engine]', engine),
+    ...(redis ? [tomlTable('[engine.redis]', redis)] : []),
+    tomlTable('[shutdown]', { drain_duration: '0s', ...shutdown }),
+    ...(admin ? [tomlTable('[admin]', admin)] : []),
     ...(namespaces || DEFAULT_NAMESPACES).map((ns) => tomlTable('[[namespaces]]', ns)),
   ];
   return sections.join('\n\n') + '\n';

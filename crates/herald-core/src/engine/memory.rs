@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 use herald_protocol::client::{ClientInfo, Publication};
 use parking_lot::Mutex;
 
+use herald_protocol::api::NodeInfo;
+
 use super::{
-    BoxFut, Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions, StreamPosition,
+    BoxFut, ControlCommand, Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions,
+    StreamPosition,
 };
 use crate::hub::BrokerHandler;
 
@@ -248,6 +251,19 @@ impl Engine for MemoryEngine {
             }
         }
         ready(Ok(()))
+    }
+
+    fn publish_control<'a>(&'a self, cmd: ControlCommand) -> BoxFut<'a, Result<(), EngineError>> {
+        self.handler.on_control(cmd);
+        ready(Ok(()))
+    }
+
+    fn heartbeat<'a>(&'a self, _info: NodeInfo) -> BoxFut<'a, Result<(), EngineError>> {
+        ready(Ok(()))
+    }
+
+    fn channels<'a>(&'a self) -> BoxFut<'a, Result<Vec<(String, u32)>, EngineError>> {
+        ready(Ok(self.handler.local_channels()))
     }
 
     fn presence<'a>(

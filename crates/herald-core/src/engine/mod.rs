@@ -8,7 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use herald_protocol::api::NodeInfo;
 use herald_protocol::client::{ClientInfo, Publication};
+use herald_protocol::json::Raw;
+use serde::{Deserialize, Serialize};
 
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -52,6 +55,54 @@ pub enum EngineError {
     Unavailable(String),
     #[error("engine error: {0}")]
     Internal(String),
+}
+
+/// A server API action on a user's connections, carried to every node of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlCommand {
+    Disconnect {
+        user: String,
+        #[serde(default)]
+        client: String,
+        #[serde(default)]
+        session: String,
+        #[serde(default)]
+        whitelist: Vec<String>,
+        code: u16,
+        reason: String,
+    },
+    Unsubscribe {
+        user: String,
+        channel: String,
+        #[serde(default)]
+        client: String,
+        #[serde(default)]
+        session: String,
+    },
+    Subscribe {
+        user: String,
+        channel: String,
+        #[serde(default)]
+        client: String,
+        #[serde(default)]
+        session: String,
+        #[serde(default)]
+        info: Option<Raw>,
+        #[serde(default)]
+        data: Option<Raw>,
+    },
+    Refresh {
+        user: String,
+        #[serde(default)]
+        client: String,
+        #[serde(default)]
+        session: String,
+        #[serde(default)]
+        expire_at: Option<u64>,
+        #[serde(default)]
+        expired: bool,
+    },
 }
 
 pub trait Engine: Send + Sync + 'static {
@@ -105,6 +156,21 @@ pub trait Engine: Send + Sync + 'static {
         &'a self,
         channel: &'a str,
     ) -> BoxFut<'a, Result<BTreeMap<String, ClientInfo>, EngineError>>;
+
+    /// Applies a server API action on every node, this one included.
+    fn publish_control<'a>(&'a self, cmd: ControlCommand) -> BoxFut<'a, Result<(), EngineError>>;
+
+    /// Announces this node (called periodically by the node).
+    fn heartbeat<'a>(&'a self, info: NodeInfo) -> BoxFut<'a, Result<(), EngineError>>;
+
+    /// Other live nodes of the cluster, as last announced (this node excluded).
+    fn peers(&self) -> Vec<NodeInfo> {
+        Vec::new()
+    }
+
+    /// Channels with subscribers on any node, with their subscriber counts summed.
+    /// The default is this node's own view.
+    fn channels<'a>(&'a self) -> BoxFut<'a, Result<Vec<(String, u32)>, EngineError>>;
 
     /// Whether the engine is currently able to serve (for readiness).
     fn healthy(&self) -> bool {

@@ -32,6 +32,8 @@ token_hmac_secret = "{SECRET}"
 {extra}
 [api]
 key = "{API_KEY}"
+[shutdown]
+drain_duration = "0s"
 [[namespaces]]
 name = ""
 history_size = 10

@@ -1,0 +1,174 @@
+//! End-to-end runs of herald-bench against the Herald server binary of this workspace
+//! (`target/<profile>/herald`, or `HERALD_BIN`). Build it first with
+//! `cargo build -p herald-server`; a workspace test run builds it anyway.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[client]
+token_hmac_secret = "bench-secret"
+max_channels = 128
+[api]
+key = "bench-key"
+[engine]
+type = "memory"
+[[namespaces]]
+name = ""
+allow_subscribe_for_client = true
+"#;
+
+fn herald_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HERALD_BIN") {
+        return PathBuf::from(p);
+    }
+    // This test runs from target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile> directory");
+    let bin = profile_dir.join("herald");
+    assert!(
+        bin.is_file(),
+        "Herald binary not found at {}: build it with `cargo build -p herald-server` \
+         (or point HERALD_BIN at one)",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts Herald on a free port; returns the server and its WebSocket URL.
+fn start_herald(dir: &TempDir) -> (Server, String) {
+    let conf = dir.path().join("herald.toml");
+    std::fs::write(&conf, CONFIG).expect("write herald.toml");
+    let mut child = Command::new(herald_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start herald");
+    let stdout = child.stdout.take().expect("herald stdout");
+    let server = Server {
+        child,
+        name: "herald",
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("herald: listening on http://") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("herald did not print its listening address within 20 s");
+    (server, format!("ws://{addr}/connection/websocket"))
+}
+
+#[test]
+fn fanout_against_herald_sharded_over_two_processes() {
+    let dir = TempDir::new("herald-fanout");
+    let (server, url) = start_herald(&dir);
+    let pid = server.pid().to_string();
+    let r = bench_json(
+        &[
+            "fanout",
+            "--target",
+            "herald",
+            "--url",
+            &url,
+            "--token-secret",
+            "bench-secret",
+            "--api-key",
+            "bench-key",
+            "--subscribers",
+            "120",
+            "--channels",
+            "3",
+            "--publish-rate",
+            "60",
+            "--payload",
+            "128",
+            "--duration",
+            "2",
+            "--procs",
+            "2",
+            "--server-pid",
+            &pid,
+        ],
+        &dir,
+    );
+    assert_clean_fanout(&r, 120);
+    assert_eq!(u(&r, "expected"), 120 * 40);
+    assert_eq!(u(&r, "publish_errors"), 0, "{r}");
+    drop(server);
+}
+
+#[test]
+fn connect_against_herald_and_token_failures() {
+    let dir = TempDir::new("herald-connect");
+    let (server, url) = start_herald(&dir);
+    let pid = server.pid().to_string();
+    let r = bench_json(
+        &[
+            "connect",
+            "--target",
+            "herald",
+            "--url",
+            &url,
+            "--token-secret",
+            "bench-secret",
+            "--connections",
+            "300",
+            "--rate",
+            "1000",
+            "--duration",
+            "1",
+            "--server-pid",
+            &pid,
+        ],
+        &dir,
+    );
+    assert_eq!(u(&r, "established"), 300, "{r}");
+    assert_eq!(u(&r, "failed"), 0, "{r}");
+    assert!(r["rss_per_connection_bytes"].as_f64().is_some(), "{r}");
+
+    // Tokens signed with the wrong secret: every connection fails, and the report
+    // says so instead of hanging or erroring out.
+    let r = bench_json(
+        &[
+            "connect",
+            "--target",
+            "herald",
+            "--url",
+            &url,
+            "--token-secret",
+            "wrong-secret",
+            "--connections",
+            "20",
+            "--rate",
+            "1000",
+            "--duration",
+            "0",
+        ],
+        &dir,
+    );
+    assert_eq!(u(&r, "established"), 0, "{r}");
+    assert_eq!(u(&r, "failed"), 20, "{r}");
+    assert!(!r["errors"].as_object().is_none_or(|e| e.is_empty()), "{r}");
+    drop(server);
+}

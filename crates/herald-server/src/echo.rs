@@ -1,0 +1,97 @@
+//! The WebSocket settings every Herald WebSocket endpoint shares, and `/connection/echo`: an
+//! endpoint on the same stack (same listener, same upgrade, same yawc options) that sends
+//! back every message it receives, for WebSocket conformance suites (Autobahn). It exists only
+//! with `server.websocket_echo = true`; otherwise it answers 404.
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
+use yawc::{CompressionLevel, DeflatePool, Frame, OpCode, Options};
+
+use crate::server::AppState;
+
+/// Messages smaller than this go out uncompressed: pings, replies and small pushes rarely
+/// shrink, and a connection that only sends them never builds a compressor.
+const COMPRESSION_THRESHOLD: usize = 128;
+
+/// Deflate state shared by all connections of the process (no context takeover means no
+/// state survives a message); sized for messages compressed at the same moment.
+fn deflate_pool() -> DeflatePool {
+    static POOL: OnceLock<DeflatePool> = OnceLock::new();
+    POOL.get_or_init(|| DeflatePool::new(64)).clone()
+}
+
+/// The yawc options of a client WebSocket: bounded incoming messages (`max_message` bytes:
+/// larger closes with 1009), UTF-8 checked text, small buffers, and permessage-deflate when
+/// `server.websocket_compression` is on and the client offers it.
+///
+/// Compression is negotiated with no context takeover in both directions (RFC 7692 lets the
+/// server impose it) and pooled deflate state, so an idle connection holds no compressor
+/// (about 2 KiB instead of about 370 KiB).
+pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
+    let opts = Options::default()
+        .with_max_payload_read(max_message)
+        .with_max_read_buffer(max_message)
+        .with_read_buffer_capacity(4096)
+        .with_write_buffer_capacity(4096)
+        .with_utf8()
+        .with_no_delay();
+    if state.config.server.websocket_compression {
+        opts.with_compression_level(CompressionLevel::fast())
+            .server_no_context_takeover()
+            .client_no_context_takeover()
+            .with_deflate_pool(deflate_pool())
+            .with_compression_threshold(COMPRESSION_THRESHOLD)
+    } else {
+        opts.without_compression()
+    }
+}
+
+/// Largest message the echo endpoint takes: the conformance suite sends up to 16 MiB.
+const ECHO_MAX_MESSAGE: usize = 32 << 20;
+
+/// `GET /connection/echo`.
+pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) -> Response {
+    if !state.config.server.websocket_echo {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let opts = websocket_options(
+        &state,
+        ECHO_MAX_MESSAGE.max(state.node.client.max_message_size),
+    );
+    match ws.upgrade(opts) {
+        Ok((response, upgrade)) => {
+            let tracker = state.tracker.clone();
+            tokio::spawn(async move {
+                let _guard = tracker.enter();
+                match upgrade.await {
+                    Ok(mut socket) => loop {
+                        let frame = match socket.next_frame().await {
+                            Ok(f) => f,
+                            Err(_) => {
+                                // The library queued the matching close frame; send it.
+                                let _ = socket.flush().await;
+                                break;
+                            }
+                        };
+                        let echo = match frame.opcode() {
+                            OpCode::Text => Frame::text(frame.payload().clone()),
+                            OpCode::Binary => Frame::binary(frame.payload().clone()),
+                            OpCode::Close => break,
+                            _ => continue,
+                        };
+                        if socket.send(echo).await.is_err() {
+                            break;
+                        }
+                    },
+                    Err(e) => tracing::debug!(error = %e, "echo upgrade failed"),
+                }
+            });
+            response.map(axum::body::Body::new)
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}

@@ -1,0 +1,281 @@
+//! `POST /emulation`: the client → server half of the HTTP-streaming and SSE transports.
+//!
+//! A body is `{"node", "session", "data"}`: `data` holds the client's commands (a JSON string
+//! of `\n`-separated commands, as centrifuge-js sends it), `session` names the stream they
+//! belong to and `node` the node that holds it. The commands are handed to the stream's
+//! session as `Control::Commands`, which handles them as if read from the connection; the
+//! replies go down the stream.
+//!
+//! `session` is a random token given only to the stream's own client in its connect reply,
+//! not the client id: client ids are visible to other users (presence, join/leave), and
+//! knowing one must not let anybody send commands in that client's name.
+//!
+//! Answers: 204 delivered (or the session is gone: its stream has ended, and the client
+//! reconnects from there), 400 malformed, 404 the session is on a node this one cannot reach,
+//! 413 too large, 429 the session has too many commands waiting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use herald_core::conn::{ConnHandle, Control};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::server::AppState;
+
+/// One stream reachable through `/emulation`.
+struct Route {
+    node: String,
+    conn: Weak<ConnHandle>,
+    /// Bytes of commands handed to the session and not yet handled by it.
+    queued: AtomicUsize,
+}
+
+/// Session token → stream, for every node in the process. Tokens are random, so nodes that
+/// share a process (tests) never see each other's entries.
+static ROUTES: LazyLock<Mutex<HashMap<String, Arc<Route>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn routes() -> MutexGuard<'static, HashMap<String, Arc<Route>>> {
+    // Nothing panics while holding the lock; recover the map if something ever did.
+    ROUTES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A stream's entry in the routing table; removed when dropped (the stream ended).
+pub(crate) struct Registration {
+    token: String,
+    route: Arc<Route>,
+}
+
+/// Makes `conn` reachable through `/emulation` under a fresh random token.
+pub(crate) fn register(node: &str, conn: &Arc<ConnHandle>) -> Registration {
+    // Two ids' worth of randomness (256 bits), in the same alphabet as client ids.
+    let token = format!(
+        "{}{}",
+        herald_core::node::new_id(),
+        herald_core::node::new_id()
+    )
+    .replace('-', "");
+    let route = Arc::new(Route {
+        node: node.to_string(),
+        conn: Arc::downgrade(conn),
+        queued: AtomicUsize::new(0),
+    });
+    routes().insert(token.clone(), route.clone());
+    Registration { token, route }
+}
+
+impl Registration {
+    /// The session handled `n` bytes of commands that came through `/emulation`.
+    pub(crate) fn handled(&self, n: usize) {
+        let _ = self
+            .route
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(n))
+            });
+    }
+
+    /// Puts this stream's token in the connect reply's `session` field, where the session
+    /// wrote the client id. Replies other than a successful connect pass unchanged.
+    pub(crate) fn rewrite_connect_reply(&self, client_id: &str, reply: Bytes) -> Bytes {
+        let needle = format!("\"session\":\"{client_id}\"");
+        // `session` comes after `subs`, which may hold publications: the last match is the field.
+        let Some(at) = find_last(&reply, needle.as_bytes()) else {
+            return reply;
+        };
+        let mut out = BytesMut::with_capacity(reply.len() + self.token.len());
+        out.extend_from_slice(&reply[..at]);
+        out.extend_from_slice(b"\"session\":\"");
+        out.extend_from_slice(self.token.as_bytes());
+        out.extend_from_slice(b"\"");
+        out.extend_from_slice(&reply[at + needle.len()..]);
+        out.freeze()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        routes().remove(&self.token);
+    }
+}
+
+fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| &hay[i..i + needle.len()] == needle)
+}
+
+#[derive(Deserialize)]
+struct EmulationRequest {
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    session: String,
+    data: Box<RawValue>,
+}
+
+/// Why commands could not be delivered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EmulationError {
+    /// The session lives on another node and this node cannot reach it.
+    NodeUnreachable(String),
+    /// The session already has `client.max_queue_bytes` of commands waiting.
+    TooManyQueued,
+}
+
+impl IntoResponse for EmulationError {
+    fn into_response(self) -> Response {
+        match self {
+            EmulationError::NodeUnreachable(node) => (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "session is on node {node:?}, which this node cannot reach: \
+                     commands must be sent to the node that holds the stream\n"
+                ),
+            )
+                .into_response(),
+            EmulationError::TooManyQueued => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many commands waiting for this session\n",
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// `POST /emulation`.
+pub async fn handle(State(state): State<AppState>, body: Body) -> Response {
+    let limit = state.node.client.max_message_size;
+    // The commands arrive as an escaped JSON string: allow for the escaping.
+    let body = match axum::body::to_bytes(body, limit.saturating_mul(2).saturating_add(1024)).await
+    {
+        Ok(b) => b,
+        Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+    };
+    let req: EmulationRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return (StatusCode::BAD_REQUEST, "malformed emulation request\n").into_response();
+        }
+    };
+    // centrifuge-js sends the commands as one JSON string; a raw JSON command is accepted too.
+    let data = match req.data.get().as_bytes().first() {
+        Some(b'"') => match serde_json::from_str::<String>(req.data.get()) {
+            Ok(s) => Bytes::from(s),
+            Err(_) => {
+                return (StatusCode::BAD_REQUEST, "malformed emulation data\n").into_response();
+            }
+        },
+        _ => Bytes::copy_from_slice(req.data.get().as_bytes()),
+    };
+    if data.len() > limit {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    let delivered = if req.node == state.node.id {
+        deliver_local(
+            &state.node.id,
+            &req.session,
+            data,
+            state.node.client.max_queue_bytes,
+        )
+    } else {
+        deliver_remote(&state, &req.node, &req.session, data).await
+    };
+    match delivered {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Hands commands to a session on this node. A session that is gone is not an error: its
+/// stream has ended (or is ending) and the client learns it there.
+pub fn deliver_local(
+    node: &str,
+    session: &str,
+    data: Bytes,
+    max_queued: usize,
+) -> Result<(), EmulationError> {
+    let route = routes().get(session).cloned();
+    let Some(route) = route.filter(|r| r.node == node) else {
+        return Ok(());
+    };
+    let Some(conn) = route.conn.upgrade() else {
+        return Ok(());
+    };
+    let n = data.len();
+    let queued = route.queued.fetch_add(n, Ordering::AcqRel) + n;
+    if queued > max_queued {
+        route.queued.fetch_sub(n, Ordering::AcqRel);
+        return Err(EmulationError::TooManyQueued);
+    }
+    conn.control(Control::Commands(data));
+    Ok(())
+}
+
+/// Delivers commands for a session held by another node. A single node cannot: the cluster
+/// work replaces this with a hop through the engine to `node`, which calls `deliver_local`.
+pub async fn deliver_remote(
+    _state: &AppState,
+    node: &str,
+    _session: &str,
+    _data: Bytes,
+) -> Result<(), EmulationError> {
+    Err(EmulationError::NodeUnreachable(node.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_reply_gets_the_token() {
+        let conn = Arc::new(ConnHandle::new(Arc::from("c-1"), 1 << 20));
+        let reg = register("n", &conn);
+        let reply = Bytes::from_static(
+            br#"{"id":1,"connect":{"client":"c-1","subs":{"a":{"publications":[{"data":{"session":"c-1"}}]}},"session":"c-1","node":"n"}}"#,
+        );
+        let out = reg.rewrite_connect_reply("c-1", reply);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["connect"]["session"], reg.token.as_str());
+        assert_eq!(v["connect"]["client"], "c-1");
+        assert_eq!(
+            v["connect"]["subs"]["a"]["publications"][0]["data"]["session"],
+            "c-1"
+        );
+        let err = Bytes::from_static(br#"{"id":1,"error":{"code":109,"message":"x"}}"#);
+        assert_eq!(reg.rewrite_connect_reply("c-1", err.clone()), err);
+    }
+
+    #[test]
+    fn local_delivery_by_token_only() {
+        let conn = Arc::new(ConnHandle::new(Arc::from("c-2"), 1 << 20));
+        let reg = register("n", &conn);
+        // The client id is not a session token; neither is the right token on another node.
+        deliver_local("n", "c-2", Bytes::from_static(b"{}"), 100).unwrap();
+        deliver_local("m", &reg.token, Bytes::from_static(b"{}"), 100).unwrap();
+        assert!(conn.drain().controls.is_empty());
+        deliver_local("n", &reg.token, Bytes::from_static(b"{}"), 100).unwrap();
+        assert_eq!(conn.drain().controls.len(), 1);
+        // Bounded: commands not yet handled count against the limit.
+        let big = Bytes::from(vec![b' '; 99]);
+        assert_eq!(
+            deliver_local("n", &reg.token, big.clone(), 100),
+            Err(EmulationError::TooManyQueued)
+        );
+        reg.handled(2);
+        deliver_local("n", &reg.token, big, 100).unwrap();
+        let token = reg.token.clone();
+        drop(reg);
+        assert!(routes().get(&token).is_none());
+    }
+}

@@ -1,0 +1,115 @@
+//! Herald's own accept loop: TCP accept, an optional TLS handshake, then HTTP/1.1 with
+//! upgrades (hyper) and the axum router as the service. A socket must finish its TLS
+//! handshake and send complete request headers within `server.handshake_timeout`, or it is
+//! closed: a peer that connects and dawdles holds nothing for long.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::tls::Tls;
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// How one listener speaks.
+#[derive(Clone)]
+pub struct ListenOptions {
+    /// TLS on every accepted socket, when configured.
+    pub tls: Option<Arc<Tls>>,
+    /// Bound on the TLS handshake and on reading each request's headers.
+    pub handshake_timeout: Duration,
+}
+
+impl ListenOptions {
+    pub fn from_config(config: &crate::Config, tls: Option<Arc<Tls>>) -> Self {
+        Self {
+            tls,
+            handshake_timeout: config.server.handshake_timeout,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` turns true; then stops accepting and asks each
+/// open HTTP connection to finish its request in flight and close. Upgraded connections
+/// (WebSocket) are not tracked here: they end with their sessions.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    opts: ListenOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = crate::listener::stopped(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(connection(stream, app.clone(), opts.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    opts: ListenOptions,
+    stop: watch::Receiver<bool>,
+) {
+    match &opts.tls {
+        Some(tls) => {
+            match tokio::time::timeout(opts.handshake_timeout, tls.acceptor().accept(stream)).await
+            {
+                Ok(Ok(s)) => http(s, app, opts.handshake_timeout, stop).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+        None => http(stream, app, opts.handshake_timeout, stop).await,
+    }
+}
+
+async fn http<IO>(io: IO, app: Router, header_timeout: Duration, mut stop: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        }
+        _ = crate::listener::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,157 @@
+// centrifuge-js's browser bundle in headless Chromium, over the comet transports: fetch
+// streaming (http_stream) and the browser's own EventSource (sse), WebSocket left out.
+//
+// A small server in this test serves the page and the bundle and forwards /connection/* and
+// /emulation to Herald, so the page talks to Herald on its own origin (as behind a reverse
+// proxy). Chromium comes from Debian (`apt-get install chromium`, done by .ci/run); set
+// CHROMIUM_PATH to use another binary. Without it the test fails and says so.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+import { mintToken, publish, startServer, uid } from './harness.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const BUNDLE = path.resolve(here, '..', 'node_modules', 'centrifuge', 'dist', 'centrifuge.js');
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+const PAGE = `<!doctype html>
+<html><head><meta charset="utf-8"><title>herald comet</title>
+<script src="/centrifuge.js"></script></head>
+<body><pre id="log"></pre></body></html>`;
+
+/** Serves the page and the bundle; forwards everything else to Herald, streaming. */
+async function startPageServer(heraldPort) {
+  const bundle = fs.readFileSync(BUNDLE);
+  const server = http.createServer((req, res) => {
+    if (req.url === '/' || req.url === '/index.html') {
+      res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
+      res.end(PAGE);
+      return;
+    }
+    if (req.url === '/centrifuge.js') {
+      res.writeHead(200, { 'Content-Type': 'text/javascript' });
+      res.end(bundle);
+      return;
+    }
+    const upstream = http.request(
+      { host: '127.0.0.1', port: heraldPort, method: req.method, path: req.url, headers: req.headers },
+      (ures) => {
+        res.writeHead(ures.statusCode, ures.headers);
+        res.flushHeaders();
+        ures.pipe(res);
+      },
+    );
+    upstream.on('error', () => res.destroy());
+    res.on('close', () => upstream.destroy());
+    req.pipe(upstream);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    close: () =>
+      new Promise((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+function chromiumPath() {
+  try {
+    fs.accessSync(CHROMIUM, fs.constants.X_OK);
+  } catch {
+    throw new Error(
+      `Chromium not found at ${CHROMIUM}: install it with ` +
+        '`apt-get update && apt-get install -y --no-install-recommends chromium` ' +
+        '(.ci/run does) or set CHROMIUM_PATH',
+    );
+  }
+  return CHROMIUM;
+}
+
+describe('browser: centrifuge-js bundle in Chromium over comet transports', () => {
+  let herald;
+  let pages;
+  let browser;
+  before(async () => {
+    const executablePath = chromiumPath();
+    herald = await startServer();
+    pages = await startPageServer(herald.port);
+    browser = await chromium.launch({ executablePath, args: CHROMIUM_ARGS, timeout: 30000 });
+  });
+  after(async () => {
+    await browser?.close();
+    await pages?.close();
+    await herald?.stop();
+    herald?.cleanup();
+  });
+
+  for (const transport of ['http_stream', 'sse']) {
+    test(`${transport}: connects, subscribes, receives and publishes`, async (t) => {
+      const page = await browser.newPage();
+      t.after(() => page.close());
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(e.message));
+      await page.goto(`${pages.url}/`, { timeout: 10000 });
+
+      const ch = uid(`browser-${transport}`);
+      const token = mintToken({ sub: `browser-${transport}` });
+      // Relative endpoints: the page's origin forwards them to Herald.
+      const connected = await page.evaluate(
+        ({ transport, token, ch }) =>
+          new Promise((resolve, reject) => {
+            const timer = setTimeout(() => reject(new Error('no connect within 10 s')), 10000);
+            const c = new window.Centrifuge([{ transport, endpoint: `/connection/${transport}` }], {
+              token,
+              emulationEndpoint: '/emulation',
+              minReconnectDelay: 50,
+              maxReconnectDelay: 300,
+            });
+            window.received = [];
+            window.client = c;
+            let via = null;
+            c.on('connected', (ctx) => {
+              via = ctx.transport;
+            });
+            const sub = c.newSubscription(ch);
+            window.sub = sub;
+            sub.on('publication', (ctx) => window.received.push(ctx.data));
+            sub.on('subscribed', () => {
+              clearTimeout(timer);
+              resolve({ transport: via, state: c.state });
+            });
+            sub.subscribe();
+            c.connect();
+          }),
+        { transport, token, ch },
+      );
+      assert.deepEqual(connected, { transport, state: 'connected' });
+
+      for (let i = 0; i < 3; i++) await publish(herald, ch, { i });
+      await page.waitForFunction(() => window.received.length >= 3, null, { timeout: 5000 });
+      // A publish from the page goes through /emulation and comes back on the stream.
+      await page.evaluate(() => window.sub.publish({ from: 'page' }));
+      await page.waitForFunction(() => window.received.length >= 4, null, { timeout: 5000 });
+      const received = await page.evaluate(() => window.received);
+      assert.deepEqual(received, [{ i: 0 }, { i: 1 }, { i: 2 }, { from: 'page' }]);
+      await page.evaluate(() => window.client.disconnect());
+      assert.deepEqual(errors, []);
+    });
+  }
+});
