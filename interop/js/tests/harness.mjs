@@ -101,6 +101,8 @@ export function renderConfig({
   namespaces,
   shutdown = {},
   admin,
+  engine = { type: 'memory' },
+  redis,
 } = {}) {
   const sections = [
     tomlTable('[server]', { listen }),
