@@ -325,6 +325,10 @@ async fn serve(
             let Message::Text(text) = msg else { continue };
             let mut ping = false;
             for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+                if let Some(data) = herald::fast_publication(line) {
+                    d.payload(data);
+                    continue;
+                }
                 match herald::parse_line(line) {
                     Ok(Line::Publication { data, .. }) => d.payload(data),
                     Ok(Line::Ping) => ping = true,

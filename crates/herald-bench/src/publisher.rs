@@ -51,6 +51,8 @@ pub struct PubOutcome {
     pub error_kinds: BTreeMap<String, u64>,
     /// From the first publication to the last acknowledgement / flush.
     pub elapsed: Duration,
+    /// From the first publication to the last one sent.
+    pub send_elapsed: Duration,
 }
 
 enum Sink {
@@ -111,11 +113,13 @@ pub async fn run_publisher(
         sent += n;
         sent_counter.store(sent, Ordering::Relaxed);
     }
+    let send_elapsed = start.elapsed();
     let mut out = match sink {
         Sink::Herald(p) => p.finish(channels as usize, start).await,
         Sink::Ws(p) => p.finish(cfg.target, start).await,
     };
     out.attempted = sent;
+    out.send_elapsed = send_elapsed;
     Ok(out)
 }
 

@@ -102,6 +102,8 @@ pub struct Report {
     pub generator_cpu_percent: f64,
     /// Over the whole run, ramp included.
     pub generator_cpu_seconds: f64,
+    /// Generator CPU per unique delivery over the publish window (fan-out), in µs.
+    pub generator_cpu_us_per_delivery: Option<f64>,
     pub generator_rss_bytes: u64,
     pub wall_s: f64,
     /// 1-minute load average before and after the run (other work on the machine
@@ -210,6 +212,9 @@ impl Report {
                 "load average (1 min) start → end",
                 format!("{a:.2} → {b:.2}"),
             );
+        }
+        if let Some(u) = self.generator_cpu_us_per_delivery {
+            row("generator CPU per delivery", format!("{u:.2} µs"));
         }
         if !self.errors.is_empty() {
             let e: Vec<String> = self

@@ -478,7 +478,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
             .push("subscriber ramp did not finish in time".into());
     }
     let published: u64 = outcome.published.iter().sum();
-    let pub_s = outcome.elapsed.as_secs_f64().max(1e-9);
+    let pub_s = outcome.send_elapsed.as_secs_f64().max(1e-9);
     r.channels = args.channels;
     r.publish_rate = Some(args.publish_rate);
     r.payload_bytes = Some(args.payload);
@@ -511,6 +511,9 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     }
     // While publishing is what matters: the ramp is a different load.
     r.generator_cpu_percent = gen_cpu_window / publish_window * 100.0;
+    if tally.delivered > 0 {
+        r.generator_cpu_us_per_delivery = Some(gen_cpu_window * 1e6 / tally.delivered as f64);
+    }
     for (k, v) in outcome.error_kinds {
         *r.errors.entry(format!("publisher: {k}")).or_insert(0) += v;
     }

@@ -51,6 +51,10 @@ struct Outbox {
     /// Channels between "joined the hub" and "subscribe reply sent": their publications wait
     /// here so they can be merged with history and follow the reply.
     buffering: Vec<(Arc<str>, Vec<Arc<PubMessage>>)>,
+    /// (channel, offset): live publications of the channel at or below the offset were
+    /// already sent in a subscribe reply, and are dropped. A cluster engine can show a
+    /// publication in history before its live copy reaches this node.
+    delivered_through: Vec<(Arc<str>, u64)>,
     controls: Vec<Control>,
     closing: Option<Disconnect>,
     /// When the oldest publication among `frames` reached the hub.
@@ -158,6 +162,19 @@ impl ConnHandle {
                 buf.push(msg.clone());
                 return;
             }
+            if !st.delivered_through.is_empty()
+                && let Some(i) = st
+                    .delivered_through
+                    .iter()
+                    .position(|(c, _)| &**c == channel)
+            {
+                let offset = msg.publication.offset;
+                if offset != 0 && offset <= st.delivered_through[i].1 {
+                    return;
+                }
+                // The live stream has caught up with the reply: no more filtering.
+                st.delivered_through.swap_remove(i);
+            }
             if self.push_locked(&mut st, msg.frame.clone()) {
                 st.oldest_publication.get_or_insert(msg.received);
             }
@@ -191,10 +208,12 @@ impl ConnHandle {
 
     /// Ends buffering of `channels` atomically: `build` receives each channel's held-back
     /// publications (in the order given) and returns the frames to queue — the reply first,
-    /// then whatever live publications follow it. Nothing can slip in between.
+    /// then whatever live publications follow it — and, per channel, the offset through which
+    /// the client now has the stream (0: not positioned). Nothing can slip in between, and a
+    /// late live copy of an already sent publication is dropped.
     pub fn complete_buffering<F>(&self, channels: &[&str], build: F)
     where
-        F: FnOnce(Vec<Vec<Arc<PubMessage>>>) -> Vec<Bytes>,
+        F: FnOnce(Vec<Vec<Arc<PubMessage>>>) -> (Vec<Bytes>, Vec<u64>),
     {
         {
             let mut st = self.state.lock();
@@ -205,7 +224,14 @@ impl ConnHandle {
                     None => held.push(Vec::new()),
                 }
             }
-            for frame in build(held) {
+            let (frames, through) = build(held);
+            for (ch, offset) in channels.iter().zip(through) {
+                st.delivered_through.retain(|(c, _)| &**c != *ch);
+                if offset > 0 {
+                    st.delivered_through.push((Arc::from(*ch), offset));
+                }
+            }
+            for frame in frames {
                 if !self.push_locked(&mut st, frame) {
                     break;
                 }
@@ -303,15 +329,18 @@ mod tests {
         c.complete_buffering(&["ch"], |held| {
             let mut v = vec![Bytes::from_static(b"reply")];
             v.extend(held[0].iter().map(|m| m.frame.clone()));
-            v
+            (v, vec![1])
         });
+        // A late live copy of offset 1, already sent, is dropped; later ones go through.
+        c.deliver("ch", &msg(1));
         c.deliver("ch", &msg(2));
+        c.deliver("ch", &msg(3));
         let d = c.drain();
         let got: Vec<_> = d
             .frames
             .iter()
             .map(|b| String::from_utf8_lossy(b).to_string())
             .collect();
-        assert_eq!(got, ["p9", "reply", "p1", "p2"]);
+        assert_eq!(got, ["p9", "reply", "p1", "p2", "p3"]);
     }
 }

@@ -345,8 +345,11 @@ impl Session {
         let mut settled = Vec::new();
         self.conn.complete_buffering(&refs, |held| {
             let mut trailing = Vec::new();
+            let mut through = Vec::new();
             for (mut p, live) in prepared.into_iter().zip(held) {
-                trailing.extend(settle(&mut p, live));
+                let (frames, upto) = settle(&mut p, live);
+                trailing.extend(frames);
+                through.push(upto);
                 result
                     .subs
                     .insert(p.channel.clone(), std::mem::take(&mut p.result));
@@ -361,7 +364,7 @@ impl Session {
                 .encode(),
             ];
             frames.extend(trailing);
-            frames
+            (frames, through)
         });
         for p in settled {
             self.subs.insert(p.channel, p.sub);
@@ -593,10 +596,10 @@ impl Session {
         let ch = p.channel.clone();
         self.conn.complete_buffering(&[ch.as_str()], |mut held| {
             let live = held.pop().unwrap_or_default();
-            let trailing = settle(&mut p, live);
+            let (trailing, through) = settle(&mut p, live);
             let mut frames = vec![reply(std::mem::take(&mut p.result)).encode()];
             frames.extend(trailing);
-            frames
+            (frames, vec![through])
         });
         self.subs.insert(ch, p.sub);
     }
@@ -932,10 +935,11 @@ impl Session {
 }
 
 /// Finalises a subscription's result with what arrived live while it was being positioned;
-/// returns the live frames that follow the reply.
-fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> Vec<Bytes> {
+/// returns the live frames that follow the reply and the offset through which the client
+/// then has the stream (0 when the subscription is not positioned).
+fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> (Vec<Bytes>, u64) {
     if !p.result.positioned {
-        return live.iter().map(|m| m.frame.clone()).collect();
+        return (live.iter().map(|m| m.frame.clone()).collect(), 0);
     }
     let top = p.result.offset;
     if p.recovering {
@@ -946,13 +950,12 @@ fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> Vec<Bytes> {
             p.result.offset = merged.last().map_or(top, |x| x.offset).max(top);
             p.result.recovered = true;
             p.result.publications = merged;
-            return Vec::new();
+            return (Vec::new(), p.result.offset);
         }
         // A hole between history and live: say so rather than hide it.
         p.result.recovered = false;
     }
-    live.iter()
-        .filter(|m| m.publication.offset > top)
-        .map(|m| m.frame.clone())
-        .collect()
+    let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
+    let through = after.last().map_or(top, |m| m.publication.offset).max(top);
+    (after.iter().map(|m| m.frame.clone()).collect(), through)
 }

@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis address, e.g. "redis://127.0.0.1:6379" (or "rediss://" with TLS).
+    /// Redis address, e.g. "redis://127.0.0.1:6379" (or "rediss://" with TLS). With
+    /// `cluster = true`, several seed addresses separated by commas.
     /// Default: "redis://127.0.0.1:6379".
     pub url: String,
+    /// Talk to a Redis Cluster: `url` lists seed nodes. Default: false (standalone).
+    pub cluster: bool,
     /// Prefix of every key and pub/sub channel, so several Herald clusters can share one
     /// Redis. Default: "herald".
     pub prefix: String,
@@ -34,6 +37,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             prefix: "herald".into(),
             pubsub_shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -45,12 +49,31 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// The addresses in `url`.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
-            return Err(format!(
-                "engine.redis.url: {:?} must start with redis:// or rediss://",
-                self.url
-            ));
+        let urls = self.urls();
+        if urls.is_empty() {
+            return Err("engine.redis.url: no address given".into());
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                return Err(format!(
+                    "engine.redis.url: {u:?} must start with redis:// or rediss://"
+                ));
+            }
+        }
+        if urls.len() > 1 && !self.cluster {
+            return Err(
+                "engine.redis.url: several addresses need engine.redis.cluster = true".into(),
+            );
         }
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
             return Err("engine.redis.prefix: must be non-empty and without braces".into());

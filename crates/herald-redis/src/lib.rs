@@ -28,11 +28,48 @@ use herald_core::hub::BrokerHandler;
 use herald_protocol::api::NodeInfo;
 use herald_protocol::client::{ClientInfo, Publication};
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
-use redis::{Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 pub use config::RedisConfig;
 use wire::ControlMessage;
+
+/// A connection for commands: one Redis, or a Redis Cluster (commands routed by key slot;
+/// every key of a channel shares one slot through its hash tag).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 /// How long an idempotency key is remembered.
 const IDEMPOTENCY_TTL_MS: u64 = 300_000;
@@ -134,7 +171,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn on_control_message(self: &Arc<Self>, payload: &[u8], conn: &ConnectionManager) {
+    pub(crate) fn on_control_message(self: &Arc<Self>, payload: &[u8], conn: &Conn) {
         let msg: ControlMessage = match serde_json::from_slice(payload) {
             Ok(m) => m,
             Err(e) => {
@@ -177,11 +214,7 @@ impl Shared {
         }
     }
 
-    async fn send_control(
-        &self,
-        conn: &mut ConnectionManager,
-        msg: &ControlMessage,
-    ) -> Result<(), EngineError> {
+    async fn send_control(&self, conn: &mut Conn, msg: &ControlMessage) -> Result<(), EngineError> {
         let payload = serde_json::to_vec(msg).map_err(|e| EngineError::Internal(e.to_string()))?;
         redis::cmd("PUBLISH")
             .arg(self.control_channel())
@@ -201,7 +234,7 @@ impl Shared {
 
 pub struct RedisEngine {
     shared: Arc<Shared>,
-    conn: ConnectionManager,
+    conn: Conn,
     pubsub: pubsub::PubSubPool,
     publish: Script,
     history: Script,
@@ -228,15 +261,29 @@ impl RedisEngine {
         handler: Arc<dyn BrokerHandler>,
     ) -> Result<Self, EngineError> {
         cfg.validate().map_err(EngineError::Internal)?;
-        let client = redis::Client::open(cfg.url.as_str()).map_err(err)?;
-        let mgr_cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.command_timeout))
-            .set_response_timeout(Some(cfg.command_timeout))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(mgr_cfg)
-            .await
-            .map_err(err)?;
+        let urls = cfg.urls();
+        // Pub/sub rides a plain connection to the first address: classic PUBLISH reaches
+        // every node of a Redis Cluster.
+        let client = redis::Client::open(urls[0].as_str()).map_err(err)?;
+        let conn = if cfg.cluster {
+            let cluster = redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(cfg.command_timeout)
+                .response_timeout(cfg.command_timeout)
+                .build()
+                .map_err(err)?;
+            Conn::Cluster(cluster.get_async_connection().await.map_err(err)?)
+        } else {
+            let mgr_cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(cfg.command_timeout))
+                .set_response_timeout(Some(cfg.command_timeout))
+                .set_number_of_retries(1);
+            Conn::Single(
+                client
+                    .get_connection_manager_with_config(mgr_cfg)
+                    .await
+                    .map_err(err)?,
+            )
+        };
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             handler,
@@ -290,7 +337,7 @@ impl RedisEngine {
 
 async fn add_presence(
     shared: &Shared,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     channel: &str,
     client_id: &str,
     info: &ClientInfo,
@@ -300,17 +347,14 @@ async fn add_presence(
     let zset = format!("{p}.presence_exp.{{{channel}}}");
     let ttl = shared.cfg.presence_ttl.as_millis() as u64;
     let json = serde_json::to_string(info).map_err(|e| EngineError::Internal(e.to_string()))?;
-    redis::pipe()
-        .atomic()
-        .hset(&hash, client_id, json)
-        .ignore()
-        .zadd(&zset, client_id, now_ms() + ttl)
-        .ignore()
-        .pexpire(&hash, ttl as i64)
-        .ignore()
-        .pexpire(&zset, ttl as i64)
-        .ignore()
-        .query_async::<()>(conn)
+    Script::new(scripts::PRESENCE_ADD)
+        .key(hash)
+        .key(zset)
+        .arg(client_id)
+        .arg(json)
+        .arg(now_ms() + ttl)
+        .arg(ttl)
+        .invoke_async::<()>(conn)
         .await
         .map_err(err)
 }
@@ -400,10 +444,11 @@ impl Engine for RedisEngine {
                     .map_err(err)?;
                 return Ok(StreamPosition::default());
             }
-            let idem = match &opts.idempotency_key {
-                Some(k) => format!("{}.{}", self.key("idem", channel), k),
-                None => String::new(),
-            };
+            let idem = format!(
+                "{}.{}",
+                self.key("idem", channel),
+                opts.idempotency_key.as_deref().unwrap_or("")
+            );
             let reply: Vec<Value> = self
                 .publish
                 .key(self.key("stream", channel))
@@ -416,6 +461,11 @@ impl Engine for RedisEngine {
                 .arg(new_epoch())
                 .arg(self.shared.pub_channel(channel))
                 .arg(IDEMPOTENCY_TTL_MS)
+                .arg(if opts.idempotency_key.is_some() {
+                    "1"
+                } else {
+                    "0"
+                })
                 .invoke_async(&mut conn)
                 .await
                 .map_err(err)?;

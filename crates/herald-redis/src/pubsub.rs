@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use herald_core::engine::EngineError;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Shared;
@@ -43,11 +42,7 @@ impl Drop for PubSubPool {
 }
 
 impl PubSubPool {
-    pub(crate) fn start(
-        client: redis::Client,
-        shared: Arc<Shared>,
-        conn: ConnectionManager,
-    ) -> Self {
+    pub(crate) fn start(client: redis::Client, shared: Arc<Shared>, conn: crate::Conn) -> Self {
         let mut shards = Vec::new();
         let mut tasks = Vec::new();
         for index in 0..shared.cfg.pubsub_shards {
@@ -150,7 +145,7 @@ async fn run_shard(
     index: usize,
     client: redis::Client,
     shared: Arc<Shared>,
-    conn: ConnectionManager,
+    conn: crate::Conn,
     mut rx: mpsc::UnboundedReceiver<Op>,
     connected: Arc<AtomicBool>,
 ) {

@@ -1,12 +1,12 @@
 //! Lua scripts: each runs atomically in Redis, so offsets, history and live order agree on
 //! every node.
 
-/// Publish with history. KEYS: stream, meta, idempotency (or "" when unused).
-/// ARGV: publication json, history size, history ttl ms, meta ttl ms, new epoch,
-/// pub/sub channel, idempotency ttl ms.
+/// Publish with history. KEYS: stream, meta, idempotency key (same slot; checked only when
+/// ARGV[8] is "1"). ARGV: publication json, history size, history ttl ms, meta ttl ms,
+/// new epoch, pub/sub channel, idempotency ttl ms, idempotency on.
 /// Returns {offset, epoch, duplicate(0|1)}.
 pub const PUBLISH: &str = r#"
-if KEYS[3] ~= '' then
+if ARGV[8] == '1' then
   local prev = redis.call('get', KEYS[3])
   if prev then
     local sep = string.find(prev, ':', 1, true)
@@ -23,7 +23,7 @@ redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], '0-' .. top, 'd', ARGV[1])
 redis.call('pexpire', KEYS[1], ARGV[3])
 redis.call('pexpire', KEYS[2], ARGV[4])
 redis.call('publish', ARGV[6], 'p' .. top .. ':' .. epoch .. ':' .. ARGV[1])
-if KEYS[3] ~= '' then
+if ARGV[8] == '1' then
   redis.call('set', KEYS[3], top .. ':' .. epoch, 'PX', ARGV[7])
 end
 return {top, epoch, 0}
@@ -72,4 +72,13 @@ if #expired > 0 then
   redis.call('zremrangebyscore', KEYS[2], '-inf', ARGV[1])
 end
 return redis.call('hgetall', KEYS[1])
+"#;
+
+/// Presence entry. KEYS: hash, expiry zset. ARGV: client id, info json, expires at ms, ttl ms.
+pub const PRESENCE_ADD: &str = r#"
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+redis.call('zadd', KEYS[2], ARGV[3], ARGV[1])
+redis.call('pexpire', KEYS[1], ARGV[4])
+redis.call('pexpire', KEYS[2], ARGV[4])
+return 1
 "#;

@@ -75,14 +75,24 @@ impl ConnectQuery {
     }
 }
 
+/// A request refused before any stream starts: an HTTP status and a one-line reason.
+#[derive(Debug)]
+pub(crate) struct Refusal(StatusCode, &'static str);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
 fn plain(status: StatusCode, msg: &'static str) -> Response {
-    (status, msg).into_response()
+    Refusal(status, msg).into_response()
 }
 
 /// Reads a request body up to `limit` bytes; 413 above it.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
-        plain(
+        Refusal(
             StatusCode::PAYLOAD_TOO_LARGE,
             "request body larger than client.max_message_size\n",
         )
@@ -90,13 +100,13 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Response> {
 }
 
 /// Only JSON is spoken on these transports.
-fn check_json(headers: &HeaderMap) -> Result<(), Response> {
+fn check_json(headers: &HeaderMap) -> Result<(), Refusal> {
     let binary = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/octet-stream"));
     if binary {
-        return Err(plain(
+        return Err(Refusal(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "only the JSON protocol is supported\n",
         ));
@@ -106,13 +116,13 @@ fn check_json(headers: &HeaderMap) -> Result<(), Response> {
 
 /// A unidirectional connect request: `{token, data, subs, name, version}`. An empty body or
 /// `null` is an empty request (anonymous, when allowed).
-pub(crate) fn parse_uni_connect(data: &[u8]) -> Result<ConnectRequest, Response> {
+pub(crate) fn parse_uni_connect(data: &[u8]) -> Result<ConnectRequest, Refusal> {
     if data.iter().all(u8::is_ascii_whitespace) {
         return Ok(ConnectRequest::default());
     }
     serde_json::from_slice::<Option<ConnectRequest>>(data)
         .map(Option::unwrap_or_default)
-        .map_err(|_| plain(StatusCode::BAD_REQUEST, "malformed connect request\n"))
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "malformed connect request\n"))
 }
 
 /// The connect command a unidirectional transport feeds its session.
@@ -131,11 +141,11 @@ pub async fn http_stream(
     body: Body,
 ) -> Response {
     if let Err(r) = check_json(&headers) {
-        return r;
+        return r.into_response();
     }
     let data = match read_body(body, state.node.client.max_message_size).await {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if data.iter().all(u8::is_ascii_whitespace) {
         return plain(StatusCode::BAD_REQUEST, "no connect command\n");
@@ -171,7 +181,7 @@ pub async fn uni_sse_get(State(state): State<AppState>, Query(q): Query<ConnectQ
     let text = q.cf_connect.unwrap_or_default();
     match parse_uni_connect(text.as_bytes()) {
         Ok(req) => open(state, Mode::Uni, Framing::Sse, Start::Connect(req)),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -195,15 +205,15 @@ pub async fn uni_http_stream(
 
 async fn uni_post(state: AppState, headers: HeaderMap, body: Body, framing: Framing) -> Response {
     if let Err(r) = check_json(&headers) {
-        return r;
+        return r.into_response();
     }
     let data = match read_body(body, state.node.client.max_message_size).await {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match parse_uni_connect(&data) {
         Ok(req) => open(state, Mode::Uni, framing, Start::Connect(req)),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -453,7 +463,8 @@ impl Stream {
                         }
                     };
                     if !sent {
-                        return None;
+                        // Closing (slow, say): still try to tell the client why.
+                        return self.conn.close_reason();
                     }
                     self.metrics.bytes_sent.increment(len as u64);
                     if let Some(t) = drained.oldest_publication {

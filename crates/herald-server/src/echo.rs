@@ -50,6 +50,9 @@ pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
     }
 }
 
+/// How long the closing handshake may take.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest message the echo endpoint takes: the conformance suite sends up to 16 MiB.
 const ECHO_MAX_MESSAGE: usize = 32 << 20;
 
@@ -68,25 +71,34 @@ pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) ->
             tokio::spawn(async move {
                 let _guard = tracker.enter();
                 match upgrade.await {
-                    Ok(mut socket) => loop {
-                        let frame = match socket.next_frame().await {
-                            Ok(f) => f,
-                            Err(_) => {
-                                // The library queued the matching close frame; send it.
-                                let _ = socket.flush().await;
+                    Ok(mut socket) => {
+                        loop {
+                            let Ok(frame) = socket.next_frame().await else {
+                                break;
+                            };
+                            let echo = match frame.opcode() {
+                                OpCode::Text => Frame::text(frame.payload().clone()),
+                                OpCode::Binary => Frame::binary(frame.payload().clone()),
+                                OpCode::Close => break,
+                                _ => continue,
+                            };
+                            if socket.send(echo).await.is_err() {
                                 break;
                             }
-                        };
-                        let echo = match frame.opcode() {
-                            OpCode::Text => Frame::text(frame.payload().clone()),
-                            OpCode::Binary => Frame::binary(frame.payload().clone()),
-                            OpCode::Close => break,
-                            _ => continue,
-                        };
-                        if socket.send(echo).await.is_err() {
-                            break;
                         }
-                    },
+                        // The library queued the close frame that answers (a client's close, or
+                        // 1002/1007/1009 for what it refused): send it, then read up to the
+                        // client's close frame so the socket closes without a reset.
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                            let _ = socket.flush().await;
+                            while let Ok(f) = socket.next_frame().await {
+                                if f.opcode() == OpCode::Close {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                    }
                     Err(e) => tracing::debug!(error = %e, "echo upgrade failed"),
                 }
             });

@@ -37,7 +37,7 @@ pub async fn handle(
     let early = match q.cf_connect() {
         Some(text) => match comet::parse_uni_connect(text.as_bytes()) {
             Ok(req) => Some(req),
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         },
         None => None,
     };

@@ -473,3 +473,153 @@ async fn node_shutdown(node: std::sync::Arc<Server>) {
         n.shutdown().await;
     }
 }
+
+/// Three Redis Cluster masters of our own; Herald nodes given all seed addresses.
+struct RedisCluster {
+    children: Vec<std::process::Child>,
+    dir: std::path::PathBuf,
+    ports: Vec<u16>,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn redis_cluster() -> RedisCluster {
+    let dir = std::env::temp_dir().join(format!("herald-rc-{}", herald_core::node::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children = Vec::new();
+    for p in &ports {
+        children.push(
+            std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{p}.conf"),
+                ])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed for the cluster tests"),
+        );
+    }
+    let rc = RedisCluster {
+        children,
+        dir,
+        ports,
+    };
+    for p in &rc.ports {
+        wait_port(*p).await;
+    }
+    let addrs: Vec<String> = rc.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let status = std::process::Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("redis-cli must be installed for the cluster tests");
+    assert!(status.success(), "redis-cli --cluster create failed");
+    let ports = rc.ports.clone();
+    eventually("the redis cluster to be ok", || {
+        let ports = ports.clone();
+        async move {
+            ports.iter().all(|p| {
+                std::process::Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            })
+        }
+    })
+    .await;
+    rc
+}
+
+#[tokio::test]
+async fn redis_cluster_mode() {
+    let rc = redis_cluster().await;
+    let urls: Vec<String> = rc
+        .ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let p = prefix();
+    let cfg = redis_config(&p, &urls.join(","))
+        .replace("[engine.redis]", "[engine.redis]\ncluster = true");
+    let a = start_with(&cfg).await;
+    let b = start_with(&cfg).await;
+    let (mut c, _) = Client::connect(&a, "u").await.unwrap();
+    // Channels land on different slots, hence different masters.
+    let channels: Vec<String> = (0..6).map(|i| format!("big:rc{i}")).collect();
+    for (i, ch) in channels.iter().enumerate() {
+        c.call(10 + i as u64, "subscribe", json!({"channel": ch}))
+            .await
+            .unwrap();
+    }
+    for ch in &channels {
+        for n in 1..=3u64 {
+            let r = api(
+                &b,
+                "publish",
+                json!({"channel": ch, "data": n, "idempotency_key": format!("{ch}-{n}")}),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r["result"]["offset"], n, "{r}");
+        }
+        let again = api(
+            &b,
+            "publish",
+            json!({"channel": ch, "data": 3, "idempotency_key": format!("{ch}-3")}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(again["result"]["offset"], 3, "idempotent retry");
+    }
+    let mut got: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    while got.values().map(Vec::len).sum::<usize>() < channels.len() * 3 {
+        let v = c.next().await.unwrap();
+        if let Some(o) = v["push"]["pub"]["offset"].as_u64() {
+            got.entry(v["push"]["channel"].as_str().unwrap().to_string())
+                .or_default()
+                .push(o);
+        }
+    }
+    for ch in &channels {
+        assert_eq!(got[ch], [1, 2, 3], "{ch}");
+    }
+    let h = api(&b, "history", json!({"channel": channels[0], "limit": -1}))
+        .await
+        .unwrap();
+    assert_eq!(h["result"]["publications"].as_array().unwrap().len(), 3);
+    let v = api(&b, "presence_stats", json!({"channel": "room"}))
+        .await
+        .unwrap();
+    assert_eq!(v["result"]["num_clients"], 0);
+    a.shutdown().await;
+    b.shutdown().await;
+    drop(rc);
+}

@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use common::*;
@@ -560,6 +561,34 @@ async fn closed_stream_leaves_its_channels() {
     let leave = watcher.next().await.unwrap();
     assert_eq!(leave["push"]["leave"]["info"]["user"], "leaver", "{leave}");
     s.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_with_3001() {
+    let s = start("").await; // the test config has no drain window
+    let mut bidi = Emulated::sse(&s, "stays").await.unwrap();
+    let mut uni = HttpStream::open(
+        &s,
+        "POST",
+        "/connection/uni_http_stream",
+        "application/json",
+        &json!({"token": uni_token("stays-too", &["x"])}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert!(uni.next_msg().await.unwrap().get("connect").is_some());
+    tokio::time::timeout(Duration::from_secs(10), s.shutdown())
+        .await
+        .expect("shutdown completes with streams open");
+    let rest = bidi.stream.rest().await;
+    assert_eq!(
+        rest.last().unwrap()["push"]["disconnect"]["code"],
+        3001,
+        "{rest:?}"
+    );
+    assert!(bidi.stream.ended);
+    let rest = uni.rest().await;
+    assert_eq!(rest.last().unwrap()["disconnect"]["code"], 3001, "{rest:?}");
 }
 
 // ---- unidirectional --------------------------------------------------------------------

@@ -148,15 +148,16 @@ async fn subscriber(
                     for p in r["publications"].as_array().cloned().unwrap_or_default() {
                         offsets.push(p["offset"].as_u64().unwrap_or(0));
                     }
-                    if recovering && whole_after_kill.is_none() {
-                        if let Some(at) = killed_at.get() {
-                            whole_after_kill = Some(at.elapsed());
-                        }
+                    if recovering
+                        && whole_after_kill.is_none()
+                        && let Some(at) = killed_at.get()
+                    {
+                        whole_after_kill = Some(at.elapsed());
                     }
-                } else if v["push"]["channel"] == CHANNEL {
-                    if let Some(o) = v["push"]["pub"]["offset"].as_u64() {
-                        offsets.push(o);
-                    }
+                } else if v["push"]["channel"] == CHANNEL
+                    && let Some(o) = v["push"]["pub"]["offset"].as_u64()
+                {
+                    offsets.push(o);
                 }
             }
             if offsets.last().copied() == Some(total) {
