@@ -149,6 +149,8 @@ struct HttpPool {
     conns: Vec<HttpConn>,
     results: Arc<Mutex<HttpResults>>,
     head: String,
+    /// `{"channel":"<name>","data":` per channel, JSON-escaped once.
+    prefixes: Vec<Vec<u8>>,
     pipeline: u32,
     buf: Vec<u8>,
     body: Vec<u8>,
@@ -184,10 +186,22 @@ impl HttpPool {
             "POST {path} HTTP/1.1\r\nHost: {}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: ",
             api.authority
         );
+        let prefixes = cfg
+            .channels
+            .iter()
+            .map(|ch| {
+                format!(
+                    "{{\"channel\":{},\"data\":",
+                    serde_json::Value::from(ch.as_str())
+                )
+                .into_bytes()
+            })
+            .collect();
         Ok(HttpPool {
             conns,
             results,
             head,
+            prefixes,
             pipeline,
             buf: Vec::new(),
             body: Vec::new(),
@@ -217,13 +231,7 @@ impl HttpPool {
                     let mut fifo = conn.fifo.lock();
                     for &(c, s) in chunk {
                         self.body.clear();
-                        self.body.extend_from_slice(b"{\"channel\":");
-                        self.body.extend_from_slice(
-                            serde_json::Value::from(cfg.channels[c as usize].as_str())
-                                .to_string()
-                                .as_bytes(),
-                        );
-                        self.body.extend_from_slice(b",\"data\":");
+                        self.body.extend_from_slice(&self.prefixes[c as usize]);
                         encode_payload(&mut self.body, c, s, t, cfg.payload);
                         self.body.push(b'}');
                         self.buf.extend_from_slice(self.head.as_bytes());

@@ -60,17 +60,13 @@ impl Meter {
     }
 }
 
-struct Prepared {
-    jobs: Vec<Job>,
-}
-
 fn prepare(
     c: &CommonArgs,
     connections: u64,
     rate: f64,
     channels: Vec<String>,
     max_runtime_s: f64,
-) -> Result<Prepared, BenchError> {
+) -> Result<Vec<Job>, BenchError> {
     loopback_endpoint(&c.url, &["ws"])?;
     if connections == 0 || connections > MAX_CONNECTIONS {
         return Err(bad(format!(
@@ -98,7 +94,7 @@ fn prepare(
         )));
     }
     let epoch_ns = now_ns();
-    let jobs = (0..c.procs)
+    Ok((0..c.procs)
         .map(|shard| Job {
             shard,
             shards: c.procs,
@@ -115,8 +111,7 @@ fn prepare(
             max_runtime_s,
             threads: c.threads,
         })
-        .collect();
-    Ok(Prepared { jobs })
+        .collect())
 }
 
 /// Shard results merged.
@@ -273,7 +268,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
     let ramp_s = args.connections as f64 / args.rate.max(0.001);
     let max_runtime = ramp_s + c.connect_timeout + args.duration + 120.0;
-    let prep = prepare(
+    let jobs = prepare(
         c,
         args.connections,
         args.rate,
@@ -282,8 +277,8 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     )?;
     let meter = Meter::start(c.server_pid);
     let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
-    let in_process = prep.jobs.len() == 1;
-    let mut fleet = Fleet::start(prep.jobs)?;
+    let in_process = jobs.len() == 1;
+    let mut fleet = Fleet::start(jobs)?;
 
     let bar = progress::bar(args.connections, "connect");
     let ramp_deadline = Instant::now() + Duration::from_secs_f64(ramp_s + c.connect_timeout + 30.0);
@@ -373,7 +368,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         .collect();
     let ramp_s = args.subscribers as f64 / args.connect_rate.max(0.001);
     let max_runtime = ramp_s + c.connect_timeout + args.duration + args.drain + 180.0;
-    let prep = prepare(
+    let jobs = prepare(
         c,
         args.subscribers,
         args.connect_rate,
@@ -381,8 +376,8 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         max_runtime,
     )?;
     let meter = Meter::start(c.server_pid);
-    let in_process = prep.jobs.len() == 1;
-    let mut fleet = Fleet::start(prep.jobs)?;
+    let in_process = jobs.len() == 1;
+    let mut fleet = Fleet::start(jobs)?;
 
     let bar = progress::bar(args.subscribers, "subscribe");
     let ramp_deadline = Instant::now() + Duration::from_secs_f64(ramp_s + c.connect_timeout + 30.0);

@@ -447,8 +447,8 @@ pub fn info_from_claims(
     info: Option<Raw>,
     b64info: Option<&str>,
 ) -> Result<Option<Raw>, TokenError> {
-    if info.is_some() {
-        return Ok(info);
+    if let Some(info) = info {
+        return Ok(Some(herald_protocol::json::single_line(info)));
     }
     let Some(b64) = b64info else { return Ok(None) };
     let bytes = base64::engine::general_purpose::STANDARD
@@ -457,7 +457,7 @@ pub fn info_from_claims(
     let text =
         String::from_utf8(bytes).map_err(|_| TokenError::Invalid("b64info is not UTF-8".into()))?;
     herald_protocol::json::raw_from_str(&text)
-        .map(Some)
+        .map(|r| Some(herald_protocol::json::single_line(r)))
         .map_err(|_| TokenError::Invalid("b64info is not JSON".into()))
 }
 

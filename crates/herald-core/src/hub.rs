@@ -39,7 +39,11 @@ pub trait BrokerHandler: Send + Sync {
     fn local_channels(&self) -> Vec<(String, u32)>;
 }
 
+/// Hands `/emulation` commands to a stream of this node: (target node, session, commands).
+pub type EmulationSink = Box<dyn Fn(&str, &str, bytes::Bytes) + Send + Sync>;
+
 pub struct Hub {
+    emulation: std::sync::OnceLock<EmulationSink>,
     shards: Box<[RwLock<ChannelMap>]>,
     hasher: std::collections::hash_map::RandomState,
     conns: RwLock<HashMap<Arc<str>, Arc<ConnHandle>>>,
@@ -75,7 +79,13 @@ impl Hub {
             conns: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             metrics,
+            emulation: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets where `/emulation` commands arriving from other nodes go (once, at start).
+    pub fn set_emulation_sink(&self, sink: EmulationSink) {
+        let _ = self.emulation.set(sink);
     }
 
     /// Connected clients on this node.
@@ -228,6 +238,15 @@ impl Hub {
     /// Carries out a server API action on this node's connections.
     pub fn apply_control(&self, cmd: ControlCommand) {
         match cmd {
+            ControlCommand::Emulation {
+                node,
+                session,
+                data,
+            } => {
+                if let Some(sink) = self.emulation.get() {
+                    sink(&node, &session, bytes::Bytes::from(data));
+                }
+            }
             ControlCommand::Disconnect {
                 user,
                 client,

@@ -178,6 +178,7 @@ impl Node {
         if herald_protocol::json::depth(data.get()) > herald_protocol::json::MAX_DEPTH {
             return Err(ErrorCode::BAD_REQUEST.error());
         }
+        let data = herald_protocol::json::single_line(data);
         let mut opts = Self::publish_options(ns, skip_history);
         opts.idempotency_key = idempotency_key.filter(|k| !k.is_empty());
         let from_client = info.is_some();

@@ -805,8 +805,8 @@ impl Session {
                     return Ok(());
                 }
                 let params = SubParams {
-                    chan_info: info,
-                    data,
+                    chan_info: info.map(herald_protocol::json::single_line),
+                    data: data.map(herald_protocol::json::single_line),
                     ..Default::default()
                 };
                 match self.prepare_subscription(&channel, params).await {

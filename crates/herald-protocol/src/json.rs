@@ -56,3 +56,26 @@ mod tests {
         assert_eq!(super::depth(r#""\"[""#), 0);
     }
 }
+
+/// Raw JSON on one line. Messages are batched `\n`-separated on the wire, so relayed JSON
+/// must not contain raw line breaks; in valid JSON they can only be whitespace between
+/// tokens (inside strings they are escaped), so turning them into spaces keeps the value.
+pub fn single_line(raw: Raw) -> Raw {
+    if !raw.get().contains(['\n', '\r']) {
+        return raw;
+    }
+    let text = raw.get().replace(['\n', '\r'], " ");
+    RawValue::from_string(text).unwrap_or(raw)
+}
+
+#[cfg(test)]
+mod line_tests {
+    #[test]
+    fn pretty_json_becomes_one_line() {
+        let raw = super::raw_from_str("{\n  \"a\": \"x\\ny\",\r\n  \"b\": [1,\n2]\n}").unwrap();
+        let one = super::single_line(raw);
+        assert!(!one.get().contains('\n') && !one.get().contains('\r'));
+        let v: serde_json::Value = serde_json::from_str(one.get()).unwrap();
+        assert_eq!(v["a"], "x\ny");
+    }
+}

@@ -222,15 +222,42 @@ pub fn deliver_local(
     Ok(())
 }
 
-/// Delivers commands for a session held by another node. A single node cannot: the cluster
-/// work replaces this with a hop through the engine to `node`, which calls `deliver_local`.
+/// Delivers commands for a session held by another node of the cluster: through the
+/// engine's control channel to `node`, whose sink (see `install_sink`) calls
+/// `deliver_local`. A node that is not a live peer cannot be reached.
 pub async fn deliver_remote(
-    _state: &AppState,
+    state: &AppState,
     node: &str,
-    _session: &str,
-    _data: Bytes,
+    session: &str,
+    data: Bytes,
 ) -> Result<(), EmulationError> {
-    Err(EmulationError::NodeUnreachable(node.to_string()))
+    let unreachable = || EmulationError::NodeUnreachable(node.to_string());
+    if !state.node.engine.peers().iter().any(|p| p.uid == node) {
+        return Err(unreachable());
+    }
+    let data = String::from_utf8(data.to_vec()).map_err(|_| unreachable())?;
+    state
+        .node
+        .control(herald_core::engine::ControlCommand::Emulation {
+            node: node.to_string(),
+            session: session.to_string(),
+            data,
+        })
+        .await
+        .map_err(|_| unreachable())
+}
+
+/// Makes this node take `/emulation` commands that other nodes route to it.
+pub fn install_sink(node: &Arc<herald_core::Node>) {
+    let own = node.id.clone();
+    let max_queued = node.client.max_queue_bytes;
+    node.hub
+        .set_emulation_sink(Box::new(move |target, session, data| {
+            // Every node hears the control channel; only the addressed one delivers.
+            if target == own {
+                let _ = deliver_local(&own, session, data, max_queued);
+            }
+        }));
 }
 
 #[cfg(test)]

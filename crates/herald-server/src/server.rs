@@ -248,6 +248,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (stop_background, background) = watch::channel(false);
     let (metrics, prometheus) = crate::ops::new_metrics();
     let node = build_node(&config, metrics).await?;
+    crate::emulation::install_sink(&node);
     if let Some(tls) = &tls {
         tls.spawn_reloader(background.clone());
     }

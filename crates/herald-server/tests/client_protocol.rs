@@ -353,3 +353,26 @@ async fn graceful_shutdown_sends_3001() {
     assert_eq!(c.closed().await.unwrap().0, 3001);
     tokio::time::timeout(WAIT, shut).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn pretty_printed_data_stays_one_message() {
+    let s = start("").await;
+    let (mut c, _) = Client::connect(&s, "u").await.unwrap();
+    c.call(2, "subscribe", json!({"channel":"room"}))
+        .await
+        .unwrap();
+    let body = "{\"channel\":\"room\",\"data\":{\n  \"text\": \"line1\\nline2\",\r\n  \"n\": 1\n}}";
+    let (status, v) = http(&s, "POST", "/api/publish", Some(API_KEY), body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    // Publish twice so both travel batched in one frame; each parses on its own line.
+    http(&s, "POST", "/api/publish", Some(API_KEY), body)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let p = c.publication("room").await.unwrap();
+        assert_eq!(p["data"]["text"], "line1\nline2");
+    }
+    s.shutdown().await;
+}

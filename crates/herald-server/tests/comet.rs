@@ -880,3 +880,47 @@ async fn slow_stream_reader_is_disconnected_others_unaffected() {
     let info = api(&server, "info", json!({})).await.unwrap();
     assert_eq!(info["result"]["nodes"][0]["num_clients"], 2);
 }
+
+/// In a cluster, `/emulation` may land on any node: it is routed to the node that holds the
+/// stream through the engine.
+#[tokio::test]
+async fn emulation_is_routed_to_the_node_holding_the_stream() {
+    if tokio::net::TcpStream::connect("127.0.0.1:6379")
+        .await
+        .is_err()
+    {
+        panic!("this test needs Redis at 127.0.0.1:6379");
+    }
+    let prefix = format!("herald-test-{}", herald_core::node::new_id());
+    let cfg = config("").replace(
+        "[api]",
+        &format!("[engine]\ntype = \"redis\"\n[engine.redis]\nprefix = \"{prefix}\"\nnode_heartbeat = \"100ms\"\nnode_eviction = \"1s\"\n[api]"),
+    );
+    let a = start_with(&cfg).await;
+    let b = start_with(&cfg).await;
+    // b must have heard of a before it can route to it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while b.node.engine.peers().iter().all(|p| p.uid != a.node.id) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nodes did not see each other"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut c = Emulated::http_stream(&a, "roamer").await.unwrap();
+    let r = c
+        .call(&b, 2, "subscribe", json!({"channel": "room"}))
+        .await
+        .unwrap();
+    assert!(r.get("subscribe").is_some(), "{r}");
+    publish(&b, "room", json!("via b")).await.unwrap();
+    assert_eq!(c.publication("room").await.unwrap()["data"], "via b");
+    // A session token that no node holds is not delivered anywhere (and not an error).
+    let bogus = json!({"node": a.node.id, "session": "nope", "data": "{\"id\":3,\"presence\":{\"channel\":\"room\"}}"});
+    let (status, _) = http(&b, "POST", "/emulation", None, &bogus.to_string())
+        .await
+        .unwrap();
+    assert_eq!(status, 204);
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -103,6 +103,12 @@ pub enum ControlCommand {
         #[serde(default)]
         expired: bool,
     },
+    /// Client commands posted to `/emulation` on one node for a stream held by `node`.
+    Emulation {
+        node: String,
+        session: String,
+        data: String,
+    },
 }
 
 pub trait Engine: Send + Sync + 'static {
