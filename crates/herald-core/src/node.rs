@@ -116,7 +116,7 @@ impl Node {
             id,
             name,
             started: Instant::now(),
-            tokens: TokenVerifier::new(&config.client.token_hmac_secret),
+            tokens: TokenVerifier::from_options(&config.client),
             client: config.client,
             namespaces: config
                 .namespaces

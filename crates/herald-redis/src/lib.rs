@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use herald_core::engine::{
     BoxFut, ControlCommand, Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions,
-    StreamPosition,
+    StreamPosition, new_epoch,
 };
 use herald_core::hub::BrokerHandler;
 use herald_protocol::api::NodeInfo;
@@ -87,15 +87,6 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-pub(crate) fn new_epoch() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..8)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 /// Answers to one `channels` survey, by request id.

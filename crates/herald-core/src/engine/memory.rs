@@ -27,7 +27,7 @@ struct Stream {
 impl Stream {
     fn new(meta_ttl: Duration) -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch: super::new_epoch(),
             top: 0,
             pubs: VecDeque::new(),
             touched: Instant::now(),
@@ -55,15 +55,6 @@ impl Stream {
             }
         }
     }
-}
-
-fn new_epoch() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..8)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 type StreamRef = Arc<Mutex<Stream>>;

@@ -13,6 +13,17 @@ use herald_protocol::client::{ClientInfo, Publication};
 use herald_protocol::json::Raw;
 use serde::{Deserialize, Serialize};
 
+/// A new stream epoch: 8 random alphanumerics. Epochs only need to differ between the lives
+/// of one stream.
+pub fn new_epoch() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where a stream is: its epoch (changes when the stream is lost) and last offset.
