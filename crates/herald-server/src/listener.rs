@@ -67,8 +67,20 @@ pub async fn serve(
         }
     }
     drop(listener);
-    while conns.join_next().await.is_some() {}
+    // Requests in flight get a bounded time to finish; a streaming response whose client
+    // stopped reading would otherwise hold shutdown forever.
+    let finished = tokio::time::timeout(HTTP_DRAIN, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(left = conns.len(), "HTTP connections still open at shutdown: closed");
+        conns.abort_all();
+    }
 }
+
+/// How long open HTTP connections may take to finish once the node stops accepting.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
 async fn connection(
     stream: tokio::net::TcpStream,
