@@ -49,6 +49,8 @@ pub enum Command {
         #[arg(long)]
         secret: Option<String>,
     },
+    /// Load generator: connection ramps and fan-out against Herald, nats-server, mosquitto.
+    Bench(herald_bench::BenchArgs),
     /// Validate a config file; names the bad key and exits 2 on error.
     CheckConfig {
         #[arg(long, short, env = "HERALD_CONFIG")]

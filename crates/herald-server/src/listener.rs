@@ -74,7 +74,10 @@ pub async fn serve(
     })
     .await;
     if finished.is_err() {
-        tracing::warn!(left = conns.len(), "HTTP connections still open at shutdown: closed");
+        tracing::warn!(
+            left = conns.len(),
+            "HTTP connections still open at shutdown: closed"
+        );
         conns.abort_all();
     }
 }

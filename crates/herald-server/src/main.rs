@@ -19,6 +19,8 @@ fn main() {
             secret,
         }) => cli::token(config, user, ttl, channels, info, secret),
         Some(Command::CheckConfig { config }) => cli::check_config(config),
+        // The generator runs its own runtime(s) and worker processes.
+        Some(Command::Bench(args)) => herald_bench::main_with_args(args),
     };
     if let Err(e) = result {
         eprintln!("herald: {e:#}");

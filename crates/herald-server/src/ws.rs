@@ -123,19 +123,19 @@ where
                             }
                             deadline = session.next_wakeup();
                         }
-                        OpCode::Close => break 'conn None,
+                        OpCode::Close => {
+                            // Send the close frame the library queued in answer.
+                            crate::echo::finish(&mut ws, None).await;
+                            break 'conn None;
+                        }
                         _ => {}
                     },
                     Err(e) => {
                         tracing::debug!(client = %conn.id, error = %e, "websocket read ended");
-                        // The library queued a close frame with the matching code (1009 for an
-                        // oversized message, 1002 for a protocol error): send it, and read off
-                        // what the client already sent so closing does not reset the socket.
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                            let _ = ws.flush().await;
-                            while ws.next_frame().await.is_ok() {}
-                        })
-                        .await;
+                        // Close with the matching code (1009 too big, 1007 invalid UTF-8, 1002
+                        // a protocol error) and read off what the client already sent so
+                        // closing does not reset the socket.
+                        crate::echo::finish(&mut ws, Some(e)).await;
                         break 'conn None;
                     }
                 }
