@@ -1,4 +1,4 @@
-// centrifuge-js's browser bundle in headless Chromium, over the comet transports: fetch
+// centrifuge-js's browser bundle in headless Chromium, over WebSocket and the comet transports: fetch
 // streaming (http_stream) and the browser's own EventSource (sse), WebSocket left out.
 //
 // A small server in this test serves the page and the bundle and forwards /connection/* and
@@ -85,7 +85,7 @@ function chromiumPath() {
   return CHROMIUM;
 }
 
-describe('browser: centrifuge-js bundle in Chromium over comet transports', () => {
+describe('browser: centrifuge-js bundle in Chromium over WebSocket and comet transports', () => {
   let herald;
   let pages;
   let browser;
@@ -102,7 +102,7 @@ describe('browser: centrifuge-js bundle in Chromium over comet transports', () =
     herald?.cleanup();
   });
 
-  for (const transport of ['http_stream', 'sse']) {
+  for (const transport of ['websocket', 'http_stream', 'sse']) {
     test(`${transport}: connects, subscribes, receives and publishes`, async (t) => {
       const page = await browser.newPage();
       t.after(() => page.close());
@@ -112,12 +112,17 @@ describe('browser: centrifuge-js bundle in Chromium over comet transports', () =
 
       const ch = uid(`browser-${transport}`);
       const token = mintToken({ sub: `browser-${transport}` });
-      // Relative endpoints: the page's origin forwards them to Herald.
+      // Relative endpoints: the page's origin forwards them to Herald. WebSocket goes to
+      // Herald directly (cross-origin, as a page served elsewhere would).
+      const endpoint =
+        transport === 'websocket'
+          ? `ws://127.0.0.1:${herald.port}/connection/websocket`
+          : `/connection/${transport}`;
       const connected = await page.evaluate(
-        ({ transport, token, ch }) =>
+        ({ transport, token, ch, endpoint }) =>
           new Promise((resolve, reject) => {
             const timer = setTimeout(() => reject(new Error('no connect within 10 s')), 10000);
-            const c = new window.Centrifuge([{ transport, endpoint: `/connection/${transport}` }], {
+            const c = new window.Centrifuge([{ transport, endpoint }], {
               token,
               emulationEndpoint: '/emulation',
               minReconnectDelay: 50,
@@ -139,13 +144,13 @@ describe('browser: centrifuge-js bundle in Chromium over comet transports', () =
             sub.subscribe();
             c.connect();
           }),
-        { transport, token, ch },
+        { transport, token, ch, endpoint },
       );
       assert.deepEqual(connected, { transport, state: 'connected' });
 
       for (let i = 0; i < 3; i++) await publish(herald, ch, { i });
       await page.waitForFunction(() => window.received.length >= 3, null, { timeout: 5000 });
-      // A publish from the page goes through /emulation and comes back on the stream.
+      // A publish from the page (through /emulation for the comet transports) comes back.
       await page.evaluate(() => window.sub.publish({ from: 'page' }));
       await page.waitForFunction(() => window.received.length >= 4, null, { timeout: 5000 });
       const received = await page.evaluate(() => window.received);
