@@ -1,9 +1,9 @@
-// centrifuge-js's browser bundle in headless Chromium, over WebSocket and the comet transports: fetch
-// streaming (http_stream) and the browser's own EventSource (sse), WebSocket left out.
+// centrifuge-js's browser bundle in headless Chromium, over WebSocket and over the comet
+// transports alone: fetch streaming (http_stream) and the browser's own EventSource (sse).
 //
 // A small server in this test serves the page and the bundle and forwards /connection/* and
-// /emulation to Herald, so the page talks to Herald on its own origin (as behind a reverse
-// proxy). Chromium comes from Debian (`apt-get install chromium`, done by .ci/run); set
+// /emulation to Herald, so the comet transports talk to Herald on the page's own origin (as
+// behind a reverse proxy); the WebSocket goes to Herald directly. Chromium comes from Debian (`apt-get install chromium`, done by .ci/run); set
 // CHROMIUM_PATH to use another binary. Without it the test fails and says so.
 
 import assert from 'node:assert/strict';
