@@ -352,6 +352,11 @@ listen = "127.0.0.1:8000"
 name = ""
 # After the drain, how long a stopping node waits for its connections to finish closing.
 shutdown_timeout = "10s"
+# TLS for every listener (PEM files; reloaded on SIGHUP and when they change).
+# tls_cert = "/etc/herald/cert.pem"
+# tls_key = "/etc/herald/key.pem"
+# permessage-deflate for WebSocket clients that offer it.
+websocket_compression = true
 
 [shutdown]
 # On SIGTERM (or POST /api/drain) clients are disconnected (3001) spread over this time.
@@ -366,6 +371,20 @@ password = ""
 [client]
 # Secret for HS256/384/512 connection and subscription tokens. Keep it private.
 token_hmac_secret = "{secret}"
+# Public keys for RS256/384/512 and ES256/384 tokens (PEM text or a file path), a JWKS URL,
+# and the aud / iss every token must carry. See docs/security.md.
+# token_rsa_public_key = "/etc/herald/jwt-rsa.pub.pem"
+# token_ecdsa_public_key = "/etc/herald/jwt-ec.pub.pem"
+# token_jwks_public_endpoint = "https://auth.example.com/.well-known/jwks.json"
+# token_audience = "herald"
+# token_issuer = "https://auth.example.com"
+# Browser origins allowed to connect ([] = any); e.g. ["https://app.example.com"].
+allowed_origins = []
+# Limits: connections per user, commands per second (and burst), connections per node; 0 = off.
+user_connection_limit = 0
+command_rate = 0
+command_burst = 0
+max_connections = 0
 # Accept connections without a token (user "").
 allow_anonymous = false
 # Server ping interval; clients answer within pong_timeout or are disconnected (3012).

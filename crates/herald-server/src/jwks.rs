@@ -184,7 +184,6 @@ where
     let req = hyper::Request::get(e.path.as_str())
         .header(hyper::header::HOST, e.host_header())
         .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, "herald")
         .body(Empty::<Bytes>::new())
         .map_err(|err| format!("request: {err}"))?;
     let result = async {

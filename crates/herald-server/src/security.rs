@@ -36,9 +36,70 @@ pub fn origin_ok(patterns: &[String], headers: &HeaderMap) -> bool {
     }
 }
 
+/// Picks, from a `Sec-WebSocket-Extensions` value, the first permessage-deflate offer this
+/// server can honour, written in the one-offer form the WebSocket library parses; None when
+/// no offer fits (compression is then declined, as RFC 7692 allows). An offer with an
+/// unknown or repeated parameter, or a server window under 9 bits, does not fit.
+pub fn pick_deflate_offer(header: &str) -> Option<String> {
+    'offers: for offer in header.split(',') {
+        let mut parts = offer.split(';').map(str::trim);
+        if !parts
+            .next()
+            .is_some_and(|n| n.eq_ignore_ascii_case("permessage-deflate"))
+        {
+            continue;
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        let mut out = String::from("permessage-deflate");
+        for param in parts {
+            if param.is_empty() {
+                continue 'offers;
+            }
+            let (key, value) = match param.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"'))),
+                None => (param, None),
+            };
+            if seen.contains(&key) {
+                continue 'offers;
+            }
+            seen.push(key);
+            let bits = |v: Option<&str>| v.map(|v| v.parse::<u8>().ok());
+            match (key, bits(value)) {
+                ("server_no_context_takeover" | "client_no_context_takeover", None) => {
+                    out.push_str("; ");
+                    out.push_str(key);
+                }
+                ("server_max_window_bits", Some(Some(n))) if (9..=15).contains(&n) => {
+                    out.push_str(&format!("; server_max_window_bits={n}"));
+                }
+                ("client_max_window_bits", None) => out.push_str("; client_max_window_bits"),
+                ("client_max_window_bits", Some(Some(n))) if (8..=15).contains(&n) => {
+                    out.push_str(&format!("; client_max_window_bits={n}"));
+                }
+                _ => continue 'offers,
+            }
+        }
+        return Some(out);
+    }
+    None
+}
+
 /// Axum middleware for the main listener: origin and connection-count checks on the client
-/// transports, and `/api` hidden when it has a listener of its own.
-pub async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// transports, and `/api` hidden when it has a listener of its own. A WebSocket upgrade's
+/// list of permessage-deflate offers is narrowed to the first one Herald can accept.
+pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(v) = req.headers().get(header::SEC_WEBSOCKET_EXTENSIONS) {
+        let picked = v.to_str().ok().and_then(pick_deflate_offer);
+        let headers = req.headers_mut();
+        match picked.and_then(|p| axum::http::HeaderValue::from_str(&p).ok()) {
+            Some(p) => {
+                headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, p);
+            }
+            None => {
+                headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
+        }
+    }
     let path = req.uri().path();
     if path.starts_with("/api/") && !state.config.api.listen.is_empty() {
         return StatusCode::NOT_FOUND.into_response();
@@ -91,6 +152,46 @@ pub fn validate(config: &Config) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deflate_offers() {
+        let multi = "permessage-deflate; client_no_context_takeover; client_max_window_bits; \
+                     server_no_context_takeover; server_max_window_bits=8, permessage-deflate; \
+                     client_no_context_takeover; client_max_window_bits; server_no_context_takeover, \
+                     permessage-deflate";
+        assert_eq!(
+            pick_deflate_offer(multi).as_deref(),
+            Some(
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; server_no_context_takeover"
+            )
+        );
+        assert_eq!(
+            pick_deflate_offer(
+                "x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=\"10\""
+            )
+            .as_deref(),
+            Some("permessage-deflate; server_max_window_bits=10")
+        );
+        assert_eq!(
+            pick_deflate_offer("permessage-deflate; unknown_param"),
+            None
+        );
+        assert_eq!(
+            pick_deflate_offer(
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover"
+            ),
+            None
+        );
+        assert_eq!(
+            pick_deflate_offer("permessage-deflate; server_max_window_bits"),
+            None
+        );
+        assert_eq!(pick_deflate_offer("foo"), None);
+        assert_eq!(
+            pick_deflate_offer("PerMessage-Deflate").as_deref(),
+            Some("permessage-deflate")
+        );
+    }
 
     #[test]
     fn origins() {

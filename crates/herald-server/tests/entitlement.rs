@@ -560,6 +560,10 @@ drain_duration = "0s"
     t
 }
 
+/// A namespace and the outcomes for: user not subscribed, user subscribed, anonymous not
+/// subscribed, anonymous subscribed.
+type Row = (&'static str, [u64; 3], [u64; 3], [u64; 3], [u64; 3]);
+
 /// Calls publish, history and presence on `ch`; returns each outcome: 0 for success, else the
 /// error code.
 async fn outcomes(c: &mut Client, id: &mut u64, ch: &str) -> [u64; 3] {
@@ -587,7 +591,7 @@ async fn namespace_permissions_for_subscriber_client_and_anonymous() {
     let mut id = 100;
     // (namespace, user not subscribed, user subscribed, anonymous not subscribed,
     //  anonymous subscribed); each [publish, history, presence].
-    let table: [(&str, [u64; 3], [u64; 3], [u64; 3], [u64; 3]); 6] = [
+    let table: [Row; 6] = [
         ("closed", [103; 3], [103; 3], [103; 3], [103; 3]),
         ("room", [103; 3], [103; 3], [103; 3], [103; 3]),
         ("sub", [103; 3], [0; 3], [103; 3], [103; 3]),
