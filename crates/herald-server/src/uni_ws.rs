@@ -41,13 +41,8 @@ pub async fn handle(
         },
         None => None,
     };
-    let opts = yawc::Options::default()
-        .with_max_payload_read(state.node.client.max_message_size)
-        .with_max_read_buffer(state.node.client.max_message_size)
-        .with_read_buffer_capacity(4096)
-        .with_write_buffer_capacity(4096)
-        .with_utf8()
-        .with_no_delay();
+    // The same options as the bidirectional endpoint: small idle buffers, deflate when on.
+    let opts = crate::echo::websocket_options(&state, state.node.client.max_message_size);
     match ws.upgrade(opts) {
         Ok((response, upgrade)) => {
             tokio::spawn(async move {
@@ -179,17 +174,18 @@ where
                             }
                             deadline = session.next_wakeup();
                         }
-                        OpCode::Close => break 'conn None,
+                        OpCode::Close => {
+                            // Send the close frame the library queued in answer.
+                            crate::echo::finish(&mut ws, None).await;
+                            break 'conn None;
+                        }
                         // The client has nothing to say after connect.
                         _ => {}
                     },
                     Err(e) => {
                         tracing::debug!(client = %conn.id, error = %e, "uni websocket read ended");
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                            let _ = ws.flush().await;
-                            while ws.next_frame().await.is_ok() {}
-                        })
-                        .await;
+                        // Close with the matching code and read off what the client sent.
+                        crate::echo::finish(&mut ws, Some(e)).await;
                         break 'conn None;
                     }
                 }
