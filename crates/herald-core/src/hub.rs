@@ -161,13 +161,6 @@ impl Hub {
         false
     }
 
-    pub fn num_subscribers(&self, channel: &str) -> usize {
-        self.shard(channel)
-            .read()
-            .get(channel)
-            .map_or(0, |s| s.len())
-    }
-
     /// Every channel with local subscribers and their count.
     pub fn channels(&self) -> Vec<(String, u32)> {
         let mut out = Vec::new();

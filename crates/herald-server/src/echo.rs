@@ -57,7 +57,7 @@ pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
 }
 
 /// How long the closing handshake may take.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest message the echo endpoint takes: the conformance suite sends up to 16 MiB.
 const ECHO_MAX_MESSAGE: usize = 32 << 20;

@@ -388,6 +388,3 @@ pub async fn signal() {
         let _ = ctrl_c.await;
     }
 }
-
-/// Kept for callers that want the default drain bound.
-pub const DEFAULT_SHUTDOWN: Duration = Duration::from_secs(10);

@@ -6,7 +6,7 @@
 //! transports in `comet.rs`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -21,9 +21,8 @@ use yawc::close::CloseCode;
 use yawc::{Frame, OpCode, WebSocket};
 
 use crate::comet::{self, ConnectQuery, Mode};
+use crate::echo::CLOSE_TIMEOUT;
 use crate::server::AppState;
-
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /connection/uni_websocket`.
 pub async fn handle(

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
@@ -13,6 +13,7 @@ use herald_protocol::Disconnect;
 use yawc::close::CloseCode;
 use yawc::{Frame, OpCode, WebSocket};
 
+use crate::echo::CLOSE_TIMEOUT;
 use crate::server::AppState;
 
 /// Joins queued messages into one text frame, `\n`-separated (a single message is sent
@@ -48,10 +49,6 @@ where
         None => Ok(0),
     }
 }
-
-/// How long the goodbye (pending messages and the close frame) may take on a client that
-/// does not read.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one upgraded WebSocket connection until it ends.
 pub async fn serve<S>(state: AppState, mut ws: WebSocket<S>)
