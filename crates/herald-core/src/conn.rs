@@ -72,8 +72,18 @@ pub struct Drained {
     pub oldest_publication: Option<Instant>,
 }
 
+/// What a connection's client reads: the full protocol, or bare pushes only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Replies and `{"push":…}` messages (WebSocket, HTTP-streaming and SSE emulation).
+    Bidirectional,
+    /// Bare pushes, the first being `{"connect":…}`; the client sends nothing after connect.
+    Unidirectional,
+}
+
 pub struct ConnHandle {
     pub id: Arc<str>,
+    pub mode: Mode,
     user: parking_lot::RwLock<Arc<str>>,
     state: Mutex<Outbox>,
     notify: Notify,
@@ -90,8 +100,13 @@ impl std::fmt::Debug for ConnHandle {
 
 impl ConnHandle {
     pub fn new(id: Arc<str>, max_queue_bytes: usize) -> Self {
+        Self::with_mode(id, max_queue_bytes, Mode::Bidirectional)
+    }
+
+    pub fn with_mode(id: Arc<str>, max_queue_bytes: usize, mode: Mode) -> Self {
         Self {
             id,
+            mode,
             user: parking_lot::RwLock::new(Arc::from("")),
             state: Mutex::new(Outbox::default()),
             notify: Notify::new(),
@@ -175,7 +190,7 @@ impl ConnHandle {
                 // The live stream has caught up with the reply: no more filtering.
                 st.delivered_through.swap_remove(i);
             }
-            if self.push_locked(&mut st, msg.frame.clone()) {
+            if self.push_locked(&mut st, self.frame_for(&msg.frame)) {
                 st.oldest_publication.get_or_insert(msg.received);
             }
         }
@@ -190,9 +205,17 @@ impl ConnHandle {
             if st.buffering.iter().any(|(c, _)| &**c == channel) {
                 return;
             }
-            self.push_locked(&mut st, frame);
+            self.push_locked(&mut st, self.frame_for(&frame));
         }
         self.notify.notify_one();
+    }
+
+    /// A push encoded once for every subscriber, as this connection's client reads it.
+    pub fn frame_for(&self, frame: &Bytes) -> Bytes {
+        match self.mode {
+            Mode::Bidirectional => frame.clone(),
+            Mode::Unidirectional => herald_protocol::client::push_body(frame),
+        }
     }
 
     pub fn start_buffering(&self, channel: &str) {
@@ -285,6 +308,35 @@ impl ConnHandle {
             closing: st.closing.clone(),
             oldest_publication: st.oldest_publication.take(),
         }
+    }
+
+    /// Takes the queued frames only, leaving controls for when the session is free to take
+    /// them (frames keep flowing while the session waits on the engine).
+    pub fn drain_frames(&self) -> (VecDeque<Bytes>, Option<Instant>) {
+        let mut st = self.state.lock();
+        st.bytes = 0;
+        (std::mem::take(&mut st.frames), st.oldest_publication.take())
+    }
+
+    /// Whether a control waits to be handled.
+    pub fn has_controls(&self) -> bool {
+        !self.state.lock().controls.is_empty()
+    }
+
+    /// Wakes the connection's task (it rechecks its queue).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Channels in the middle of being subscribed (joined to the hub, reply not yet queued):
+    /// what a connection cut short mid-subscribe still has to leave.
+    pub fn buffering_channels(&self) -> Vec<Arc<str>> {
+        self.state
+            .lock()
+            .buffering
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect()
     }
 
     pub fn queued_bytes(&self) -> usize {

@@ -3,9 +3,11 @@
 
 pub mod auth;
 pub mod channel;
+pub mod clock;
 pub mod conn;
 pub mod duration;
 pub mod engine;
+pub mod failure;
 pub mod hub;
 pub mod metrics;
 pub mod node;

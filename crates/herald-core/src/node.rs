@@ -15,8 +15,7 @@ use crate::auth::TokenVerifier;
 use crate::channel;
 
 use crate::engine::{
-    ControlCommand, Engine, EngineError, HistoryQuery, HistoryResult, PublishOptions,
-    StreamPosition,
+    ControlCommand, Engine, HistoryQuery, HistoryResult, PublishOptions, StreamPosition,
 };
 use crate::hub::{BrokerHandler, Hub};
 use crate::metrics::{InstrumentedEngine, Metrics};
@@ -44,14 +43,6 @@ pub struct Node {
     /// Metric handles (see `crate::metrics`).
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
-}
-
-impl From<EngineError> for ProtocolError {
-    fn from(e: EngineError) -> Self {
-        // Logged as a warning, with the operation, where it failed (`InstrumentedEngine`).
-        tracing::debug!(error = %e, "engine error answered as internal error");
-        ErrorCode::INTERNAL.error()
-    }
 }
 
 /// Publication time in milliseconds since the Unix epoch.

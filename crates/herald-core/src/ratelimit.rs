@@ -33,7 +33,7 @@ impl CommandBucket {
         Self::starting(rate, burst, Instant::now())
     }
 
-    fn starting(rate: u32, burst: u32, now: Instant) -> Option<Self> {
+    pub fn starting(rate: u32, burst: u32, now: Instant) -> Option<Self> {
         if rate == 0 {
             return None;
         }

@@ -1,50 +1,35 @@
 //! The per-connection state machine: connect and auth, subscribe with recovery, publish,
-//! presence, history, ping/pong, token refresh and limits. It does no socket I/O: the
-//! transport feeds it frames and timer ticks and drains the connection's outbox.
+//! presence, history, ping/pong, token refresh and limits. It does no socket I/O and reads no
+//! clock: the connection driver hands it frames, controls and the time (`Now`), and drains
+//! the connection's outbox, where the session queues frames already encoded for its client's
+//! mode (full protocol or bare pushes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use herald_protocol::client::{
     ClientInfo, Command, ConnectRequest, ConnectResult, HistoryResult, Push, RefreshResult, Reply,
-    SubscribeResult, UnsubscribePush, split_commands,
+    SubscribeResult, UnsubscribePush, encode_bare_push, encode_uni_connect, parse_uni_connect,
+    split_commands,
 };
 use herald_protocol::json::Raw;
 use herald_protocol::{Disconnect, ErrorCode, ProtocolError, codes};
 
-use crate::auth::{self, TokenError, unix_now};
+use crate::auth;
 use crate::channel;
-use crate::conn::{ConnHandle, Control, PubMessage};
+use crate::clock::Now;
+use crate::conn::{ConnHandle, Control, Mode, PubMessage};
 use crate::engine::StreamPosition;
+use crate::failure::{self, Fail, TokenUse};
 use crate::metrics::CommandKind;
 use crate::node::{Node, VERSION};
 use crate::options::NamespaceOptions;
 use crate::recovery;
 
-/// Why a command failed: an error reply, or the end of the connection.
-#[derive(Debug)]
-pub enum Fail {
-    Error(ProtocolError),
-    Disconnect(Disconnect),
-}
-
-impl From<ProtocolError> for Fail {
-    fn from(e: ProtocolError) -> Self {
-        Fail::Error(e)
-    }
-}
-impl From<ErrorCode> for Fail {
-    fn from(e: ErrorCode) -> Self {
-        Fail::Error(e.error())
-    }
-}
-impl From<codes::KnownDisconnect> for Fail {
-    fn from(d: codes::KnownDisconnect) -> Self {
-        Fail::Disconnect(d.into())
-    }
-}
+/// The id of the connect command a unidirectional client's connect request becomes.
+const UNI_CONNECT_ID: u32 = 1;
 
 struct Sub {
     presence: bool,
@@ -82,6 +67,8 @@ pub struct Session {
     node: Arc<Node>,
     conn: Arc<ConnHandle>,
     connected: bool,
+    /// A unidirectional client's connect request has been read (later messages are ignored).
+    connect_seen: bool,
     created: Instant,
     user: String,
     conn_info: Option<Raw>,
@@ -89,41 +76,50 @@ pub struct Session {
     subs: HashMap<String, Sub>,
     next_ping: Instant,
     awaiting_pong: Option<Instant>,
-    /// False on unidirectional transports: the client cannot answer pings.
-    expects_pong: bool,
+    /// What the connect reply calls the session (the client id unless a transport routes
+    /// later commands by another name, as HTTP-streaming and SSE emulation do).
+    session_id: Option<String>,
     closed: bool,
     /// Command rate limit (`client.command_rate`); None when unlimited.
     rate: Option<crate::ratelimit::CommandBucket>,
 }
 
 impl Session {
-    pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>) -> Self {
-        let now = Instant::now();
-        let rate = crate::ratelimit::CommandBucket::new(
+    /// A session for `conn`, whose mode says what its client reads; `now` starts the connect
+    /// timeout.
+    pub fn new(node: Arc<Node>, conn: Arc<ConnHandle>, now: Instant) -> Self {
+        let rate = crate::ratelimit::CommandBucket::starting(
             node.client.command_rate,
             node.client.command_burst,
+            now,
         );
         Self {
             next_ping: now + node.client.ping_interval,
             node,
             conn,
             connected: false,
+            connect_seen: false,
             created: now,
             user: String::new(),
             conn_info: None,
             expire_at: None,
             subs: HashMap::new(),
             awaiting_pong: None,
-            expects_pong: true,
+            session_id: None,
             closed: false,
             rate,
         }
     }
 
-    /// For transports where the client cannot send (unidirectional): pings still go out as
-    /// keep-alives, but no pong is expected and the connect result says `pong: false`.
-    pub fn set_unidirectional(&mut self) {
-        self.expects_pong = false;
+    /// Names the session in the connect reply (the token later commands are routed by).
+    pub fn set_session_id(&mut self, id: String) {
+        self.session_id = Some(id);
+    }
+
+    /// Unidirectional clients cannot answer pings: they still get them as keep-alives, but
+    /// no pong is expected and the connect result says `pong: false`.
+    fn expects_pong(&self) -> bool {
+        self.conn.mode == Mode::Bidirectional
     }
 
     pub fn conn(&self) -> &Arc<ConnHandle> {
@@ -142,8 +138,44 @@ impl Session {
         self.subs.keys().map(|s| s.as_str())
     }
 
+    /// Queues a reply to a command. Unidirectional clients read only the connect result
+    /// (as `{"connect":…}`); they cannot have sent any other command.
     fn send(&self, reply: &Reply) {
-        self.conn.send(reply.encode());
+        match self.conn.mode {
+            Mode::Bidirectional => {
+                self.conn.send(reply.encode());
+            }
+            Mode::Unidirectional => {
+                if let Some(result) = &reply.connect {
+                    self.conn.send(encode_uni_connect(result));
+                }
+            }
+        }
+    }
+
+    /// Queues a server push in the client's form.
+    fn push(&self, push: Push) {
+        let frame = match self.conn.mode {
+            Mode::Bidirectional => Reply::push(push).encode(),
+            Mode::Unidirectional => encode_bare_push(&push),
+        };
+        self.conn.send(frame);
+    }
+
+    /// The disconnect push telling the client why it is being closed, in its form.
+    pub fn goodbye(&self, d: &Disconnect) -> Bytes {
+        let push = Push {
+            disconnect: Some(herald_protocol::client::DisconnectPush {
+                code: d.code,
+                reason: d.reason.clone(),
+                reconnect: d.reconnect(),
+            }),
+            ..Default::default()
+        };
+        match self.conn.mode {
+            Mode::Bidirectional => Reply::push(push).encode(),
+            Mode::Unidirectional => encode_bare_push(&push),
+        }
     }
 
     fn client_info(&self, chan_info: Option<Raw>) -> ClientInfo {
@@ -155,17 +187,26 @@ impl Session {
         }
     }
 
-    /// Handles one incoming text frame: one or more `\n`-separated commands.
-    pub async fn handle_frame(&mut self, data: &[u8]) -> Result<(), Disconnect> {
+    /// Handles one incoming frame. Bidirectional: one or more `\n`-separated commands.
+    /// Unidirectional: the first message is the connect request, later ones are ignored.
+    pub async fn handle_frame(&mut self, data: &[u8], now: Now) -> Result<(), Disconnect> {
+        if self.conn.mode == Mode::Unidirectional {
+            if std::mem::replace(&mut self.connect_seen, true) {
+                return Ok(());
+            }
+            let req =
+                parse_uni_connect(data).map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
+            return self.handle_command(uni_connect_command(req), now).await;
+        }
         for line in split_commands(data) {
             let cmd: Command = serde_json::from_slice(line)
                 .map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
-            self.handle_command(cmd).await?;
+            self.handle_command(cmd, now).await?;
         }
         Ok(())
     }
 
-    pub async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
+    pub async fn handle_command(&mut self, cmd: Command, now: Now) -> Result<(), Disconnect> {
         let kind = CommandKind::of(&cmd);
         if kind == CommandKind::Pong {
             self.node.metrics.command(kind, None);
@@ -177,11 +218,14 @@ impl Session {
             return Err(Disconnect::BAD_REQUEST.into());
         }
         if let Some(bucket) = self.rate.as_mut() {
-            match bucket.take(Instant::now()) {
+            match bucket.take(now.mono) {
                 crate::ratelimit::Verdict::Allow => {}
                 crate::ratelimit::Verdict::Refuse => {
                     let e = ErrorCode::TOO_MANY_REQUESTS;
                     self.node.metrics.command(kind, Some(e.code));
+                    if self.conn.mode == Mode::Unidirectional {
+                        return Err(failure::unidirectional_connect(&e.error()));
+                    }
                     if id != 0 {
                         self.send(&Reply::error(id, e.error()));
                     }
@@ -194,13 +238,13 @@ impl Session {
         }
         let outcome = if !self.connected {
             match cmd.connect {
-                Some(req) => self.cmd_connect(id, req).await,
+                Some(req) => self.cmd_connect(id, req, now).await,
                 None => return Err(Disconnect::BAD_REQUEST.into()),
             }
         } else if cmd.connect.is_some() {
             return Err(Disconnect::BAD_REQUEST.into());
         } else if let Some(req) = cmd.subscribe {
-            self.cmd_subscribe(id, req).await
+            self.cmd_subscribe(id, req, now).await
         } else if let Some(req) = cmd.unsubscribe {
             self.unsubscribe(&req.channel, None).await;
             Ok(Some(Reply {
@@ -217,9 +261,10 @@ impl Session {
         } else if let Some(req) = cmd.history {
             self.cmd_history(id, req).await
         } else if let Some(req) = cmd.refresh {
-            self.cmd_refresh(id, &req.token).await
+            self.cmd_refresh(id, &req.token, now).await
         } else if let Some(req) = cmd.sub_refresh {
-            self.cmd_sub_refresh(id, &req.channel, &req.token).await
+            self.cmd_sub_refresh(id, &req.channel, &req.token, now)
+                .await
         } else if cmd.rpc.is_some() {
             // No RPC handler is configured on this node.
             Err(ErrorCode::METHOD_NOT_FOUND.into())
@@ -237,23 +282,42 @@ impl Session {
         match outcome {
             Ok(Some(reply)) => self.send(&reply),
             Ok(None) => {}
+            Err(Fail::Error(e)) if self.conn.mode == Mode::Unidirectional => {
+                return Err(failure::unidirectional_connect(&e));
+            }
             Err(Fail::Error(e)) => self.send(&Reply::error(id, e)),
             Err(Fail::Disconnect(d)) => return Err(d),
         }
         Ok(())
     }
 
-    fn ttl_fields(expire_at: Option<u64>) -> (bool, u32) {
+    /// `expires` and `ttl` of a result for an expiry at `expire_at` (Unix seconds).
+    fn ttl_fields(expire_at: Option<u64>, now: Now) -> (bool, u32) {
         match expire_at {
             Some(at) => (
                 true,
-                at.saturating_sub(unix_now()).min(u32::MAX as u64) as u32,
+                at.saturating_sub(now.unix).min(u64::from(u32::MAX)) as u32,
             ),
             None => (false, 0),
         }
     }
 
-    async fn cmd_connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<Reply>, Fail> {
+    /// The expiry a token's claims give (`expire_at` wins over `exp`; 0 means none), clamped.
+    fn token_expiry(expire_at: Option<u64>, exp: Option<u64>, now: Now) -> Option<u64> {
+        let at = match expire_at {
+            Some(0) => None,
+            Some(at) => Some(at),
+            None => exp,
+        };
+        now.clamp_expiry(at)
+    }
+
+    async fn cmd_connect(
+        &mut self,
+        id: u32,
+        req: ConnectRequest,
+        now: Now,
+    ) -> Result<Option<Reply>, Fail> {
         if self.node.is_draining() {
             return Err(Disconnect::SHUTDOWN.into());
         }
@@ -263,27 +327,21 @@ impl Session {
                 return Err(ErrorCode::UNAUTHORIZED.into());
             }
         } else {
-            let claims = match self.node.tokens.check_connect(&req.token).await {
-                Ok(c) => c,
-                Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-                Err(TokenError::Invalid(e)) => {
-                    tracing::debug!(error = %e, "connection token refused");
-                    return Err(Disconnect::INVALID_TOKEN.into());
-                }
-            };
+            let claims = self
+                .node
+                .tokens
+                .check_connect(&req.token)
+                .await
+                .map_err(|e| failure::token(e, TokenUse::Connect))?;
             if claims.sub.is_empty() && !self.node.client.allow_anonymous {
                 return Err(Disconnect::INVALID_TOKEN.into());
             }
             self.conn_info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
                 .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
             self.user = claims.sub;
-            self.expire_at = match claims.expire_at {
-                Some(0) => None,
-                Some(at) => Some(at),
-                None => claims.exp,
-            };
+            self.expire_at = Self::token_expiry(claims.expire_at, claims.exp, now);
             if let Some(at) = self.expire_at
-                && at <= unix_now()
+                && at <= now.unix
             {
                 return Err(ErrorCode::TOKEN_EXPIRED.into());
             }
@@ -318,7 +376,7 @@ impl Session {
                 offset: r.offset,
                 ..Default::default()
             };
-            match self.prepare_subscription(&ch, params).await {
+            match self.prepare_subscription(&ch, params, now).await {
                 Ok(p) => prepared.push(p),
                 Err(Fail::Disconnect(d)) => return Err(Fail::Disconnect(d)),
                 Err(Fail::Error(e)) => {
@@ -326,7 +384,7 @@ impl Session {
                 }
             }
         }
-        let (expires, ttl) = Self::ttl_fields(self.expire_at);
+        let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
         let mut result = ConnectResult {
             client: self.conn.id.to_string(),
             version: VERSION.to_string(),
@@ -335,19 +393,23 @@ impl Session {
             data: None,
             subs: BTreeMap::new(),
             ping: self.node.client.ping_interval.as_secs() as u32,
-            pong: self.expects_pong,
-            session: self.conn.id.to_string(),
+            pong: self.expects_pong(),
+            session: self
+                .session_id
+                .clone()
+                .unwrap_or_else(|| self.conn.id.to_string()),
             node: self.node.id.clone(),
         };
-        self.next_ping = Instant::now() + self.node.client.ping_interval;
+        self.next_ping = now.mono + self.node.client.ping_interval;
         let channels: Vec<String> = prepared.iter().map(|p| p.channel.clone()).collect();
         let refs: Vec<&str> = channels.iter().map(|s| s.as_str()).collect();
         let mut settled = Vec::new();
+        let conn = self.conn.clone();
         self.conn.complete_buffering(&refs, |held| {
             let mut trailing = Vec::new();
             let mut through = Vec::new();
             for (mut p, live) in prepared.into_iter().zip(held) {
-                let (frames, upto) = settle(&mut p, live);
+                let (frames, upto) = settle(&mut p, live, &conn);
                 trailing.extend(frames);
                 through.push(upto);
                 result
@@ -355,14 +417,15 @@ impl Session {
                     .insert(p.channel.clone(), std::mem::take(&mut p.result));
                 settled.push(p);
             }
-            let mut frames = vec![
-                Reply {
+            let mut frames = vec![match conn.mode {
+                Mode::Bidirectional => Reply {
                     id,
                     connect: Some(result),
                     ..Default::default()
                 }
                 .encode(),
-            ];
+                Mode::Unidirectional => encode_uni_connect(&result),
+            }];
             frames.extend(trailing);
             (frames, through)
         });
@@ -390,32 +453,28 @@ impl Session {
         &self,
         ch: &str,
         token: &str,
+        usage: TokenUse,
+        now: Now,
     ) -> Result<(Option<Raw>, Option<u64>), Fail> {
-        let claims = match self.node.tokens.check_subscribe(token).await {
-            Ok(c) => c,
-            Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-            Err(TokenError::Invalid(e)) => {
-                tracing::debug!(error = %e, channel = %ch, "subscription token refused");
-                return Err(Disconnect::INVALID_TOKEN.into());
-            }
-        };
+        let claims = self
+            .node
+            .tokens
+            .check_subscribe(token)
+            .await
+            .map_err(|e| failure::token(e, usage))?;
         if claims.sub != self.user || claims.channel != ch {
-            return Err(Disconnect::INVALID_TOKEN.into());
+            return Err(failure::token_mismatch());
         }
         let info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
             .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
-        let expire_at = match claims.expire_at {
-            Some(0) => None,
-            Some(at) => Some(at),
-            None => claims.exp,
-        };
-        Ok((info, expire_at))
+        Ok((info, Self::token_expiry(claims.expire_at, claims.exp, now)))
     }
 
     async fn cmd_subscribe(
         &mut self,
         id: u32,
         req: herald_protocol::client::SubscribeRequest,
+        now: Now,
     ) -> Result<Option<Reply>, Fail> {
         let ch = req.channel.as_str();
         if ch.is_empty() || ch.len() > self.node.client.channel_max_length {
@@ -435,7 +494,9 @@ impl Session {
             if req.token.is_empty() {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
-            (chan_info, expire_at) = self.check_sub_token(ch, &req.token).await?;
+            (chan_info, expire_at) = self
+                .check_sub_token(ch, &req.token, TokenUse::Subscribe, now)
+                .await?;
         } else if let Some(allowed) = channel::user_allowed(ch, &self.user) {
             if !allowed {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
@@ -461,24 +522,35 @@ impl Session {
             data: None,
             expire_at,
         };
-        let prepared = self.prepare_subscription(ch, params).await?;
-        self.finish_subscription(prepared, |result| Reply {
-            id,
-            subscribe: Some(result),
-            ..Default::default()
+        let prepared = self.prepare_subscription(ch, params, now).await?;
+        let mode = self.conn.mode;
+        self.finish_subscription(prepared, |result| {
+            (mode == Mode::Bidirectional).then(|| {
+                Reply {
+                    id,
+                    subscribe: Some(result),
+                    ..Default::default()
+                }
+                .encode()
+            })
         });
         Ok(None)
     }
 
     /// Joins the hub first (buffering), then reads the stream position and, when recovering,
     /// the missed publications. The reply is queued by `finish_subscription`.
-    async fn prepare_subscription(&mut self, ch: &str, p: SubParams) -> Result<Prepared, Fail> {
+    async fn prepare_subscription(
+        &mut self,
+        ch: &str,
+        p: SubParams,
+        now: Now,
+    ) -> Result<Prepared, Fail> {
         let node = self.node.clone();
         let ns: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
         let push_join_leave = ns.join_leave && (p.join_leave || ns.force_push_join_leave);
         self.conn.start_buffering(ch);
         let first = node.hub.add_subscriber(ch, &self.conn, push_join_leave);
-        match self.position_subscription(ch, ns, first, &p).await {
+        match self.position_subscription(ch, ns, first, &p, now).await {
             Ok((result, history, recovering, after)) => Ok(Prepared {
                 channel: ch.to_string(),
                 result: SubscribeResult {
@@ -514,6 +586,7 @@ impl Session {
         ns: &NamespaceOptions,
         first: bool,
         p: &SubParams,
+        now: Now,
     ) -> Result<
         (
             SubscribeResult,
@@ -543,7 +616,7 @@ impl Session {
         let history = ns.history_enabled();
         let recoverable = history && (ns.force_recovery || p.recoverable);
         let positioned = history && (ns.force_positioning || p.positioned || recoverable);
-        let (expires, ttl) = Self::ttl_fields(p.expire_at);
+        let (expires, ttl) = Self::ttl_fields(p.expire_at, now);
         let mut result = SubscribeResult {
             expires,
             ttl,
@@ -591,13 +664,15 @@ impl Session {
     fn finish_subscription(
         &mut self,
         mut p: Prepared,
-        reply: impl FnOnce(SubscribeResult) -> Reply,
+        reply: impl FnOnce(SubscribeResult) -> Option<Bytes>,
     ) {
         let ch = p.channel.clone();
+        let conn = self.conn.clone();
         self.conn.complete_buffering(&[ch.as_str()], |mut held| {
             let live = held.pop().unwrap_or_default();
-            let (trailing, through) = settle(&mut p, live);
-            let mut frames = vec![reply(std::mem::take(&mut p.result)).encode()];
+            let (trailing, through) = settle(&mut p, live, &conn);
+            let mut frames = Vec::with_capacity(trailing.len() + 1);
+            frames.extend(reply(std::mem::take(&mut p.result)));
             frames.extend(trailing);
             (frames, vec![through])
         });
@@ -611,11 +686,11 @@ impl Session {
         };
         self.leave(ch, sub).await;
         if let Some((code, reason)) = push {
-            self.send(&Reply::push(Push {
+            self.push(Push {
                 channel: ch.to_string(),
                 unsubscribe: Some(UnsubscribePush { code, reason }),
                 ..Default::default()
-            }));
+            });
         }
     }
 
@@ -736,21 +811,18 @@ impl Session {
         }))
     }
 
-    async fn cmd_refresh(&mut self, id: u32, token: &str) -> Result<Option<Reply>, Fail> {
-        let claims = match self.node.tokens.check_connect(token).await {
-            Ok(c) => c,
-            Err(TokenError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
-        };
+    async fn cmd_refresh(&mut self, id: u32, token: &str, now: Now) -> Result<Option<Reply>, Fail> {
+        let claims = self
+            .node
+            .tokens
+            .check_connect(token)
+            .await
+            .map_err(|e| failure::token(e, TokenUse::Refresh))?;
         if claims.sub != self.user {
-            return Err(Disconnect::INVALID_TOKEN.into());
+            return Err(failure::token_mismatch());
         }
-        self.expire_at = match claims.expire_at {
-            Some(0) => None,
-            Some(at) => Some(at),
-            None => claims.exp,
-        };
-        let (expires, ttl) = Self::ttl_fields(self.expire_at);
+        self.expire_at = Self::token_expiry(claims.expire_at, claims.exp, now);
+        let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
         Ok(Some(Reply {
             id,
             refresh: Some(RefreshResult { expires, ttl }),
@@ -763,15 +835,18 @@ impl Session {
         id: u32,
         ch: &str,
         token: &str,
+        now: Now,
     ) -> Result<Option<Reply>, Fail> {
         if !self.subs.contains_key(ch) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (_, expire_at) = self.check_sub_token(ch, token).await?;
+        let (_, expire_at) = self
+            .check_sub_token(ch, token, TokenUse::SubRefresh, now)
+            .await?;
         if let Some(sub) = self.subs.get_mut(ch) {
             sub.expire_at = expire_at;
         }
-        let (expires, ttl) = Self::ttl_fields(expire_at);
+        let (expires, ttl) = Self::ttl_fields(expire_at, now);
         Ok(Some(Reply {
             id,
             sub_refresh: Some(RefreshResult { expires, ttl }),
@@ -780,9 +855,9 @@ impl Session {
     }
 
     /// Carries out what the server API asked of this connection.
-    pub async fn handle_control(&mut self, c: Control) -> Result<(), Disconnect> {
+    pub async fn handle_control(&mut self, c: Control, now: Now) -> Result<(), Disconnect> {
         if let Control::Commands(data) = c {
-            return self.handle_frame(&data).await;
+            return self.handle_frame(&data, now).await;
         }
         if !self.connected {
             return Ok(());
@@ -809,14 +884,19 @@ impl Session {
                     data: data.map(herald_protocol::json::single_line),
                     ..Default::default()
                 };
-                match self.prepare_subscription(&channel, params).await {
+                match self.prepare_subscription(&channel, params, now).await {
                     Ok(p) => {
                         let ch = channel.clone();
+                        let mode = self.conn.mode;
                         self.finish_subscription(p, move |result| {
-                            Reply::push(Push {
+                            let push = Push {
                                 channel: ch,
                                 subscribe: Some(result),
                                 ..Default::default()
+                            };
+                            Some(match mode {
+                                Mode::Bidirectional => Reply::push(push).encode(),
+                                Mode::Unidirectional => encode_bare_push(&push),
                             })
                         });
                     }
@@ -830,44 +910,43 @@ impl Session {
                 if expired {
                     return Err(Disconnect::EXPIRED.into());
                 }
-                self.expire_at = expire_at.filter(|a| *a > 0);
-                let (expires, ttl) = Self::ttl_fields(self.expire_at);
-                self.send(&Reply::push(Push {
+                self.expire_at = now.clamp_expiry(expire_at);
+                let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
+                self.push(Push {
                     refresh: Some(RefreshResult { expires, ttl }),
                     ..Default::default()
-                }));
+                });
             }
         }
         Ok(())
     }
 
     /// Timer work: connect timeout, pings, missing pongs, expiry. Returns when to call again.
-    pub async fn tick(&mut self, now: Instant) -> Result<Instant, Disconnect> {
+    pub async fn tick(&mut self, now: Now) -> Result<Instant, Disconnect> {
         let node = self.node.clone();
         let opts = &node.client;
         if !self.connected {
             let deadline = self.created + opts.connect_timeout;
-            if now >= deadline {
+            if now.mono >= deadline {
                 return Err(Disconnect::STALE.into());
             }
             return Ok(deadline);
         }
         if let Some(sent) = self.awaiting_pong
-            && now >= sent + opts.pong_timeout
+            && now.mono >= sent + opts.pong_timeout
         {
             return Err(Disconnect::NO_PONG.into());
         }
-        let unix = unix_now();
         let grace = opts.expired_close_delay.as_secs();
         if let Some(at) = self.expire_at
-            && unix >= at + grace
+            && now.unix >= at.saturating_add(grace)
         {
             return Err(Disconnect::EXPIRED.into());
         }
         let expired: Vec<String> = self
             .subs
             .iter()
-            .filter(|(_, s)| s.expire_at.is_some_and(|at| unix >= at))
+            .filter(|(_, s)| s.expire_at.is_some_and(|at| now.unix >= at))
             .map(|(c, _)| c.clone())
             .collect();
         for ch in expired {
@@ -875,19 +954,19 @@ impl Session {
             self.unsubscribe(&ch, Some((code, reason.to_string())))
                 .await;
         }
-        if now >= self.next_ping {
+        if now.mono >= self.next_ping {
             // The ping is an empty message; clients answer with an empty command.
             self.conn.send(Bytes::from_static(b"{}"));
-            if self.awaiting_pong.is_none() && self.expects_pong {
-                self.awaiting_pong = Some(now);
+            if self.awaiting_pong.is_none() && self.expects_pong() {
+                self.awaiting_pong = Some(now.mono);
             }
-            self.next_ping = now + opts.ping_interval;
+            self.next_ping = now.mono + opts.ping_interval;
         }
-        Ok(self.next_wakeup())
+        Ok(self.next_wakeup(now))
     }
 
     /// When `tick` must run next: connect timeout, ping, pong deadline or an expiry.
-    pub fn next_wakeup(&self) -> Instant {
+    pub fn next_wakeup(&self, now: Now) -> Instant {
         let opts = &self.node.client;
         if !self.connected {
             return self.created + opts.connect_timeout;
@@ -899,13 +978,12 @@ impl Session {
         let grace = opts.expired_close_delay.as_secs();
         let soonest_expiry = self
             .expire_at
-            .map(|at| at + grace)
+            .map(|at| at.saturating_add(grace))
             .into_iter()
             .chain(self.subs.values().filter_map(|s| s.expire_at))
             .min();
         if let Some(at) = soonest_expiry {
-            let wait = Duration::from_secs(at.saturating_sub(unix_now()));
-            next = next.min(Instant::now() + wait);
+            next = next.min(now.mono_at(at));
         }
         next
     }
@@ -919,6 +997,15 @@ impl Session {
         let subs: Vec<(String, Sub)> = self.subs.drain().collect();
         for (ch, sub) in subs {
             self.leave(&ch, sub).await;
+        }
+        // A connection cut short in the middle of a subscribe (panic, timeout) is in the hub
+        // for channels it has no subscription for yet.
+        for ch in self.conn.buffering_channels() {
+            self.conn.cancel_buffering(&ch);
+            if self.node.hub.remove_subscriber(&ch, &self.conn.id) {
+                let _ = self.node.engine.unsubscribe(&ch).await;
+            }
+            let _ = self.node.engine.remove_presence(&ch, &self.conn.id).await;
         }
         // The transport records why the connection ended with `ConnHandle::close` before
         // calling this; no reason recorded means the client or the network closed it.
@@ -937,9 +1024,9 @@ impl Session {
 /// Finalises a subscription's result with what arrived live while it was being positioned;
 /// returns the live frames that follow the reply and the offset through which the client
 /// then has the stream (0 when the subscription is not positioned).
-fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> (Vec<Bytes>, u64) {
+fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> (Vec<Bytes>, u64) {
     if !p.result.positioned {
-        return (live.iter().map(|m| m.frame.clone()).collect(), 0);
+        return (live.iter().map(|m| conn.frame_for(&m.frame)).collect(), 0);
     }
     let top = p.result.offset;
     if p.recovering {
@@ -957,5 +1044,17 @@ fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>) -> (Vec<Bytes>, u64) {
     }
     let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
     let through = after.last().map_or(top, |m| m.publication.offset).max(top);
-    (after.iter().map(|m| m.frame.clone()).collect(), through)
+    (
+        after.iter().map(|m| conn.frame_for(&m.frame)).collect(),
+        through,
+    )
+}
+
+/// The connect command a unidirectional client's connect request stands for.
+fn uni_connect_command(req: ConnectRequest) -> Command {
+    Command {
+        id: UNI_CONNECT_ID,
+        connect: Some(req),
+        ..Default::default()
+    }
 }

@@ -502,3 +502,62 @@ pub fn encode_join_leave_push(channel: &str, info: &ClientInfo, join: bool) -> b
     .unwrap_or_default()
     .into()
 }
+
+/// The push object inside a frame this module encoded as `{"push":…}` (a publication, join or
+/// leave push, or `Reply::push`), without copying: unidirectional clients read bare pushes,
+/// and the hub encodes each publication once for both kinds of client.
+pub fn push_body(frame: &bytes::Bytes) -> bytes::Bytes {
+    const PREFIX: &[u8] = b"{\"push\":";
+    if frame.len() > PREFIX.len() && frame.starts_with(PREFIX) && frame.ends_with(b"}") {
+        frame.slice(PREFIX.len()..frame.len() - 1)
+    } else {
+        frame.clone()
+    }
+}
+
+/// A bare push, as unidirectional clients read it.
+pub fn encode_bare_push(push: &Push) -> bytes::Bytes {
+    serde_json::to_vec(push).unwrap_or_default().into()
+}
+
+/// The first message of a unidirectional connection: `{"connect":{…}}`.
+pub fn encode_uni_connect(result: &ConnectResult) -> bytes::Bytes {
+    #[derive(Serialize)]
+    struct UniConnect<'a> {
+        connect: &'a ConnectResult,
+    }
+    serde_json::to_vec(&UniConnect { connect: result })
+        .unwrap_or_default()
+        .into()
+}
+
+/// A unidirectional connect request: `{token, data, subs, name, version}`. An empty body or
+/// `null` is an empty request (anonymous, when allowed).
+pub fn parse_uni_connect(data: &[u8]) -> Result<ConnectRequest, serde_json::Error> {
+    if data.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ConnectRequest::default());
+    }
+    serde_json::from_slice::<Option<ConnectRequest>>(data).map(Option::unwrap_or_default)
+}
+
+#[cfg(test)]
+mod uni_tests {
+    use super::*;
+
+    #[test]
+    fn push_body_is_a_slice_of_the_frame() {
+        let f = bytes::Bytes::from_static(br#"{"push":{"channel":"a","pub":{"data":1}}}"#);
+        let body = push_body(&f);
+        assert_eq!(&body[..], br#"{"channel":"a","pub":{"data":1}}"#);
+        assert_eq!(body.as_ptr(), f[8..].as_ptr());
+        assert_eq!(&push_body(&bytes::Bytes::from_static(b"{}"))[..], b"{}");
+    }
+
+    #[test]
+    fn uni_connect_request_parsing() {
+        assert!(parse_uni_connect(b"").unwrap().token.is_empty());
+        assert!(parse_uni_connect(b"null").unwrap().token.is_empty());
+        assert_eq!(parse_uni_connect(b"{\"token\":\"t\"}").unwrap().token, "t");
+        assert!(parse_uni_connect(b"{\"token\":").is_err());
+    }
+}

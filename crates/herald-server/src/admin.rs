@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::server::AppState;
+use crate::state::AppState;
 
 const PAGE: &str = include_str!("admin.html");
 const COOKIE: &str = "herald_admin";

@@ -13,7 +13,7 @@ use herald_protocol::{Disconnect, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Compares in time independent of where the inputs differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::config::Config;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Whether a request from `origin` may open a client connection. Patterns are globs (`*`
 /// matches any run of characters), compared without regard to ASCII case. An empty list

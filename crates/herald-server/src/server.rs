@@ -3,69 +3,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herald_core::Node;
 use herald_core::engine::memory::MemoryEngine;
 use herald_core::metrics::Metrics;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::config::{Config, EngineKind};
+use crate::state::{AppState, Tracker};
 
-/// Counts live connections so shutdown can wait for them.
-#[derive(Default)]
-pub struct Tracker {
-    live: AtomicUsize,
-    idle: Notify,
-}
-
-pub struct TrackGuard(Arc<Tracker>);
-
-impl Drop for TrackGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-impl Tracker {
-    pub fn enter(self: &Arc<Self>) -> TrackGuard {
-        self.live.fetch_add(1, Ordering::AcqRel);
-        TrackGuard(self.clone())
-    }
-
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Acquire)
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            if self.live() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct AppState {
-    pub node: Arc<Node>,
-    pub config: Arc<Config>,
-    pub tracker: Arc<Tracker>,
-    /// Metrics exporter, drain switch, admin sessions.
-    pub ops: Arc<crate::ops::Ops>,
-}
-
-/// A running node (for the binary and for tests).
 pub struct Server {
     pub addr: SocketAddr,
     /// The operations listener (`admin.listen`), when configured apart from `addr`.
@@ -153,20 +102,35 @@ pub fn router(state: AppState) -> Router {
         Router::new()
     };
     Router::new()
-        .route("/connection/websocket", get(websocket))
-        .route("/connection/http_stream", post(crate::comet::http_stream))
-        .route("/connection/sse", get(crate::comet::sse))
-        .route("/emulation", post(crate::emulation::handle))
+        .route(
+            "/connection/websocket",
+            get(crate::transport::websocket::bidi::handle),
+        )
+        .route(
+            "/connection/http_stream",
+            post(crate::transport::stream::http_stream),
+        )
+        .route("/connection/sse", get(crate::transport::stream::sse))
+        .route(
+            "/emulation",
+            post(crate::transport::stream::emulation::handle),
+        )
         .route(
             "/connection/uni_http_stream",
-            post(crate::comet::uni_http_stream),
+            post(crate::transport::stream::uni_http_stream),
         )
         .route(
             "/connection/uni_sse",
-            get(crate::comet::uni_sse_get).post(crate::comet::uni_sse_post),
+            get(crate::transport::stream::uni_sse_get).post(crate::transport::stream::uni_sse_post),
         )
-        .route("/connection/uni_websocket", get(crate::uni_ws::handle))
-        .route("/connection/echo", get(crate::echo::handle))
+        .route(
+            "/connection/uni_websocket",
+            get(crate::transport::websocket::uni::handle),
+        )
+        .route(
+            "/connection/echo",
+            get(crate::transport::websocket::echo::handle),
+        )
         .route("/api/{method}", post(crate::api::handle))
         .merge(ops)
         .layer(axum::middleware::from_fn_with_state(
@@ -181,25 +145,6 @@ pub fn api_router(state: AppState) -> Router {
     Router::new()
         .route("/api/{method}", post(crate::api::handle))
         .with_state(state)
-}
-
-async fn websocket(State(state): State<AppState>, ws: yawc::IncomingUpgrade) -> Response {
-    if state.node.is_draining() {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let opts = crate::echo::websocket_options(&state, state.node.client.max_message_size);
-    match ws.upgrade(opts) {
-        Ok((response, upgrade)) => {
-            tokio::spawn(async move {
-                match upgrade.await {
-                    Ok(socket) => crate::ws::serve(state, socket).await,
-                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-                }
-            });
-            response.map(axum::body::Body::new)
-        }
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
-    }
 }
 
 /// Binds and serves. `listen` "host:0" picks a free port; see `Server::addr`.
@@ -248,7 +193,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (stop_background, background) = watch::channel(false);
     let (metrics, prometheus) = crate::ops::new_metrics();
     let node = build_node(&config, metrics).await?;
-    crate::emulation::install_sink(&node);
+    crate::transport::stream::emulation::install_sink(&node);
     if let Some(tls) = &tls {
         tls.spawn_reloader(background.clone());
     }

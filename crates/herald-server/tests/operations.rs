@@ -482,7 +482,7 @@ async fn engine_failures_are_counted_and_fail_readiness() {
             down: switch,
         })
     });
-    let state = herald_server::server::AppState {
+    let state = herald_server::state::AppState {
         node,
         config: Arc::new(config),
         tracker: Default::default(),

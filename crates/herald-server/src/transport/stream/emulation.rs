@@ -22,12 +22,12 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use herald_core::conn::{ConnHandle, Control};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// One stream reachable through `/emulation`.
 struct Route {
@@ -84,19 +84,9 @@ impl Registration {
 
     /// Puts this stream's token in the connect reply's `session` field, where the session
     /// wrote the client id. Replies other than a successful connect pass unchanged.
-    pub(crate) fn rewrite_connect_reply(&self, client_id: &str, reply: Bytes) -> Bytes {
-        let needle = format!("\"session\":\"{client_id}\"");
-        // `session` comes after `subs`, which may hold publications: the last match is the field.
-        let Some(at) = find_last(&reply, needle.as_bytes()) else {
-            return reply;
-        };
-        let mut out = BytesMut::with_capacity(reply.len() + self.token.len());
-        out.extend_from_slice(&reply[..at]);
-        out.extend_from_slice(b"\"session\":\"");
-        out.extend_from_slice(self.token.as_bytes());
-        out.extend_from_slice(b"\"");
-        out.extend_from_slice(&reply[at + needle.len()..]);
-        out.freeze()
+    /// What the connect reply names as the session: the route's token.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
     }
 }
 
@@ -104,15 +94,6 @@ impl Drop for Registration {
     fn drop(&mut self) {
         routes().remove(&self.token);
     }
-}
-
-fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    (0..=hay.len() - needle.len())
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
 }
 
 #[derive(Deserialize)]
@@ -263,25 +244,6 @@ pub fn install_sink(node: &Arc<herald_core::Node>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connect_reply_gets_the_token() {
-        let conn = Arc::new(ConnHandle::new(Arc::from("c-1"), 1 << 20));
-        let reg = register("n", &conn);
-        let reply = Bytes::from_static(
-            br#"{"id":1,"connect":{"client":"c-1","subs":{"a":{"publications":[{"data":{"session":"c-1"}}]}},"session":"c-1","node":"n"}}"#,
-        );
-        let out = reg.rewrite_connect_reply("c-1", reply);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["connect"]["session"], reg.token.as_str());
-        assert_eq!(v["connect"]["client"], "c-1");
-        assert_eq!(
-            v["connect"]["subs"]["a"]["publications"][0]["data"]["session"],
-            "c-1"
-        );
-        let err = Bytes::from_static(br#"{"id":1,"error":{"code":109,"message":"x"}}"#);
-        assert_eq!(reg.rewrite_connect_reply("c-1", err.clone()), err);
-    }
 
     #[test]
     fn local_delivery_by_token_only() {

@@ -1,0 +1,363 @@
+//! The one connection loop. Every transport — bidirectional and unidirectional WebSocket,
+//! HTTP streaming, SSE, the conformance echo — is a [`Wire`] (receive a message, send a batch,
+//! say goodbye) driven by [`drive`] together with a [`Handler`] (the session, or the echo).
+//!
+//! The loop serves, without priority, the connection's outbox (pre-encoded frames from the
+//! hub and the session), the client's messages and the session's timers, so a publication
+//! flood cannot starve reads, pongs or deadlines. While the session waits on the engine (a
+//! subscribe on Redis, a key fetch) its outbox keeps draining to the client. Whatever way the
+//! connection ends — the client leaves, the session disconnects it, the task panics or is
+//! cancelled — the session is closed exactly once, leaving hub, presence and metrics as if the
+//! client had disconnected.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_core::clock::Now;
+use herald_core::conn::{ConnHandle, Control};
+use herald_core::metrics::{Metrics, TransportMetrics};
+use herald_core::session::Session;
+use herald_protocol::Disconnect;
+
+/// How long the goodbye (messages still queued, the disconnect push, the close handshake) may
+/// take on a client that does not read.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest one step of the session (a command with its engine round trips, a token key
+/// fetch) may take; past it the client is disconnected with 3004 rather than left hanging.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a wire read from its client.
+pub enum Received {
+    /// One message (a WebSocket message; never for the HTTP streams, whose commands come as
+    /// controls through `/emulation`).
+    Message(Bytes),
+    /// The client is gone or closed the connection.
+    Gone,
+}
+
+/// A transport's socket and framing: all that differs between transports.
+pub trait Wire: Send {
+    /// Whether a send abandoned half way leaves the wire usable for a goodbye (an HTTP
+    /// stream's body channel does; a WebSocket frame cut in the middle does not).
+    const ABANDON_SAFE: bool;
+
+    /// The next message from the client. Must be cancel-safe: the loop races it.
+    fn recv(&mut self) -> impl Future<Output = Received> + Send;
+
+    /// Writes queued messages, framed the wire's way; returns the bytes written.
+    fn send(&mut self, batch: VecDeque<Bytes>) -> impl Future<Output = Result<usize, ()>> + Send;
+
+    /// Server-initiated end: the messages still queued, the disconnect push and the close
+    /// (a WebSocket close frame with the code, the end of an HTTP stream).
+    fn goodbye(
+        &mut self,
+        pending: VecDeque<Bytes>,
+        push: Bytes,
+        d: &Disconnect,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Client-initiated end: finishes the close handshake after [`Received::Gone`].
+    fn farewell(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// Sees each control before the handler does.
+    fn on_control(&mut self, _c: &Control) {}
+}
+
+/// What runs a connection's protocol: the session, or the conformance echo.
+pub trait Handler: Send + 'static {
+    fn on_message(
+        &mut self,
+        data: Bytes,
+        now: Now,
+    ) -> impl Future<Output = Result<(), Disconnect>> + Send;
+    fn on_control(
+        &mut self,
+        c: Control,
+        now: Now,
+    ) -> impl Future<Output = Result<(), Disconnect>> + Send;
+    /// Timer work; returns when to call again.
+    fn tick(&mut self, now: Now) -> impl Future<Output = Result<Instant, Disconnect>> + Send;
+    fn next_wakeup(&self, now: Now) -> Instant;
+    /// The push that tells the client why it is disconnected.
+    fn goodbye(&self, d: &Disconnect) -> Bytes;
+    /// Leaves everything the connection holds; called exactly once.
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl Handler for Session {
+    async fn on_message(&mut self, data: Bytes, now: Now) -> Result<(), Disconnect> {
+        self.handle_frame(&data, now).await
+    }
+    fn on_control(
+        &mut self,
+        c: Control,
+        now: Now,
+    ) -> impl Future<Output = Result<(), Disconnect>> + Send {
+        self.handle_control(c, now)
+    }
+    fn tick(&mut self, now: Now) -> impl Future<Output = Result<Instant, Disconnect>> + Send {
+        Session::tick(self, now)
+    }
+    fn next_wakeup(&self, now: Now) -> Instant {
+        Session::next_wakeup(self, now)
+    }
+    fn goodbye(&self, d: &Disconnect) -> Bytes {
+        Session::goodbye(self, d)
+    }
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        Session::close(self)
+    }
+}
+
+/// How the loop ended.
+enum Ending {
+    /// The server ends the connection and tells the client why.
+    Disconnect(Disconnect),
+    /// The client left (or closed); the wire finishes the handshake.
+    ClientGone,
+    /// The wire can no longer be written (a write failed or was cut mid-frame).
+    Broken,
+}
+
+/// Closes the handler however the task ends: normally through [`Guard::close`]; if the task
+/// panics or is dropped mid-way, from `Drop`, on a task of its own.
+struct Guard<H: Handler> {
+    handler: Option<H>,
+    conn: Arc<ConnHandle>,
+}
+
+impl<H: Handler> Guard<H> {
+    fn get(&mut self) -> &mut H {
+        // Only `close` and `Drop` take the handler, and both end the guard's use.
+        self.handler.as_mut().expect("handler present until close")
+    }
+
+    async fn close(mut self) {
+        if let Some(mut h) = self.handler.take() {
+            h.close().await;
+        }
+    }
+}
+
+impl<H: Handler> Drop for Guard<H> {
+    fn drop(&mut self) {
+        let Some(mut h) = self.handler.take() else {
+            return;
+        };
+        let d = if std::thread::panicking() {
+            tracing::error!(client = %self.conn.id, "connection task panicked; cleaning up");
+            Disconnect::SERVER_ERROR.into()
+        } else {
+            Disconnect::new(3000, "closed")
+        };
+        self.conn.close(d);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { h.close().await });
+        }
+    }
+}
+
+/// The pieces of a connection that frames flow through.
+struct Io<'a, W> {
+    conn: &'a ConnHandle,
+    wire: &'a mut W,
+    transport: &'a TransportMetrics,
+    metrics: &'a Metrics,
+}
+
+/// Runs one connection to its end. `first` is a message the transport already received
+/// (the connect request of an HTTP stream, a `cf_connect` parameter).
+pub async fn drive<W: Wire, H: Handler>(
+    conn: Arc<ConnHandle>,
+    handler: H,
+    mut wire: W,
+    first: Option<Bytes>,
+    transport: Arc<TransportMetrics>,
+    metrics: Arc<Metrics>,
+) {
+    let _counted = transport.open();
+    let mut guard = Guard {
+        handler: Some(handler),
+        conn: conn.clone(),
+    };
+    let mut leftover = VecDeque::new();
+    let ending = {
+        let mut io = Io {
+            conn: &conn,
+            wire: &mut wire,
+            transport: &transport,
+            metrics: &metrics,
+        };
+        run(guard.get(), &mut io, first, &mut leftover).await
+    };
+    match ending {
+        Ending::Disconnect(d) => {
+            // Recorded as the reason (metrics and logs read it when the session closes).
+            conn.close(d.clone());
+            let mut pending = leftover;
+            if d.code == Disconnect::SLOW.code {
+                // A slow consumer's queue was dropped; it only gets the reason.
+                pending.clear();
+            } else {
+                pending.extend(conn.drain_frames().0);
+            }
+            let push = guard.get().goodbye(&d);
+            // The session lets go first: a client that sees the close can count on it.
+            conn.close(Disconnect::new(3000, "closed"));
+            guard.close().await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, wire.goodbye(pending, push, &d)).await;
+        }
+        Ending::ClientGone => {
+            conn.close(Disconnect::new(3000, "closed"));
+            guard.close().await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, wire.farewell()).await;
+        }
+        Ending::Broken => {
+            conn.close(Disconnect::new(3000, "closed"));
+            guard.close().await;
+        }
+    }
+}
+
+async fn run<W: Wire, H: Handler>(
+    h: &mut H,
+    io: &mut Io<'_, W>,
+    first: Option<Bytes>,
+    leftover: &mut VecDeque<Bytes>,
+) -> Ending {
+    if let Some(data) = first
+        && let Err(e) = step(io, h.on_message(data, Now::system())).await
+    {
+        return e;
+    }
+    let mut deadline = h.next_wakeup(Now::system());
+    loop {
+        tokio::select! {
+            _ = io.conn.wait() => {
+                let drained = io.conn.drain();
+                if let Some(d) = drained.closing {
+                    *leftover = drained.frames;
+                    return Ending::Disconnect(d);
+                }
+                if let Err(e) = write(io, drained.frames, drained.oldest_publication).await {
+                    return e;
+                }
+                for c in drained.controls {
+                    io.wire.on_control(&c);
+                    if let Err(e) = step(io, h.on_control(c, Now::system())).await {
+                        return e;
+                    }
+                }
+                deadline = h.next_wakeup(Now::system());
+            }
+            received = io.wire.recv() => match received {
+                Received::Message(data) => {
+                    io.transport.bytes_received.increment(data.len() as u64);
+                    if let Err(e) = step(io, h.on_message(data, Now::system())).await {
+                        return e;
+                    }
+                    deadline = h.next_wakeup(Now::system());
+                }
+                Received::Gone => return Ending::ClientGone,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                match step(io, h.tick(Now::system())).await {
+                    Ok(next) => deadline = next,
+                    Err(e) => return e,
+                }
+            }
+        }
+    }
+}
+
+/// Runs one step of the handler to completion while the outbox keeps draining to the
+/// client. Controls wait for the step to finish; a connection closed meanwhile (kicked,
+/// slow, shutting down) abandons the step — `Session::close` cleans up a half-done one.
+async fn step<W: Wire, T>(
+    io: &mut Io<'_, W>,
+    fut: impl Future<Output = Result<T, Disconnect>>,
+) -> Result<T, Ending> {
+    let fut = tokio::time::timeout(STEP_TIMEOUT, fut);
+    tokio::pin!(fut);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut fut => break r,
+            _ = io.conn.closing() => {
+                let d = io.conn.close_reason().unwrap_or_else(|| Disconnect::SHUTDOWN.into());
+                return Err(Ending::Disconnect(d));
+            }
+            _ = io.conn.wait() => {
+                let (frames, oldest) = io.conn.drain_frames();
+                let w = write(io, frames, oldest);
+                tokio::pin!(w);
+                let mut done = None;
+                // The write is never cut short by the step finishing (that would break the
+                // frame); the step is still polled while the write waits on the socket.
+                let written = loop {
+                    tokio::select! {
+                        r = &mut w => break r,
+                        r = &mut fut, if done.is_none() => done = Some(r),
+                    }
+                };
+                written?;
+                if let Some(r) = done {
+                    break r;
+                }
+            }
+        }
+    };
+    // Controls or a close that arrived during the step are picked up by the loop.
+    io.conn.wake();
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(d)) => Err(Ending::Disconnect(d)),
+        Err(_) => {
+            tracing::warn!(client = %io.conn.id, "session step timed out");
+            Err(Ending::Disconnect(Disconnect::SERVER_ERROR.into()))
+        }
+    }
+}
+
+/// Writes frames; a write blocked on a client that stopped reading gives up as soon as the
+/// connection is declared slow (or closed for another reason).
+async fn write<W: Wire>(
+    io: &mut Io<'_, W>,
+    frames: VecDeque<Bytes>,
+    oldest: Option<Instant>,
+) -> Result<(), Ending> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let conn = io.conn;
+    let send = io.wire.send(frames);
+    tokio::pin!(send);
+    let written = tokio::select! {
+        r = &mut send => r.ok(),
+        _ = conn.closing() => {
+            if conn.is_slow() {
+                return Err(if W::ABANDON_SAFE {
+                    // Still try to tell the client why.
+                    Ending::Disconnect(Disconnect::SLOW.into())
+                } else {
+                    // Mid-frame on a client that does not read: no clean close is possible.
+                    Ending::Broken
+                });
+            }
+            tokio::time::timeout(CLOSE_TIMEOUT, send).await.ok().and_then(Result::ok)
+        }
+    };
+    let Some(n) = written else {
+        return Err(Ending::Broken);
+    };
+    io.transport.bytes_sent.increment(n as u64);
+    if let Some(t) = oldest {
+        io.metrics.written(t);
+    }
+    Ok(())
+}

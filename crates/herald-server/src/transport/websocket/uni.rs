@@ -1,0 +1,44 @@
+//! `GET /connection/uni_websocket`: the connect request comes as the first message (or in the
+//! `cf_connect` query parameter), then the server sends bare pushes, one per text message.
+//! Later client messages are read and ignored.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use herald_core::conn::Mode;
+
+use super::{Framing, WsWire, upgrade};
+use crate::state::AppState;
+use crate::transport::stream::ConnectQuery;
+use crate::transport::{connection, driver};
+
+pub async fn handle(
+    State(state): State<AppState>,
+    Query(q): Query<ConnectQuery>,
+    ws: yawc::IncomingUpgrade,
+) -> Response {
+    let early = match q.cf_connect() {
+        Some(text) => {
+            if herald_protocol::client::parse_uni_connect(text.as_bytes()).is_err() {
+                return (StatusCode::BAD_REQUEST, "malformed connect request\n").into_response();
+            }
+            Some(Bytes::from(text.to_owned()))
+        }
+        None => None,
+    };
+    let max = state.node.client.max_message_size;
+    upgrade(&state.clone(), ws, max, move |socket| async move {
+        let (conn, session) = connection(&state, Mode::Unidirectional);
+        let transport = state.node.metrics.transport("uni_websocket");
+        driver::drive(
+            conn,
+            session,
+            WsWire::new(socket, Framing::PerMessage),
+            early,
+            transport,
+            state.node.metrics.clone(),
+        )
+        .await;
+    })
+}
