@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use herald_protocol::client::{
     ClientInfo, Publication, encode_join_leave_push, encode_publication_push,
@@ -19,12 +19,34 @@ use herald_protocol::codes::unsubscribe;
 
 const SHARDS: usize = 64;
 
+#[derive(Clone)]
 struct Subscriber {
     conn: Arc<ConnHandle>,
     join_leave: bool,
 }
 
-type ChannelMap = HashMap<Arc<str>, HashMap<Arc<str>, Subscriber>>;
+/// A channel's local subscribers.
+#[derive(Default)]
+struct Channel {
+    subs: HashMap<Arc<str>, Subscriber>,
+    /// Subscribers that asked for join/leave pushes.
+    join_leave: usize,
+    /// An immutable copy of `subs` that delivery iterates without the shard lock. Cleared on
+    /// every change and rebuilt by the next broadcast, so a ramp of N subscribes costs O(N)
+    /// rather than O(N²).
+    snapshot: OnceLock<Arc<[Subscriber]>>,
+}
+
+type ChannelMap = HashMap<Arc<str>, Channel>;
+
+/// Non-empty users → their connections by client id.
+type UserMap = HashMap<Arc<str>, HashMap<Arc<str>, Arc<ConnHandle>>>;
+
+/// A connected client and the user it was registered under (its index key in `users`).
+struct ConnEntry {
+    conn: Arc<ConnHandle>,
+    user: Arc<str>,
+}
 
 /// Receives what the engine delivers to this node.
 pub trait BrokerHandler: Send + Sync {
@@ -43,11 +65,13 @@ pub trait BrokerHandler: Send + Sync {
 pub type EmulationSink = Box<dyn Fn(&str, &str, bytes::Bytes) + Send + Sync>;
 
 pub struct Hub {
-    emulation: std::sync::OnceLock<EmulationSink>,
+    emulation: OnceLock<EmulationSink>,
     shards: Box<[RwLock<ChannelMap>]>,
     hasher: std::collections::hash_map::RandomState,
-    conns: RwLock<HashMap<Arc<str>, Arc<ConnHandle>>>,
-    users: RwLock<HashMap<Arc<str>, Vec<Arc<ConnHandle>>>>,
+    conns: RwLock<HashMap<Arc<str>, ConnEntry>>,
+    /// Anonymous connections are not indexed here (one shared list would make each
+    /// disconnect O(N)); `conns` has them.
+    users: RwLock<UserMap>,
     metrics: Arc<Metrics>,
 }
 
@@ -79,7 +103,7 @@ impl Hub {
             conns: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             metrics,
-            emulation: std::sync::OnceLock::new(),
+            emulation: OnceLock::new(),
         }
     }
 
@@ -99,66 +123,126 @@ impl Hub {
 
     /// Registers a connected client.
     pub fn add_conn(&self, conn: &Arc<ConnHandle>) {
-        self.conns.write().insert(conn.id.clone(), conn.clone());
-        self.users
-            .write()
-            .entry(conn.user())
-            .or_default()
-            .push(conn.clone());
+        let user = conn.user();
+        let mut conns = self.conns.write();
+        let old = conns.insert(
+            conn.id.clone(),
+            ConnEntry {
+                conn: conn.clone(),
+                user: user.clone(),
+            },
+        );
+        // Both indexes change under the `conns` lock so they agree.
+        let mut users = self.users.write();
+        if let Some(old) = old {
+            Self::unindex_user(&mut users, &old.user, &conn.id);
+        }
+        if !user.is_empty() {
+            users
+                .entry(user)
+                .or_default()
+                .insert(conn.id.clone(), conn.clone());
+        }
     }
 
     pub fn remove_conn(&self, conn: &ConnHandle) {
-        self.conns.write().remove(&conn.id);
-        let user = conn.user();
-        let mut users = self.users.write();
-        if let Some(list) = users.get_mut(&user) {
-            list.retain(|c| c.id != conn.id);
-            if list.is_empty() {
-                users.remove(&user);
+        let mut conns = self.conns.write();
+        if let Some(entry) = conns.remove(&conn.id) {
+            Self::unindex_user(&mut self.users.write(), &entry.user, &conn.id);
+        }
+    }
+
+    fn unindex_user(users: &mut UserMap, user: &str, client_id: &str) {
+        if let Some(by_id) = users.get_mut(user) {
+            by_id.remove(client_id);
+            if by_id.is_empty() {
+                users.remove(user);
             }
         }
     }
 
     pub fn conn(&self, client_id: &str) -> Option<Arc<ConnHandle>> {
-        self.conns.read().get(client_id).cloned()
+        self.conns.read().get(client_id).map(|e| e.conn.clone())
     }
 
+    /// The connections of a (non-empty) user; anonymous connections are not indexed by user,
+    /// so `""` gives none.
     pub fn user_conns(&self, user: &str) -> Vec<Arc<ConnHandle>> {
-        self.users.read().get(user).cloned().unwrap_or_default()
+        if user.is_empty() {
+            return Vec::new();
+        }
+        self.users
+            .read()
+            .get(user)
+            .map(|by_id| by_id.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn all_conns(&self) -> Vec<Arc<ConnHandle>> {
-        self.conns.read().values().cloned().collect()
+        self.conns.read().values().map(|e| e.conn.clone()).collect()
     }
 
     /// Adds a subscriber; true when it is the channel's first on this node.
     pub fn add_subscriber(&self, channel: &str, conn: &Arc<ConnHandle>, join_leave: bool) -> bool {
         let mut shard = self.shard(channel).write();
         let first = !shard.contains_key(channel);
-        shard.entry(Arc::from(channel)).or_default().insert(
+        let ch = shard.entry(Arc::from(channel)).or_default();
+        let old = ch.subs.insert(
             conn.id.clone(),
             Subscriber {
                 conn: conn.clone(),
                 join_leave,
             },
         );
+        if old.is_some_and(|o| o.join_leave) {
+            ch.join_leave = ch.join_leave.saturating_sub(1);
+        }
+        if join_leave {
+            ch.join_leave = ch.join_leave.saturating_add(1);
+        }
+        let stale = ch.snapshot.take();
+        // Releasing a large snapshot is O(N): not under the lock.
+        drop(shard);
+        drop(stale);
         first
     }
 
     /// Removes a subscriber; true when the channel has no local subscriber left.
     pub fn remove_subscriber(&self, channel: &str, client_id: &str) -> bool {
         let mut shard = self.shard(channel).write();
-        let Some(subs) = shard.get_mut(channel) else {
+        let Some(ch) = shard.get_mut(channel) else {
             return false;
         };
-        if subs.remove(client_id).is_none() {
+        let Some(old) = ch.subs.remove(client_id) else {
             return false;
-        }
-        if subs.is_empty() {
+        };
+        if ch.subs.is_empty() {
             shard.remove(channel);
             return true;
         }
+        if old.join_leave {
+            ch.join_leave = ch.join_leave.saturating_sub(1);
+        }
+        let stale = ch.snapshot.take();
+        drop(shard);
+        drop(stale);
         false
+    }
+
+    /// The channel's current subscribers. The shard lock is held only to clone an `Arc`
+    /// (or, after a change, to rebuild the copy): delivery runs without it, so subscribes
+    /// and unsubscribes on the shard never wait for a fan-out.
+    fn subscribers(&self, channel: &str, join_leave_only: bool) -> Option<Arc<[Subscriber]>> {
+        let shard = self.shard(channel).read();
+        let ch = shard.get(channel)?;
+        if join_leave_only && ch.join_leave == 0 {
+            return None;
+        }
+        Some(
+            ch.snapshot
+                .get_or_init(|| ch.subs.values().cloned().collect())
+                .clone(),
+        )
     }
 
     /// Every channel with local subscribers and their count.
@@ -166,7 +250,7 @@ impl Hub {
         let mut out = Vec::new();
         for s in self.shards.iter() {
             for (ch, subs) in s.read().iter() {
-                out.push((ch.to_string(), subs.len() as u32));
+                out.push((ch.to_string(), count(subs.subs.len())));
             }
         }
         out
@@ -174,22 +258,24 @@ impl Hub {
 
     pub fn stats(&self) -> HubStats {
         let mut st = HubStats {
-            clients: self.conns.read().len() as u32,
-            users: self.users.read().len() as u32,
+            clients: count(self.conns.read().len()),
+            // Distinct non-empty users: anonymous clients are not a user.
+            users: count(self.users.read().len()),
             ..Default::default()
         };
         for s in self.shards.iter() {
             let s = s.read();
-            st.channels += s.len() as u32;
-            st.subscriptions += s.values().map(|v| v.len() as u32).sum::<u32>();
+            st.channels = st.channels.saturating_add(count(s.len()));
+            for ch in s.values() {
+                st.subscriptions = st.subscriptions.saturating_add(count(ch.subs.len()));
+            }
         }
         st
     }
 
     /// Encodes once and queues the same bytes to every local subscriber.
     pub fn broadcast_publication(&self, channel: &str, publication: Publication) {
-        let shard = self.shard(channel).read();
-        let Some(subs) = shard.get(channel) else {
+        let Some(subs) = self.subscribers(channel, false) else {
             return;
         };
         let received = std::time::Instant::now();
@@ -199,7 +285,7 @@ impl Hub {
             frame,
             received,
         });
-        for sub in subs.values() {
+        for sub in subs.iter() {
             sub.conn.deliver(channel, &msg);
         }
         // Counted once per broadcast, not per subscriber.
@@ -207,25 +293,51 @@ impl Hub {
     }
 
     pub fn broadcast_join_leave(&self, channel: &str, info: &ClientInfo, join: bool) {
-        let shard = self.shard(channel).read();
-        let Some(subs) = shard.get(channel) else {
+        let Some(subs) = self.subscribers(channel, true) else {
             return;
         };
         let frame = encode_join_leave_push(channel, info, join);
-        for sub in subs.values().filter(|s| s.join_leave) {
+        for sub in subs.iter().filter(|s| s.join_leave) {
             sub.conn.deliver_unordered(channel, frame.clone());
         }
     }
 }
 
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl Hub {
     /// The connections a server API action addresses: a user's, optionally one client.
     fn targets(&self, user: &str, client: &str, session: &str) -> Vec<Arc<ConnHandle>> {
-        self.user_conns(user)
-            .into_iter()
-            .filter(|c| client.is_empty() || &*c.id == client)
-            .filter(|c| session.is_empty() || &*c.id == session)
-            .collect()
+        let wanted = |c: &ConnHandle| {
+            (client.is_empty() || &*c.id == client) && (session.is_empty() || &*c.id == session)
+        };
+        if !user.is_empty() {
+            return self
+                .user_conns(user)
+                .into_iter()
+                .filter(|c| wanted(c))
+                .collect();
+        }
+        // Anonymous connections are found by id, or (no id given) by a scan of `conns`.
+        let conns = self.conns.read();
+        let anonymous = |e: &&ConnEntry| e.user.is_empty() && wanted(&e.conn);
+        let id = if client.is_empty() { session } else { client };
+        if id.is_empty() {
+            conns
+                .values()
+                .filter(anonymous)
+                .map(|e| e.conn.clone())
+                .collect()
+        } else {
+            conns
+                .get(id)
+                .filter(anonymous)
+                .map(|e| e.conn.clone())
+                .into_iter()
+                .collect()
+        }
     }
 
     /// Carries out a server API action on this node's connections.
@@ -301,15 +413,11 @@ impl Hub {
     /// Tells every local subscriber of `channel` to resubscribe (unsubscribe push 2500); the
     /// SDK resubscribes with recovery from its last offset.
     pub fn resubscribe_all(&self, channel: &str) {
-        let conns: Vec<Arc<ConnHandle>> = {
-            let shard = self.shard(channel).read();
-            match shard.get(channel) {
-                Some(subs) => subs.values().map(|s| s.conn.clone()).collect(),
-                None => return,
-            }
+        let Some(subs) = self.subscribers(channel, false) else {
+            return;
         };
-        for c in conns {
-            c.control(Control::Unsubscribe {
+        for s in subs.iter() {
+            s.conn.control(Control::Unsubscribe {
                 channel: channel.to_string(),
                 code: unsubscribe::INSUFFICIENT_STATE.0,
                 reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
@@ -364,5 +472,200 @@ mod tests {
         assert!(!hub.remove_subscriber("ch", "a"));
         assert!(hub.remove_subscriber("ch", "b"));
         assert_eq!(hub.stats().channels, 0);
+    }
+
+    fn publication(offset: u64) -> Publication {
+        Publication {
+            data: herald_protocol::json::raw_from_str("1").unwrap(),
+            info: None,
+            offset,
+            tags: Default::default(),
+            time: 0,
+        }
+    }
+
+    fn conn(id: &str) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle::new(Arc::from(id), 1 << 20))
+    }
+
+    fn frames(c: &ConnHandle) -> usize {
+        c.drain().frames.len()
+    }
+
+    #[test]
+    fn snapshot_follows_subscribes_and_unsubscribes() {
+        let hub = Hub::new();
+        let (a, b) = (conn("a"), conn("b"));
+        hub.add_subscriber("ch", &a, false);
+        hub.broadcast_publication("ch", publication(1));
+        assert_eq!((frames(&a), frames(&b)), (1, 0));
+        hub.add_subscriber("ch", &b, true);
+        hub.broadcast_publication("ch", publication(2));
+        assert_eq!((frames(&a), frames(&b)), (1, 1));
+        let info = ClientInfo {
+            client: "x".into(),
+            user: "u".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        hub.broadcast_join_leave("ch", &info, true);
+        assert_eq!(
+            (frames(&a), frames(&b)),
+            (0, 1),
+            "join/leave only to who asked"
+        );
+        // Re-adding b without join/leave: nobody wants them any more.
+        hub.add_subscriber("ch", &b, false);
+        hub.broadcast_join_leave("ch", &info, true);
+        assert_eq!((frames(&a), frames(&b)), (0, 0));
+        assert!(!hub.remove_subscriber("ch", "a"));
+        hub.broadcast_publication("ch", publication(3));
+        assert_eq!((frames(&a), frames(&b)), (0, 1));
+        assert_eq!(hub.stats().subscriptions, 1);
+    }
+
+    /// A fan-out stuck on one subscriber must not hold up subscribes on the same shard (the
+    /// old hub delivered under the shard's read guard).
+    #[test]
+    fn subscribe_does_not_wait_for_a_fan_out() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let hub = Arc::new(Hub::new());
+        let stuck = conn("stuck");
+        hub.add_subscriber("ch", &stuck, false);
+        // Hold the subscriber's outbox lock: delivering to it blocks.
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let holder = {
+            let stuck = stuck.clone();
+            std::thread::spawn(move || {
+                stuck.complete_buffering(&[], |_| {
+                    locked_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    (Vec::new(), Vec::new())
+                })
+            })
+        };
+        locked_rx.recv().unwrap();
+        let publisher = {
+            let hub = hub.clone();
+            std::thread::spawn(move || hub.broadcast_publication("ch", publication(1)))
+        };
+        // The publisher is delivering once it holds a second reference to the snapshot.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let delivering = hub
+                .shard("ch")
+                .read()
+                .get("ch")
+                .and_then(|c| c.snapshot.get().map(|s| Arc::strong_count(s) > 1))
+                .unwrap_or(false);
+            if delivering {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no delivery started");
+            std::thread::yield_now();
+        }
+        let (done_tx, done_rx) = mpsc::channel();
+        let subscriber = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                let first = hub.add_subscriber("ch", &conn("late"), false);
+                let other = hub.add_subscriber("ch2", &conn("late2"), false);
+                done_tx.send((first, other)).unwrap();
+            })
+        };
+        let got = done_rx.recv_timeout(Duration::from_secs(10));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        publisher.join().unwrap();
+        subscriber.join().unwrap();
+        assert_eq!(got, Ok((false, true)), "subscribe waited for the fan-out");
+        assert_eq!(frames(&stuck), 1);
+    }
+
+    /// "First subscriber" and "last one left" stay exact under concurrent churn: every first
+    /// is matched by exactly one last.
+    #[test]
+    fn first_and_last_are_exact_under_concurrency() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let hub = Arc::new(Hub::new());
+        let firsts = Arc::new(AtomicU64::new(0));
+        let lasts = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (hub, firsts, lasts) = (hub.clone(), firsts.clone(), lasts.clone());
+                std::thread::spawn(move || {
+                    let c = conn(&format!("c{t}"));
+                    for i in 0..2000 {
+                        if hub.add_subscriber("ch", &c, false) {
+                            firsts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if i % 3 == 0 {
+                            hub.broadcast_publication("ch", publication(0));
+                        }
+                        if hub.remove_subscriber("ch", &c.id) {
+                            lasts.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(firsts.load(Ordering::Relaxed) > 0);
+        assert_eq!(
+            firsts.load(Ordering::Relaxed),
+            lasts.load(Ordering::Relaxed)
+        );
+        assert_eq!(hub.stats().channels, 0);
+        assert!(hub.channels().is_empty());
+    }
+
+    #[test]
+    fn anonymous_connections_are_indexed_by_id_only() {
+        let hub = Hub::new();
+        let anon: Vec<_> = (0..3).map(|i| conn(&format!("anon{i}"))).collect();
+        for c in &anon {
+            hub.add_conn(c);
+        }
+        let named: Vec<_> = [("a1", "alice"), ("a2", "alice"), ("b1", "bob")]
+            .iter()
+            .map(|(id, user)| {
+                let c = conn(id);
+                c.set_user(user);
+                hub.add_conn(&c);
+                c
+            })
+            .collect();
+        let st = hub.stats();
+        assert_eq!((st.clients, st.users), (6, 2), "anonymous is not a user");
+        assert!(hub.user_conns("").is_empty());
+        assert_eq!(hub.user_conns("alice").len(), 2);
+        assert!(hub.conn("anon1").is_some());
+
+        // A server action for an anonymous client reaches it by id, and nothing else.
+        hub.apply_control(ControlCommand::Disconnect {
+            user: String::new(),
+            client: "anon1".into(),
+            session: String::new(),
+            whitelist: Vec::new(),
+            code: 3000,
+            reason: "x".into(),
+        });
+        let closing: Vec<bool> = anon.iter().map(|c| c.is_closing()).collect();
+        assert_eq!(closing, [false, true, false]);
+        assert!(named.iter().all(|c| !c.is_closing()));
+
+        hub.remove_conn(&anon[1]);
+        hub.remove_conn(&named[0]);
+        let st = hub.stats();
+        assert_eq!((st.clients, st.users), (4, 2));
+        assert!(hub.conn("anon1").is_none());
+        assert_eq!(hub.user_conns("alice").len(), 1);
+        hub.remove_conn(&named[1]);
+        assert_eq!(hub.stats().users, 1);
+        assert!(hub.user_conns("alice").is_empty());
     }
 }
