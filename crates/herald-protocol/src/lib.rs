@@ -1,5 +1,5 @@
-//! Wire types of Herald: the Centrifugo client protocol v2 (JSON), Fossil deltas for it,
-//! and the server HTTP API.
+//! Wire types of Herald: the Centrifugo client protocol v2 (JSON and Protobuf), Fossil
+//! deltas for it, and the server HTTP API.
 //!
 //! No I/O here: only types, codecs and the one table of error and disconnect codes.
 
@@ -8,5 +8,6 @@ pub mod client;
 pub mod codes;
 pub mod delta;
 pub mod json;
+pub mod proto;
 
 pub use codes::{Disconnect, ErrorCode, ProtocolError};
