@@ -356,6 +356,7 @@ mod tests {
                 offset,
                 tags: Default::default(),
                 time: 0,
+                binary: false,
             },
             frame: Bytes::from(format!("p{offset}")),
             received: Instant::now(),

@@ -463,6 +463,7 @@ mod tests {
                 offset: 1,
                 tags: Default::default(),
                 time: 0,
+                binary: false,
             },
         );
         let fa = a.drain().frames.pop_front().unwrap();

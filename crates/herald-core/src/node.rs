@@ -179,6 +179,7 @@ impl Node {
             offset: 0,
             tags,
             time: now_ms(),
+            binary: false,
         };
         let position = self.engine.publish(ch, publication, &opts).await?;
         self.metrics.published(from_client);

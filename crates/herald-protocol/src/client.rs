@@ -109,6 +109,11 @@ pub struct PublishRequest {
     #[serde(default)]
     pub channel: String,
     pub data: Option<Raw>,
+    /// Set when a Protobuf client sent bytes that are not JSON: `data` is then their base64
+    /// as a JSON string and the publication must be marked [`Publication::binary`]. Never
+    /// set from JSON, so a JSON client cannot claim it.
+    #[serde(skip)]
+    pub binary: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +185,22 @@ pub struct Publication {
     /// Milliseconds since the Unix epoch when the node accepted it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub time: u64,
+    /// `data` is a JSON string holding the base64 of bytes that are not JSON (published by
+    /// a Protobuf client). Protobuf subscribers get the bytes back; JSON subscribers get
+    /// the string and this flag. Serialised only when set, so JSON data encodes as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub binary: bool,
+}
+
+impl Publication {
+    /// The payload as the publisher sent it: the JSON text, or the original bytes of a
+    /// binary publication. This is what Protobuf carries and what deltas are computed on.
+    pub fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.binary.then(|| crate::json::base64_bytes(&self.data)) {
+            Some(Some(bytes)) => bytes.into(),
+            _ => self.data.get().as_bytes().into(),
+        }
+    }
 }
 
 fn raw_eq(a: &Option<Raw>, b: &Option<Raw>) -> bool {
@@ -202,6 +223,7 @@ impl PartialEq for Publication {
             && self.offset == other.offset
             && self.tags == other.tags
             && self.time == other.time
+            && self.binary == other.binary
     }
 }
 
@@ -431,6 +453,7 @@ mod tests {
                 offset: 7,
                 tags: BTreeMap::new(),
                 time: 0,
+                binary: false,
             }),
             ..Default::default()
         });

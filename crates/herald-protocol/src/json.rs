@@ -16,6 +16,33 @@ pub fn raw_from_str(s: &str) -> Result<Raw, serde_json::Error> {
     RawValue::from_string(s.to_string())
 }
 
+/// Bytes received as opaque data (from a Protobuf client) as a JSON-side value: `Some` when
+/// they are one JSON value no deeper than [`MAX_DEPTH`], returned on one line; `None`
+/// otherwise, and the caller carries them with [`base64_string`] (see `crate::proto`).
+pub fn from_bytes(bytes: &[u8]) -> Option<Raw> {
+    let raw: Raw = serde_json::from_slice(bytes).ok()?;
+    (depth(raw.get()) <= MAX_DEPTH).then(|| single_line(raw))
+}
+
+/// Bytes that are not JSON as a JSON string of their standard base64 (padded), the
+/// representation that cannot break any JSON parser.
+pub fn base64_string(bytes: &[u8]) -> Raw {
+    use base64::Engine as _;
+    let text = format!(
+        "\"{}\"",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    // The base64 alphabet needs no escaping inside a JSON string.
+    RawValue::from_string(text).unwrap_or_else(|_| null())
+}
+
+/// The bytes behind a [`base64_string`] value; `None` if `raw` is not one.
+pub fn base64_bytes(raw: &RawValue) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
 /// Deepest nesting Herald relays in opaque data. Deeper documents are refused: many client
 /// JSON parsers fail or recurse without bound on them, so relaying one would harm every
 /// subscriber.

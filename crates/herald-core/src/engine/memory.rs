@@ -498,6 +498,7 @@ mod tests {
             offset: 0,
             tags: Default::default(),
             time: 0,
+            binary: false,
         }
     }
 
