@@ -482,6 +482,7 @@ mod tests {
             offset,
             tags: Default::default(),
             time: 0,
+            binary: false,
         }
     }
 

@@ -1058,3 +1058,213 @@ fn uni_connect_command(req: ConnectRequest) -> Command {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session stepped with a fake clock: no sockets, no sleeps.
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::memory::MemoryEngine;
+    use crate::node::NodeConfig;
+    use crate::options::ClientOptions;
+
+    const SECRET: &str = "session-test-secret";
+
+    fn node() -> Arc<Node> {
+        let client = ClientOptions {
+            token_hmac_secret: SECRET.into(),
+            allow_anonymous: true,
+            ..Default::default()
+        };
+        let ns = NamespaceOptions {
+            allow_subscribe_for_client: true,
+            allow_subscribe_for_anonymous: true,
+            presence: true,
+            ..Default::default()
+        };
+        Node::new(
+            NodeConfig {
+                name: "test".into(),
+                client,
+                namespaces: vec![ns],
+            },
+            |hub| Arc::new(MemoryEngine::new(hub)),
+        )
+    }
+
+    fn session(node: &Arc<Node>, mode: Mode, now: Now) -> (Arc<ConnHandle>, Session) {
+        let conn = Arc::new(ConnHandle::with_mode(Arc::from("c1"), 1 << 20, mode));
+        (conn.clone(), Session::new(node.clone(), conn, now.mono))
+    }
+
+    fn frames(conn: &ConnHandle) -> Vec<String> {
+        conn.drain()
+            .frames
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        auth::sign_hs256(SECRET, &claims).expect("signs")
+    }
+
+    #[tokio::test]
+    async fn connect_timeout_closes_with_3502() {
+        let node = node();
+        let t0 = Now::system();
+        let (_, mut s) = session(&node, Mode::Bidirectional, t0);
+        let deadline = s.tick(t0).await.expect("not yet");
+        assert_eq!(deadline, t0.mono + node.client.connect_timeout);
+        let late = t0.after(node.client.connect_timeout);
+        assert_eq!(s.tick(late).await.map_err(|d| d.code), Err(3502));
+    }
+
+    #[tokio::test]
+    async fn ping_then_missing_pong_closes_with_3012() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
+        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
+            .await
+            .unwrap();
+        assert!(frames(&conn)[0].contains("\"connect\""));
+        let ping_at = t0.after(node.client.ping_interval);
+        assert_eq!(s.next_wakeup(t0), ping_at.mono);
+        s.tick(ping_at).await.unwrap();
+        assert_eq!(frames(&conn), ["{}"]);
+        // The pong deadline is next; one second before it nothing happens.
+        let pong_deadline = ping_at.after(node.client.pong_timeout);
+        assert_eq!(s.next_wakeup(ping_at), pong_deadline.mono);
+        let almost = ping_at.after(node.client.pong_timeout - Duration::from_secs(1));
+        s.tick(almost).await.unwrap();
+        assert_eq!(s.tick(pong_deadline).await.map_err(|d| d.code), Err(3012));
+    }
+
+    #[tokio::test]
+    async fn answered_ping_keeps_the_connection() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
+        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
+            .await
+            .unwrap();
+        let ping_at = t0.after(node.client.ping_interval);
+        s.tick(ping_at).await.unwrap();
+        s.handle_frame(b"{}", ping_at).await.unwrap();
+        let later = ping_at.after(node.client.pong_timeout + Duration::from_secs(1));
+        s.tick(later).await.expect("pong answered");
+        let _ = frames(&conn);
+    }
+
+    #[tokio::test]
+    async fn token_expiry_closes_after_the_grace_delay() {
+        let node = node();
+        let t0 = Now::system();
+        let (_, mut s) = session(&node, Mode::Bidirectional, t0);
+        let exp = t0.unix + 60;
+        let t = token(serde_json::json!({"sub": "alice", "exp": exp}));
+        let cmd = format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#);
+        s.handle_frame(cmd.as_bytes(), t0).await.unwrap();
+        let grace = node.client.expired_close_delay.as_secs();
+        let close_at = Now {
+            mono: t0.mono + Duration::from_secs(60 + grace),
+            unix: exp + grace,
+        };
+        // The wake-up is never later than the expiry plus grace.
+        assert!(s.next_wakeup(t0) <= close_at.mono);
+        let before = Now {
+            mono: t0.mono + Duration::from_secs(30),
+            unix: t0.unix + 30,
+        };
+        s.tick(before).await.expect("not expired yet");
+        // The ping that tick sent is answered.
+        s.handle_frame(b"{}", before).await.unwrap();
+        assert_eq!(s.tick(close_at).await.map_err(|d| d.code), Err(3005));
+    }
+
+    #[tokio::test]
+    async fn refresh_to_the_end_of_time_extends_instead_of_closing() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
+        let t = token(serde_json::json!({"sub": "alice", "exp": t0.unix + 60}));
+        let cmd = format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#);
+        s.handle_frame(cmd.as_bytes(), t0).await.unwrap();
+        let _ = frames(&conn);
+        s.handle_control(
+            Control::Refresh {
+                expire_at: Some(u64::MAX),
+                expired: false,
+            },
+            t0,
+        )
+        .await
+        .unwrap();
+        assert!(frames(&conn)[0].contains("\"refresh\""));
+        let a_year = t0.after(Duration::from_secs(365 * 24 * 3600));
+        let next = s.tick(a_year).await.expect("still valid a year later");
+        assert!(next > a_year.mono);
+    }
+
+    #[tokio::test]
+    async fn unidirectional_session_speaks_bare_pushes() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Unidirectional, t0);
+        s.handle_frame(br#"{"subs":{}}"#, t0).await.unwrap();
+        let out = frames(&conn);
+        assert!(out[0].starts_with("{\"connect\":{"), "{out:?}");
+        assert!(out[0].contains("\"pong\":false") || !out[0].contains("\"pong\":true"));
+        // Later messages are ignored, not parsed.
+        s.handle_frame(b"not json", t0).await.unwrap();
+        // A server-side subscribe arrives as a bare push.
+        s.handle_control(
+            Control::Subscribe {
+                channel: "news".into(),
+                info: None,
+                data: None,
+            },
+            t0,
+        )
+        .await
+        .unwrap();
+        let out = frames(&conn);
+        assert!(
+            out[0].starts_with("{\"channel\":\"news\",\"subscribe\""),
+            "{out:?}"
+        );
+        // Expired tokens are a disconnect, not an error reply the client cannot read.
+        let (_, mut s2) = session(&node, Mode::Unidirectional, t0);
+        let t = token(serde_json::json!({"sub": "bob", "exp": t0.unix - 10}));
+        let req = format!(r#"{{"token":"{t}"}}"#);
+        assert_eq!(
+            s2.handle_frame(req.as_bytes(), t0)
+                .await
+                .map_err(|d| d.code),
+            Err(3005)
+        );
+    }
+
+    #[tokio::test]
+    async fn close_leaves_a_half_done_subscribe() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
+        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
+            .await
+            .unwrap();
+        // As if the task died between joining the hub and queueing the reply.
+        conn.start_buffering("ch");
+        node.hub.add_subscriber("ch", &conn, false);
+        node.engine
+            .add_presence("ch", "c1", s.client_info(None))
+            .await
+            .unwrap();
+        s.close().await;
+        assert_eq!(node.hub.stats().subscriptions, 0);
+        assert_eq!(node.hub.stats().clients, 0);
+        assert!(node.engine.presence("ch").await.unwrap().is_empty());
+    }
+}

@@ -361,3 +361,186 @@ async fn write<W: Wire>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use herald_core::Node;
+    use herald_core::conn::Mode;
+    use herald_core::engine::memory::MemoryEngine;
+    use herald_core::node::NodeConfig;
+    use herald_core::options::{ClientOptions, NamespaceOptions};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A wire made of two channels: what the test sends, what the driver wrote.
+    struct TestWire {
+        rx: mpsc::UnboundedReceiver<Bytes>,
+        out: mpsc::UnboundedSender<Bytes>,
+    }
+
+    impl Wire for TestWire {
+        const ABANDON_SAFE: bool = true;
+        async fn recv(&mut self) -> Received {
+            match self.rx.recv().await {
+                Some(m) => Received::Message(m),
+                None => Received::Gone,
+            }
+        }
+        async fn send(&mut self, batch: VecDeque<Bytes>) -> Result<usize, ()> {
+            let mut n = 0;
+            for m in batch {
+                n += m.len();
+                self.out.send(m).map_err(|_| ())?;
+            }
+            Ok(n)
+        }
+        async fn goodbye(&mut self, _pending: VecDeque<Bytes>, push: Bytes, _d: &Disconnect) {
+            let _ = self.out.send(push);
+        }
+    }
+
+    /// The session, except that the message `panic` panics inside the connection task.
+    struct Panicky(Session);
+
+    impl Handler for Panicky {
+        async fn on_message(&mut self, data: Bytes, now: Now) -> Result<(), Disconnect> {
+            assert!(&data[..] != b"panic", "injected panic");
+            self.0.handle_frame(&data, now).await
+        }
+        fn on_control(
+            &mut self,
+            c: Control,
+            now: Now,
+        ) -> impl Future<Output = Result<(), Disconnect>> + Send {
+            self.0.handle_control(c, now)
+        }
+        fn tick(&mut self, now: Now) -> impl Future<Output = Result<Instant, Disconnect>> + Send {
+            self.0.tick(now)
+        }
+        fn next_wakeup(&self, now: Now) -> Instant {
+            self.0.next_wakeup(now)
+        }
+        fn goodbye(&self, d: &Disconnect) -> Bytes {
+            self.0.goodbye(d)
+        }
+        fn close(&mut self) -> impl Future<Output = ()> + Send {
+            self.0.close()
+        }
+    }
+
+    fn node() -> Arc<Node> {
+        Node::new(
+            NodeConfig {
+                name: "test".into(),
+                client: ClientOptions {
+                    token_hmac_secret: "s".into(),
+                    allow_anonymous: true,
+                    ..Default::default()
+                },
+                namespaces: vec![NamespaceOptions {
+                    allow_subscribe_for_anonymous: true,
+                    presence: true,
+                    ..Default::default()
+                }],
+            },
+            |hub| Arc::new(MemoryEngine::new(hub)),
+        )
+    }
+
+    async fn next(out: &mut mpsc::UnboundedReceiver<Bytes>) -> String {
+        let m = tokio::time::timeout(Duration::from_secs(5), out.recv())
+            .await
+            .expect("a message within 5 s")
+            .expect("the wire is open");
+        String::from_utf8_lossy(&m).into_owned()
+    }
+
+    /// Waits (bounded) until `done` holds.
+    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_connection_is_cleaned_up_like_a_disconnect() {
+        let node = node();
+        let conn = Arc::new(ConnHandle::with_mode(
+            Arc::from("c-panic"),
+            1 << 20,
+            Mode::Bidirectional,
+        ));
+        let session = Session::new(node.clone(), conn.clone(), Instant::now());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (out_tx, mut out) = mpsc::unbounded_channel();
+        let task = tokio::spawn(drive(
+            conn,
+            Panicky(session),
+            TestWire { rx, out: out_tx },
+            None,
+            node.metrics.transport("test"),
+            node.metrics.clone(),
+        ));
+        tx.send(Bytes::from_static(br#"{"id":1,"connect":{}}"#))
+            .unwrap();
+        assert!(next(&mut out).await.contains("\"connect\""));
+        tx.send(Bytes::from_static(
+            br#"{"id":2,"subscribe":{"channel":"room"}}"#,
+        ))
+        .unwrap();
+        assert!(next(&mut out).await.contains("\"id\":2"));
+        assert_eq!(node.hub.stats().subscriptions, 1);
+        assert_eq!(node.presence("room").await.unwrap().len(), 1);
+
+        tx.send(Bytes::from_static(b"panic")).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task ends");
+        assert!(ended.is_err_and(|e| e.is_panic()));
+        let n = node.clone();
+        eventually("hub and presence let go after the panic", async || {
+            let s = n.hub.stats();
+            s.clients == 0
+                && s.subscriptions == 0
+                && n.presence("room").await.is_ok_and(|p| p.is_empty())
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_connection_is_cleaned_up_too() {
+        let node = node();
+        let conn = Arc::new(ConnHandle::new(Arc::from("c-cancel"), 1 << 20));
+        let session = Session::new(node.clone(), conn.clone(), Instant::now());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (out_tx, mut out) = mpsc::unbounded_channel();
+        let task = tokio::spawn(drive(
+            conn,
+            session,
+            TestWire { rx, out: out_tx },
+            None,
+            node.metrics.transport("test"),
+            node.metrics.clone(),
+        ));
+        tx.send(Bytes::from_static(
+            b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"room\"}}",
+        ))
+        .unwrap();
+        assert!(next(&mut out).await.contains("\"connect\""));
+        assert!(next(&mut out).await.contains("\"id\":2"));
+        task.abort();
+        let n = node.clone();
+        eventually("hub and presence let go after the abort", async || {
+            let s = n.hub.stats();
+            s.clients == 0
+                && s.subscriptions == 0
+                && n.presence("room").await.is_ok_and(|p| p.is_empty())
+        })
+        .await;
+    }
+}
