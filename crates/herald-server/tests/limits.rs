@@ -162,3 +162,93 @@ async fn many_commands_in_one_frame_and_deep_json() {
     );
     s.shutdown().await;
 }
+
+/// A subscriber flooded with publications still has its commands read and answered, and its
+/// pongs read: the connection loop serves reads and timers beside the outbox, without
+/// priority. (With the outbox served first, the reply never came while the flood ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_flood_does_not_starve_reads_pongs_or_timers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let s = start("ping_interval = \"1s\"\npong_timeout = \"900ms\"\nmax_queue_bytes = 268435456")
+        .await;
+    let (mut c, _) = Client::connect(&s, "u").await.unwrap();
+    c.call(2, "subscribe", json!({"channel":"big:flood"}))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let node = s.node.clone();
+        let (stop, published) = (stop.clone(), published.clone());
+        tokio::spawn(async move {
+            let data = herald_protocol::json::raw_from_str(r#"{"x":"0123456789abcdef"}"#).unwrap();
+            // Bounded: 20 s or 2,000,000 publications, whichever first.
+            let end = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+            for i in 0..2_000_000u64 {
+                if stop.load(Ordering::Relaxed) || tokio::time::Instant::now() > end {
+                    break;
+                }
+                let _ = node
+                    .publish(
+                        "big:flood",
+                        data.clone(),
+                        None,
+                        Default::default(),
+                        true,
+                        None,
+                    )
+                    .await;
+                published.store(i + 1, Ordering::Relaxed);
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    // Let the flood get going, then ask something and wait for the answer amid the flood.
+    let mut received = 0u64;
+    while received < 2_000 {
+        let v = c.next().await.unwrap();
+        if v.get("push").is_some() {
+            received += 1;
+        }
+    }
+    c.send(json!({"id": 3, "subscribe": {"channel": "other"}}))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pings_seen = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reply within 10 s while flooded ({received} publications read)"
+        );
+        let v = c.next_raw().await.unwrap();
+        if v == json!({}) {
+            pings_seen += 1;
+            c.send(json!({})).await.unwrap();
+        } else if v.get("id").and_then(|i| i.as_u64()) == Some(3) {
+            assert!(v.get("error").is_none(), "{v}");
+            break;
+        } else {
+            received += 1;
+        }
+    }
+    // The reply came while the flood was still running.
+    assert!(!flood.is_finished(), "the flood ended before the reply");
+    // Keep reading through a few ping intervals: pongs are read, so no 3012.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(2_500);
+    while tokio::time::Instant::now() < until {
+        let v = c.next_raw().await.unwrap();
+        if v == json!({}) {
+            pings_seen += 1;
+            c.send(json!({})).await.unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    flood.await.unwrap();
+    assert!(pings_seen >= 1, "no ping reached the client in 2.5 s");
+    assert!(published.load(Ordering::Relaxed) > received / 2);
+    s.shutdown().await;
+}

@@ -188,3 +188,27 @@ async fn subscribe_unsubscribe_disconnect_by_user() {
     assert!(r.get("subscribe").is_some());
     s.shutdown().await;
 }
+
+/// `refresh` with the largest `expire_at` extends the connection (it used to overflow into
+/// an immediate 3005 disconnect).
+#[tokio::test]
+async fn refresh_to_the_end_of_time_extends_the_connection() {
+    let s = start("").await;
+    let (mut c, _) = Client::connect(&s, "eternal").await.unwrap();
+    api(
+        &s,
+        "refresh",
+        json!({"user": "eternal", "expire_at": u64::MAX}),
+    )
+    .await
+    .unwrap();
+    let push = c.next().await.unwrap();
+    assert_eq!(push["push"]["refresh"]["expires"], true, "{push}");
+    // Still connected and answering.
+    let r = c
+        .call(5, "subscribe", json!({"channel":"after-refresh"}))
+        .await
+        .unwrap();
+    assert!(r.get("error").is_none(), "{r}");
+    s.shutdown().await;
+}
