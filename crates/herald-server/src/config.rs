@@ -261,7 +261,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.api_addr()?;
-        crate::security::validate(self).map_err(ConfigError::Invalid)?;
+        validate_security(self).map_err(ConfigError::Invalid)?;
         self.admin_addr()?;
         let c = &self.client;
         let positive = [
@@ -457,6 +457,33 @@ presence = true
 join_leave = true
 "#
     )
+}
+
+/// Checks the security settings; the message names the key at fault.
+fn validate_security(config: &Config) -> Result<(), String> {
+    crate::http::tls::check_files(&config.server.tls_cert, &config.server.tls_key)?;
+    let c = &config.client;
+    let keys = herald_core::auth::TokenKeys::from_options(c)?;
+    herald_core::auth::TokenVerifier::with_keys(&keys)?;
+    if !keys.jwks_url.is_empty() {
+        crate::jwks::Endpoint::parse(&keys.jwks_url)
+            .map_err(|e| format!("client.token_jwks_public_endpoint: {e}"))?;
+        if c.token_jwks_refresh_interval.is_zero() {
+            return Err("client.token_jwks_refresh_interval: must be above 0".into());
+        }
+    }
+    for p in &c.allowed_origins {
+        if p.trim().is_empty() {
+            return Err("client.allowed_origins: an empty pattern matches nothing".into());
+        }
+    }
+    if c.command_burst > 0 && c.command_rate == 0 {
+        return Err("client.command_burst: needs client.command_rate".into());
+    }
+    if config.server.handshake_timeout.is_zero() {
+        return Err("server.handshake_timeout: must be above 0".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,13 +4,11 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod jwks;
-pub mod listener;
 pub mod ops;
-pub mod security;
 pub mod server;
 pub mod state;
-pub mod tls;
 pub mod transport;
 
 pub use config::Config;

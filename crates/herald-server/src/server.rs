@@ -135,7 +135,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ops)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::security::gate,
+            crate::http::gate::gate,
         ))
         .with_state(state)
 }
@@ -184,11 +184,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     ) {
         ("", "") => None,
         (cert, key) => Some(
-            crate::tls::Tls::load(std::path::Path::new(cert), std::path::Path::new(key))
+            crate::http::tls::Tls::load(std::path::Path::new(cert), std::path::Path::new(key))
                 .map_err(anyhow::Error::msg)?,
         ),
     };
-    let listen = crate::listener::ListenOptions::from_config(&config, tls.clone());
+    let listen = crate::http::listener::ListenOptions::from_config(&config, tls.clone());
     // Background work that lives as long as the listeners: certificate reload, JWKS refresh.
     let (stop_background, background) = watch::channel(false);
     let (metrics, prometheus) = crate::ops::new_metrics();
@@ -304,10 +304,10 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 async fn serve_http(
     listener: tokio::net::TcpListener,
     app: Router,
-    opts: crate::listener::ListenOptions,
+    opts: crate::http::listener::ListenOptions,
     stop: watch::Receiver<bool>,
 ) {
-    crate::listener::serve(listener, app, opts, stop).await;
+    crate::http::listener::serve(listener, app, opts, stop).await;
 }
 
 /// Waits for SIGTERM or SIGINT.

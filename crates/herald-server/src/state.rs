@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use herald_core::Node;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 
@@ -54,4 +54,10 @@ pub struct AppState {
     pub tracker: Arc<Tracker>,
     /// Metrics exporter, drain switch, admin sessions.
     pub ops: Arc<crate::ops::Ops>,
+}
+
+/// Resolves once `stop` is true (or its sender is gone): the node-wide stop signal every
+/// background task (listeners, certificate reload, key refresh) watches.
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

@@ -280,7 +280,7 @@ async fn tls_for_clients_and_api_with_live_certificate_reload() {
 
     // A broken file keeps the current certificate.
     std::fs::write(dir.0.join("cert.pem"), "not a certificate").unwrap();
-    tokio::time::sleep(herald_server::tls::FILE_CHECK_INTERVAL * 2).await;
+    tokio::time::sleep(herald_server::http::tls::FILE_CHECK_INTERVAL * 2).await;
     let fresh = tls(s.addr, &both).await.unwrap();
     assert_eq!(peer_leaf(&fresh), leaf2);
     s.shutdown().await;

@@ -1,5 +1,5 @@
-//! The checks every request passes before a route sees it, and the config checks of the
-//! security settings. See docs/security.md for the whole model.
+//! The checks every request passes before a route sees it (the config checks of the security
+//! settings are in `config`). See docs/security.md for the whole model.
 //!
 //! - A request to open a client connection (`/connection/…`) from a browser whose `Origin`
 //!   is not in `client.allowed_origins` gets 403; one without `Origin` (not a browser) passes.
@@ -11,7 +11,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::config::Config;
 use crate::state::AppState;
 
 /// Whether a request from `origin` may open a client connection. Patterns are globs (`*`
@@ -120,33 +119,6 @@ pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -
         }
     }
     next.run(req).await
-}
-
-/// Checks the security settings; the message names the key at fault.
-pub fn validate(config: &Config) -> Result<(), String> {
-    crate::tls::check_files(&config.server.tls_cert, &config.server.tls_key)?;
-    let c = &config.client;
-    let keys = herald_core::auth::TokenKeys::from_options(c)?;
-    herald_core::auth::TokenVerifier::with_keys(&keys)?;
-    if !keys.jwks_url.is_empty() {
-        crate::jwks::Endpoint::parse(&keys.jwks_url)
-            .map_err(|e| format!("client.token_jwks_public_endpoint: {e}"))?;
-        if c.token_jwks_refresh_interval.is_zero() {
-            return Err("client.token_jwks_refresh_interval: must be above 0".into());
-        }
-    }
-    for p in &c.allowed_origins {
-        if p.trim().is_empty() {
-            return Err("client.allowed_origins: an empty pattern matches nothing".into());
-        }
-    }
-    if c.command_burst > 0 && c.command_rate == 0 {
-        return Err("client.command_burst: needs client.command_rate".into());
-    }
-    if config.server.handshake_timeout.is_zero() {
-        return Err("server.handshake_timeout: must be above 0".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

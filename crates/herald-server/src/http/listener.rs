@@ -14,12 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::tls::Tls;
-
-/// Resolves once `stop` is true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
+use crate::http::tls::Tls;
 
 /// How one listener speaks.
 #[derive(Clone)]
@@ -51,7 +46,7 @@ pub async fn serve(
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
-            _ = crate::listener::stopped(&mut stop) => break,
+            _ = crate::state::stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -122,7 +117,7 @@ where
                 tracing::debug!(error = %e, "HTTP connection ended");
             }
         }
-        _ = crate::listener::stopped(&mut stop) => {
+        _ = crate::state::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
