@@ -225,6 +225,8 @@ pub async fn drive<W: Wire, H: Handler>(
     }
 }
 
+/// The steps and writes are boxed: an idle connection's task then holds only the small
+/// waiting state, and the large futures exist while they run (idle RSS per connection).
 async fn run<W: Wire, H: Handler>(
     h: &mut H,
     io: &mut Io<'_, W>,
@@ -232,7 +234,7 @@ async fn run<W: Wire, H: Handler>(
     leftover: &mut VecDeque<Bytes>,
 ) -> Ending {
     if let Some(data) = first
-        && let Err(e) = step(io, h.on_message(data, Now::system())).await
+        && let Err(e) = Box::pin(step(io, h.on_message(data, Now::system()))).await
     {
         return e;
     }
@@ -245,12 +247,12 @@ async fn run<W: Wire, H: Handler>(
                     *leftover = drained.frames;
                     return Ending::Disconnect(d);
                 }
-                if let Err(e) = write(io, drained.frames, drained.oldest_publication).await {
+                if let Err(e) = Box::pin(write(io, drained.frames, drained.oldest_publication)).await {
                     return e;
                 }
                 for c in drained.controls {
                     io.wire.on_control(&c);
-                    if let Err(e) = step(io, h.on_control(c, Now::system())).await {
+                    if let Err(e) = Box::pin(step(io, h.on_control(c, Now::system()))).await {
                         return e;
                     }
                 }
@@ -259,7 +261,7 @@ async fn run<W: Wire, H: Handler>(
             received = io.wire.recv() => match received {
                 Received::Message(data) => {
                     io.transport.bytes_received.increment(data.len() as u64);
-                    if let Err(e) = step(io, h.on_message(data, Now::system())).await {
+                    if let Err(e) = Box::pin(step(io, h.on_message(data, Now::system()))).await {
                         return e;
                     }
                     deadline = h.next_wakeup(Now::system());
@@ -267,7 +269,7 @@ async fn run<W: Wire, H: Handler>(
                 Received::Gone => return Ending::ClientGone,
             },
             _ = tokio::time::sleep_until(deadline.into()) => {
-                match step(io, h.tick(Now::system())).await {
+                match Box::pin(step(io, h.tick(Now::system()))).await {
                     Ok(next) => deadline = next,
                     Err(e) => return e,
                 }
