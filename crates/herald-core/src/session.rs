@@ -1098,6 +1098,15 @@ mod tests {
         (conn.clone(), Session::new(node.clone(), conn, now.mono))
     }
 
+    /// A bidirectional session connected anonymously at `t0`.
+    async fn connected(node: &Arc<Node>, t0: Now) -> (Arc<ConnHandle>, Session) {
+        let (conn, mut s) = session(node, Mode::Bidirectional, t0);
+        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
+            .await
+            .unwrap();
+        (conn, s)
+    }
+
     fn frames(conn: &ConnHandle) -> Vec<String> {
         conn.drain()
             .frames
@@ -1125,10 +1134,7 @@ mod tests {
     async fn ping_then_missing_pong_closes_with_3012() {
         let node = node();
         let t0 = Now::system();
-        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
-        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
-            .await
-            .unwrap();
+        let (conn, mut s) = connected(&node, t0).await;
         assert!(frames(&conn)[0].contains("\"connect\""));
         let ping_at = t0.after(node.client.ping_interval);
         assert_eq!(s.next_wakeup(t0), ping_at.mono);
@@ -1146,10 +1152,7 @@ mod tests {
     async fn answered_ping_keeps_the_connection() {
         let node = node();
         let t0 = Now::system();
-        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
-        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
-            .await
-            .unwrap();
+        let (conn, mut s) = connected(&node, t0).await;
         let ping_at = t0.after(node.client.ping_interval);
         s.tick(ping_at).await.unwrap();
         s.handle_frame(b"{}", ping_at).await.unwrap();
@@ -1251,10 +1254,7 @@ mod tests {
     async fn close_leaves_a_half_done_subscribe() {
         let node = node();
         let t0 = Now::system();
-        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
-        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
-            .await
-            .unwrap();
+        let (conn, mut s) = connected(&node, t0).await;
         // As if the task died between joining the hub and queueing the reply.
         conn.start_buffering("ch");
         node.hub.add_subscriber("ch", &conn, false);

@@ -460,10 +460,15 @@ mod tests {
         String::from_utf8_lossy(&m).into_owned()
     }
 
-    /// Waits (bounded) until `done` holds.
-    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    /// Waits (bounded) until the node holds no client, subscription or presence of `room`.
+    async fn released(node: &Node, what: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !done().await {
+        loop {
+            let st = node.hub.stats();
+            let gone = node.presence("room").await.is_ok_and(|p| p.is_empty());
+            if st.clients == 0 && st.subscriptions == 0 && gone {
+                return;
+            }
             assert!(tokio::time::Instant::now() < deadline, "{what}");
             tokio::task::yield_now().await;
         }
@@ -504,14 +509,7 @@ mod tests {
             .await
             .expect("the task ends");
         assert!(ended.is_err_and(|e| e.is_panic()));
-        let n = node.clone();
-        eventually("hub and presence let go after the panic", async || {
-            let s = n.hub.stats();
-            s.clients == 0
-                && s.subscriptions == 0
-                && n.presence("room").await.is_ok_and(|p| p.is_empty())
-        })
-        .await;
+        released(&node, "hub and presence let go after the panic").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,13 +534,6 @@ mod tests {
         assert!(next(&mut out).await.contains("\"connect\""));
         assert!(next(&mut out).await.contains("\"id\":2"));
         task.abort();
-        let n = node.clone();
-        eventually("hub and presence let go after the abort", async || {
-            let s = n.hub.stats();
-            s.clients == 0
-                && s.subscriptions == 0
-                && n.presence("room").await.is_ok_and(|p| p.is_empty())
-        })
-        .await;
+        released(&node, "hub and presence let go after the abort").await;
     }
 }

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
+use herald_core::conn::Mode;
 use herald_protocol::Disconnect;
 use yawc::close::CloseCode;
 use yawc::{CompressionLevel, DeflatePool, Frame, HttpWebSocket, OpCode, Options};
@@ -94,6 +95,31 @@ where
         }
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
+}
+
+/// Serves one client WebSocket: a session of `mode` on the driver, after the upgrade.
+/// `first` is a connect request the URL already carried.
+pub fn serve_session(
+    state: AppState,
+    ws: yawc::IncomingUpgrade,
+    mode: Mode,
+    framing: Framing,
+    transport: &'static str,
+    first: Option<Bytes>,
+) -> Response {
+    let max = state.node.client.max_message_size;
+    upgrade(&state.clone(), ws, max, move |socket| async move {
+        let (conn, session) = super::connection(&state, mode);
+        super::driver::drive(
+            conn,
+            session,
+            WsWire::new(socket, framing),
+            first,
+            state.node.metrics.transport(transport),
+            state.node.metrics.clone(),
+        )
+        .await;
+    })
 }
 
 /// How messages become WebSocket frames.
@@ -178,35 +204,26 @@ impl Wire for WsWire {
                 Some(payload) => self.ws.send(Frame::text(payload)).await,
                 None => Ok(()),
             },
-            Framing::PerMessage => {
-                let mut r = Ok(());
-                for m in batch {
-                    r = self.ws.feed(Frame::text(m)).await;
-                    if r.is_err() {
-                        break;
+            framing => {
+                // One frame per message: text, or for the echo the kind of the message it
+                // answers.
+                let ws = &mut self.ws;
+                async {
+                    for m in batch {
+                        let binary = match framing {
+                            Framing::Echo(kinds) => kinds.pop_front() == Some(OpCode::Binary),
+                            _ => false,
+                        };
+                        let frame = if binary {
+                            Frame::binary(m)
+                        } else {
+                            Frame::text(m)
+                        };
+                        ws.feed(frame).await?;
                     }
+                    ws.flush().await
                 }
-                match r {
-                    Ok(()) => self.ws.flush().await,
-                    e => e,
-                }
-            }
-            Framing::Echo(kinds) => {
-                let mut r = Ok(());
-                for m in batch {
-                    let frame = match kinds.pop_front() {
-                        Some(OpCode::Binary) => Frame::binary(m),
-                        _ => Frame::text(m),
-                    };
-                    r = self.ws.feed(frame).await;
-                    if r.is_err() {
-                        break;
-                    }
-                }
-                match r {
-                    Ok(()) => self.ws.flush().await,
-                    e => e,
-                }
+                .await
             }
         };
         sent.map(|()| n).map_err(|_| ())

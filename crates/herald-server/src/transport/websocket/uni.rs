@@ -8,10 +8,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::conn::Mode;
 
-use super::{Framing, WsWire, upgrade};
+use super::{Framing, serve_session};
 use crate::state::AppState;
 use crate::transport::stream::ConnectQuery;
-use crate::transport::{connection, driver};
 
 pub async fn handle(
     State(state): State<AppState>,
@@ -27,18 +26,12 @@ pub async fn handle(
         }
         None => None,
     };
-    let max = state.node.client.max_message_size;
-    upgrade(&state.clone(), ws, max, move |socket| async move {
-        let (conn, session) = connection(&state, Mode::Unidirectional);
-        let transport = state.node.metrics.transport("uni_websocket");
-        driver::drive(
-            conn,
-            session,
-            WsWire::new(socket, Framing::PerMessage),
-            early,
-            transport,
-            state.node.metrics.clone(),
-        )
-        .await;
-    })
+    serve_session(
+        state,
+        ws,
+        Mode::Unidirectional,
+        Framing::PerMessage,
+        "uni_websocket",
+        early,
+    )
 }
