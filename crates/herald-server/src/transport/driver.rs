@@ -250,13 +250,17 @@ async fn run<W: Wire, H: Handler>(
                 if let Err(e) = Box::pin(write(io, drained.frames, drained.oldest_publication)).await {
                     return e;
                 }
-                for c in drained.controls {
-                    io.wire.on_control(&c);
-                    if let Err(e) = Box::pin(step(io, h.on_control(c, Now::system()))).await {
-                        return e;
+                // Only a control can move the session's deadline; written frames cannot, so
+                // the plain write path (every delivery) does not recompute it.
+                if !drained.controls.is_empty() {
+                    for c in drained.controls {
+                        io.wire.on_control(&c);
+                        if let Err(e) = Box::pin(step(io, h.on_control(c, Now::system()))).await {
+                            return e;
+                        }
                     }
+                    deadline = h.next_wakeup(Now::system());
                 }
-                deadline = h.next_wakeup(Now::system());
             }
             received = io.wire.recv() => match received {
                 Received::Message(data) => {
