@@ -3,7 +3,7 @@
 //! task; the connection's own task drains it.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -12,14 +12,62 @@ use herald_protocol::client::Publication;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-/// A publication encoded once as a push frame, shared by every subscriber.
+/// A publication encoded once per client codec as a push frame, shared by every subscriber
+/// of that codec.
 #[derive(Debug)]
 pub struct PubMessage {
+    pub channel: Arc<str>,
     pub publication: Publication,
     /// `{"push":{"channel":..,"pub":{..}}}`, without trailing newline.
     pub frame: Bytes,
+    /// The length-prefixed Protobuf push, encoded by the first Protobuf subscriber to need
+    /// it: a channel with JSON subscribers only never encodes it.
+    proto: OnceLock<Bytes>,
     /// When the hub received it (for the delivery latency metric).
     pub received: Instant,
+}
+
+impl PubMessage {
+    pub fn new(channel: Arc<str>, publication: Publication, received: Instant) -> Self {
+        let frame = herald_protocol::client::encode_publication_push(&channel, &publication);
+        Self {
+            channel,
+            publication,
+            frame,
+            proto: OnceLock::new(),
+            received,
+        }
+    }
+
+    /// The Protobuf push, encoded on first use and shared afterwards.
+    pub fn proto_frame(&self) -> Bytes {
+        self.proto
+            .get_or_init(|| {
+                herald_protocol::proto::encode_publication_push_proto(
+                    &self.channel,
+                    &self.publication,
+                )
+            })
+            .clone()
+    }
+}
+
+/// How a connection's client encodes messages: JSON text, or length-prefixed Protobuf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    #[default]
+    Json,
+    Protobuf,
+}
+
+impl Codec {
+    /// Name in logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Json => "json",
+            Codec::Protobuf => "protobuf",
+        }
+    }
 }
 
 /// Actions asked of a session from outside (server API, node shutdown).
@@ -84,6 +132,7 @@ pub enum Mode {
 pub struct ConnHandle {
     pub id: Arc<str>,
     pub mode: Mode,
+    pub codec: Codec,
     user: parking_lot::RwLock<Arc<str>>,
     state: Mutex<Outbox>,
     notify: Notify,
@@ -107,12 +156,19 @@ impl ConnHandle {
         Self {
             id,
             mode,
+            codec: Codec::Json,
             user: parking_lot::RwLock::new(Arc::from("")),
             state: Mutex::new(Outbox::default()),
             notify: Notify::new(),
             closed: Notify::new(),
             max_queue_bytes,
         }
+    }
+
+    /// The same connection, speaking `codec` (set before the handle is shared).
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
     }
 
     pub fn user(&self) -> Arc<str> {
@@ -171,6 +227,8 @@ impl ConnHandle {
 
     /// Delivers a publication of `channel`; held back while that channel is being subscribed.
     pub fn deliver(&self, channel: &str, msg: &Arc<PubMessage>) {
+        // Encoded (or the shared encoding taken) before the outbox lock.
+        let frame = self.frame_for(msg);
         {
             let mut st = self.state.lock();
             if let Some((_, buf)) = st.buffering.iter_mut().find(|(c, _)| &**c == channel) {
@@ -190,28 +248,39 @@ impl ConnHandle {
                 // The live stream has caught up with the reply: no more filtering.
                 st.delivered_through.swap_remove(i);
             }
-            if self.push_locked(&mut st, self.frame_for(&msg.frame)) {
+            if self.push_locked(&mut st, frame) {
                 st.oldest_publication.get_or_insert(msg.received);
             }
         }
         self.notify.notify_one();
     }
 
-    /// Delivers a frame that is not part of the stream (join/leave); dropped while the channel
-    /// is being subscribed.
+    /// Delivers a frame that is not part of the stream (join/leave), already in this
+    /// connection's codec (see [`ConnHandle::json_push_for`]); dropped while the channel is
+    /// being subscribed.
     pub fn deliver_unordered(&self, channel: &str, frame: Bytes) {
         {
             let mut st = self.state.lock();
             if st.buffering.iter().any(|(c, _)| &**c == channel) {
                 return;
             }
-            self.push_locked(&mut st, self.frame_for(&frame));
+            self.push_locked(&mut st, frame);
         }
         self.notify.notify_one();
     }
 
-    /// A push encoded once for every subscriber, as this connection's client reads it.
-    pub fn frame_for(&self, frame: &Bytes) -> Bytes {
+    /// A publication push encoded once for every subscriber, as this connection's client
+    /// reads it.
+    pub fn frame_for(&self, msg: &PubMessage) -> Bytes {
+        match self.codec {
+            Codec::Json => self.json_push_for(&msg.frame),
+            Codec::Protobuf => msg.proto_frame(),
+        }
+    }
+
+    /// A JSON `{"push":…}` message shared by every subscriber, as this connection's client
+    /// reads it: whole, or the bare push of a unidirectional client.
+    pub fn json_push_for(&self, frame: &Bytes) -> Bytes {
         match self.mode {
             Mode::Bidirectional => frame.clone(),
             Mode::Unidirectional => herald_protocol::client::push_body(frame),
@@ -349,8 +418,9 @@ mod tests {
     use super::*;
 
     fn msg(offset: u64) -> Arc<PubMessage> {
-        Arc::new(PubMessage {
-            publication: Publication {
+        let mut m = PubMessage::new(
+            Arc::from("ch"),
+            Publication {
                 data: herald_protocol::json::null(),
                 info: None,
                 offset,
@@ -358,9 +428,10 @@ mod tests {
                 time: 0,
                 binary: false,
             },
-            frame: Bytes::from(format!("p{offset}")),
-            received: Instant::now(),
-        })
+            Instant::now(),
+        );
+        m.frame = Bytes::from(format!("p{offset}"));
+        Arc::new(m)
     }
 
     #[test]

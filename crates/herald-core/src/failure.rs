@@ -52,14 +52,19 @@ pub enum TokenUse {
     SubRefresh,
 }
 
-/// An expired token asks the client for a fresh one (109); a token that does not verify ends
-/// the connection (3500): the client cannot fix it by retrying.
+/// An expired token asks the client for a fresh one (109). A connection token that does not
+/// verify ends the connection (3500): the client cannot fix it by retrying. A subscription
+/// token that does not verify only refuses that subscription (103, as Centrifugo answers and
+/// the SDKs expect), so one bad channel does not cut the client off the others.
 pub fn token(e: TokenError, usage: TokenUse) -> Fail {
     match e {
         TokenError::Expired => ErrorCode::TOKEN_EXPIRED.into(),
         TokenError::Invalid(why) => {
             tracing::debug!(error = %why, ?usage, "token refused");
-            Disconnect::INVALID_TOKEN.into()
+            match usage {
+                TokenUse::Connect | TokenUse::Refresh => Disconnect::INVALID_TOKEN.into(),
+                TokenUse::Subscribe | TokenUse::SubRefresh => ErrorCode::PERMISSION_DENIED.into(),
+            }
         }
     }
 }
@@ -97,9 +102,15 @@ mod tests {
             Fail::Error(e) if e.code == 109
         ));
         assert!(matches!(
-            token(TokenError::Invalid("bad".into()), TokenUse::Subscribe),
+            token(TokenError::Invalid("bad".into()), TokenUse::Connect),
             Fail::Disconnect(d) if d.code == 3500
         ));
+        for usage in [TokenUse::Subscribe, TokenUse::SubRefresh] {
+            assert!(matches!(
+                token(TokenError::Invalid("bad".into()), usage),
+                Fail::Error(e) if e.code == 103
+            ));
+        }
     }
 
     #[test]

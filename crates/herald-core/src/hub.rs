@@ -1,17 +1,16 @@
 //! The node's index: channel → local subscribers, client id → connection, user → connections.
-//! Publications are encoded once per channel here and the same bytes are queued to every
-//! local subscriber.
+//! Publications are encoded once per channel and client codec here, and the same bytes are
+//! queued to every local subscriber of that codec.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
 
-use herald_protocol::client::{
-    ClientInfo, Publication, encode_join_leave_push, encode_publication_push,
-};
+use herald_protocol::client::{ClientInfo, Publication, encode_join_leave_push};
+use herald_protocol::proto::encode_join_leave_push_proto;
 use parking_lot::RwLock;
 
-use crate::conn::{ConnHandle, Control, PubMessage};
+use crate::conn::{Codec, ConnHandle, Control, PubMessage};
 use crate::engine::ControlCommand;
 use crate::metrics::Metrics;
 use herald_protocol::Disconnect;
@@ -279,12 +278,7 @@ impl Hub {
             return;
         };
         let received = std::time::Instant::now();
-        let frame = encode_publication_push(channel, &publication);
-        let msg = Arc::new(PubMessage {
-            publication,
-            frame,
-            received,
-        });
+        let msg = Arc::new(PubMessage::new(Arc::from(channel), publication, received));
         for sub in subs.iter() {
             sub.conn.deliver(channel, &msg);
         }
@@ -296,9 +290,17 @@ impl Hub {
         let Some(subs) = self.subscribers(channel, true) else {
             return;
         };
-        let frame = encode_join_leave_push(channel, info, join);
+        // Encoded once per codec, the Protobuf form only if a subscriber needs it.
+        let json = encode_join_leave_push(channel, info, join);
+        let proto = std::sync::OnceLock::new();
         for sub in subs.iter().filter(|s| s.join_leave) {
-            sub.conn.deliver_unordered(channel, frame.clone());
+            let frame = match sub.conn.codec {
+                Codec::Json => sub.conn.json_push_for(&json),
+                Codec::Protobuf => proto
+                    .get_or_init(|| encode_join_leave_push_proto(channel, info, join))
+                    .clone(),
+            };
+            sub.conn.deliver_unordered(channel, frame);
         }
     }
 }
@@ -473,6 +475,55 @@ mod tests {
         assert!(!hub.remove_subscriber("ch", "a"));
         assert!(hub.remove_subscriber("ch", "b"));
         assert_eq!(hub.stats().channels, 0);
+    }
+
+    #[test]
+    fn encode_once_per_codec() {
+        let hub = Hub::new();
+        let json = [conn("j1"), conn("j2")];
+        let proto: Vec<_> = ["p1", "p2"]
+            .iter()
+            .map(|id| {
+                Arc::new(ConnHandle::new(Arc::from(*id), 1 << 20).with_codec(Codec::Protobuf))
+            })
+            .collect();
+        for c in json.iter().chain(&proto) {
+            hub.add_subscriber("ch", c, true);
+        }
+        hub.broadcast_publication("ch", publication(1));
+        let info = ClientInfo {
+            user: "u".into(),
+            client: "c".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        hub.broadcast_join_leave("ch", &info, true);
+        let all = |c: &ConnHandle| c.drain().frames.into_iter().collect::<Vec<_>>();
+        let (j1, j2, p1, p2) = (all(&json[0]), all(&json[1]), all(&proto[0]), all(&proto[1]));
+        for i in 0..2 {
+            // One allocation per codec, shared by its subscribers.
+            assert_eq!(j1[i].as_ptr(), j2[i].as_ptr());
+            assert_eq!(p1[i].as_ptr(), p2[i].as_ptr());
+            assert_ne!(j1[i].as_ptr(), p1[i].as_ptr());
+        }
+        assert!(j1[0].starts_with(b"{\"push\""));
+        let push = herald_protocol::proto::decode_replies(&p1[0])
+            .next()
+            .unwrap()
+            .unwrap()
+            .push
+            .unwrap();
+        assert_eq!(push.channel, "ch");
+        assert_eq!(push.r#pub.unwrap().offset, 1);
+        let join = herald_protocol::proto::decode_replies(&p1[1])
+            .next()
+            .unwrap()
+            .unwrap()
+            .push
+            .unwrap()
+            .join
+            .unwrap();
+        assert_eq!(join.info.unwrap().user, "u");
     }
 
     fn publication(offset: u64) -> Publication {

@@ -23,6 +23,36 @@ use crate::options::{ClientOptions, NamespaceOptions};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The data of a publication: JSON, or (`binary`) a JSON string holding the base64 of bytes
+/// that are not JSON, which Protobuf subscribers receive decoded.
+#[derive(Debug, Clone)]
+pub struct PublishData {
+    pub data: Raw,
+    pub binary: bool,
+}
+
+impl From<Raw> for PublishData {
+    fn from(data: Raw) -> Self {
+        Self {
+            data,
+            binary: false,
+        }
+    }
+}
+
+impl PublishData {
+    /// Bytes as published: their JSON value when they are JSON, else binary data.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        match herald_protocol::json::from_bytes(bytes) {
+            Some(data) => data.into(),
+            None => Self {
+                data: herald_protocol::json::base64_string(bytes),
+                binary: true,
+            },
+        }
+    }
+}
+
 /// What a node is built from.
 #[derive(Debug, Clone, Default)]
 pub struct NodeConfig {
@@ -159,13 +189,14 @@ impl Node {
     pub async fn publish(
         &self,
         ch: &str,
-        data: Raw,
+        data: impl Into<PublishData>,
         info: Option<ClientInfo>,
         tags: BTreeMap<String, String>,
         skip_history: bool,
         idempotency_key: Option<String>,
     ) -> Result<StreamPosition, ProtocolError> {
         let ns = self.channel_options(ch)?;
+        let PublishData { data, binary } = data.into();
         if herald_protocol::json::depth(data.get()) > herald_protocol::json::MAX_DEPTH {
             return Err(ErrorCode::BAD_REQUEST.error());
         }
@@ -179,7 +210,7 @@ impl Node {
             offset: 0,
             tags,
             time: now_ms(),
-            binary: false,
+            binary,
         };
         let position = self.engine.publish(ch, publication, &opts).await?;
         self.metrics.published(from_client);

@@ -75,6 +75,39 @@ pub struct ClientOptions {
     /// Client connections this node accepts at once; more are refused (HTTP 503).
     /// Default: 0 (no limit).
     pub max_connections: usize,
+    /// `[client.subscribe_to_user_personal_channel]`: every authenticated connection is
+    /// subscribed server-side to its user's own channel at connect.
+    pub subscribe_to_user_personal_channel: PersonalChannel,
+}
+
+/// The automatic personal channel (`#<user>`, or `<namespace>:#<user>`): the way to push to
+/// every device of one user. It appears in the connect reply's `subs` and recovers like any
+/// subscription.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersonalChannel {
+    /// Subscribe each authenticated connection to its personal channel. Default: false.
+    pub enabled: bool,
+    /// Namespace of the personal channel; it must be defined. Default: "" (the channel is
+    /// `#<user>`, in the namespace without a name).
+    pub personal_channel_namespace: String,
+    /// Keep one connection per user: a new connection closes the user's others, on every
+    /// node, with 3504. Default: false.
+    pub single_connection: bool,
+}
+
+impl PersonalChannel {
+    /// The personal channel of `user`, when enabled and the user is not anonymous.
+    pub fn channel(&self, user: &str) -> Option<String> {
+        if !self.enabled || user.is_empty() {
+            return None;
+        }
+        Some(if self.personal_channel_namespace.is_empty() {
+            format!("#{user}")
+        } else {
+            format!("{}:#{user}", self.personal_channel_namespace)
+        })
+    }
 }
 
 impl Default for ClientOptions {
@@ -103,6 +136,7 @@ impl Default for ClientOptions {
             command_rate: 0,
             command_burst: 0,
             max_connections: 0,
+            subscribe_to_user_personal_channel: PersonalChannel::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ use herald_protocol::{Disconnect, ErrorCode, ProtocolError, codes};
 use crate::auth;
 use crate::channel;
 use crate::clock::Now;
-use crate::conn::{ConnHandle, Control, Mode, PubMessage};
+use crate::conn::{Codec, ConnHandle, Control, Mode, PubMessage};
 use crate::engine::StreamPosition;
 use crate::failure::{self, Fail, TokenUse};
 use crate::metrics::CommandKind;
@@ -43,6 +43,8 @@ struct Sub {
 #[derive(Default)]
 struct SubParams {
     recover: bool,
+    /// An incomplete recovery is refused with 112 rather than answered `recovered: false`.
+    reject_unrecovered: bool,
     epoch: String,
     offset: u64,
     recoverable: bool,
@@ -143,7 +145,7 @@ impl Session {
     fn send(&self, reply: &Reply) {
         match self.conn.mode {
             Mode::Bidirectional => {
-                self.conn.send(reply.encode());
+                self.conn.send(encode_reply(self.conn.codec, reply));
             }
             Mode::Unidirectional => {
                 if let Some(result) = &reply.connect {
@@ -155,11 +157,7 @@ impl Session {
 
     /// Queues a server push in the client's form.
     fn push(&self, push: Push) {
-        let frame = match self.conn.mode {
-            Mode::Bidirectional => Reply::push(push).encode(),
-            Mode::Unidirectional => encode_bare_push(&push),
-        };
-        self.conn.send(frame);
+        self.conn.send(encode_push(&self.conn, push));
     }
 
     /// The disconnect push telling the client why it is being closed, in its form.
@@ -172,10 +170,7 @@ impl Session {
             }),
             ..Default::default()
         };
-        match self.conn.mode {
-            Mode::Bidirectional => Reply::push(push).encode(),
-            Mode::Unidirectional => encode_bare_push(&push),
-        }
+        encode_push(&self.conn, push)
     }
 
     fn client_info(&self, chan_info: Option<Raw>) -> ClientInfo {
@@ -187,7 +182,8 @@ impl Session {
         }
     }
 
-    /// Handles one incoming frame. Bidirectional: one or more `\n`-separated commands.
+    /// Handles one incoming frame. Bidirectional: one or more commands, `\n`-separated JSON
+    /// or length-prefixed Protobuf.
     /// Unidirectional: the first message is the connect request, later ones are ignored.
     pub async fn handle_frame(&mut self, data: &[u8], now: Now) -> Result<(), Disconnect> {
         if self.conn.mode == Mode::Unidirectional {
@@ -198,10 +194,24 @@ impl Session {
                 parse_uni_connect(data).map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
             return self.handle_command(uni_connect_command(req), now).await;
         }
-        for line in split_commands(data) {
-            let cmd: Command = serde_json::from_slice(line)
-                .map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
-            self.handle_command(cmd, now).await?;
+        match self.conn.codec {
+            Codec::Json => {
+                for line in split_commands(data) {
+                    let cmd: Command = serde_json::from_slice(line)
+                        .map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
+                    self.handle_command(cmd, now).await?;
+                }
+            }
+            Codec::Protobuf => {
+                // Commands before a malformed one are served; the malformed one closes.
+                for cmd in herald_protocol::proto::decode_commands(data) {
+                    let cmd = cmd.map_err(|e| {
+                        tracing::debug!(client = %self.conn.id, error = %e, "malformed protobuf frame");
+                        Disconnect::from(Disconnect::BAD_REQUEST)
+                    })?;
+                    self.handle_command(cmd.into(), now).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -266,8 +276,9 @@ impl Session {
             self.cmd_sub_refresh(id, &req.channel, &req.token, now)
                 .await
         } else if cmd.rpc.is_some() {
-            // No RPC handler is configured on this node.
-            Err(ErrorCode::METHOD_NOT_FOUND.into())
+            // No RPC handler is configured on this node: "not available", as Centrifugo
+            // answers without an RPC proxy.
+            Err(ErrorCode::NOT_AVAILABLE.into())
         } else if cmd.send.is_some() {
             // Asynchronous messages have no handler here and need no reply.
             Ok(None)
@@ -353,6 +364,23 @@ impl Session {
         {
             return Err(Disconnect::CONNECTION_LIMIT.into());
         }
+        let personal = &self.node.client.subscribe_to_user_personal_channel;
+        if let Some(ch) = personal.channel(&self.user) {
+            server_channels.push(ch);
+            if personal.single_connection {
+                // The user's other connections, on every node, give way to this one.
+                self.node
+                    .control(crate::engine::ControlCommand::Disconnect {
+                        user: self.user.clone(),
+                        client: String::new(),
+                        session: String::new(),
+                        whitelist: vec![self.conn.id.to_string()],
+                        code: Disconnect::CONNECTION_LIMIT.code,
+                        reason: Disconnect::CONNECTION_LIMIT.reason.to_string(),
+                    })
+                    .await?;
+            }
+        }
         self.conn.set_user(&self.user);
         self.connected = true;
         self.node.hub.add_conn(&self.conn);
@@ -372,6 +400,7 @@ impl Session {
             let r = req_subs.remove(&ch).unwrap_or_default();
             let params = SubParams {
                 recover: r.recover,
+                reject_unrecovered: false,
                 epoch: r.epoch,
                 offset: r.offset,
                 ..Default::default()
@@ -418,12 +447,14 @@ impl Session {
                 settled.push(p);
             }
             let mut frames = vec![match conn.mode {
-                Mode::Bidirectional => Reply {
-                    id,
-                    connect: Some(result),
-                    ..Default::default()
-                }
-                .encode(),
+                Mode::Bidirectional => encode_reply(
+                    conn.codec,
+                    &Reply {
+                        id,
+                        connect: Some(result),
+                        ..Default::default()
+                    },
+                ),
                 Mode::Unidirectional => encode_uni_connect(&result),
             }];
             frames.extend(trailing);
@@ -513,6 +544,9 @@ impl Session {
         }
         let params = SubParams {
             recover: req.recover,
+            reject_unrecovered: req.flag
+                & herald_protocol::client::subscribe_flag::REJECT_UNRECOVERED
+                != 0,
             epoch: req.epoch,
             offset: req.offset,
             recoverable: req.recoverable,
@@ -523,15 +557,17 @@ impl Session {
             expire_at,
         };
         let prepared = self.prepare_subscription(ch, params, now).await?;
-        let mode = self.conn.mode;
+        let (mode, codec) = (self.conn.mode, self.conn.codec);
         self.finish_subscription(prepared, |result| {
             (mode == Mode::Bidirectional).then(|| {
-                Reply {
-                    id,
-                    subscribe: Some(result),
-                    ..Default::default()
-                }
-                .encode()
+                encode_reply(
+                    codec,
+                    &Reply {
+                        id,
+                        subscribe: Some(result),
+                        ..Default::default()
+                    },
+                )
             })
         });
         Ok(None)
@@ -655,6 +691,8 @@ impl Session {
             && h.publications.len() <= self.node.client.recovery_max_publication_limit;
         if complete {
             Ok((result, h.publications, true, p.offset))
+        } else if p.reject_unrecovered {
+            Err(ErrorCode::UNRECOVERABLE_POSITION.into())
         } else {
             // Not recoverable: the client is told so, and goes live from the current top.
             Ok((result, Vec::new(), false, top))
@@ -727,7 +765,10 @@ impl Session {
         ) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let data = req.data.ok_or(ErrorCode::BAD_REQUEST)?;
+        let data = crate::node::PublishData {
+            data: req.data.ok_or(ErrorCode::BAD_REQUEST)?,
+            binary: req.binary,
+        };
         let info = self.client_info(self.subs.get(ch).and_then(|s| s.chan_info.clone()));
         node.publish(ch, data, Some(info), BTreeMap::new(), false, None)
             .await?;
@@ -887,17 +928,14 @@ impl Session {
                 match self.prepare_subscription(&channel, params, now).await {
                     Ok(p) => {
                         let ch = channel.clone();
-                        let mode = self.conn.mode;
+                        let conn = self.conn.clone();
                         self.finish_subscription(p, move |result| {
                             let push = Push {
                                 channel: ch,
                                 subscribe: Some(result),
                                 ..Default::default()
                             };
-                            Some(match mode {
-                                Mode::Bidirectional => Reply::push(push).encode(),
-                                Mode::Unidirectional => encode_bare_push(&push),
-                            })
+                            Some(encode_push(&conn, push))
                         });
                     }
                     Err(Fail::Disconnect(d)) => return Err(d),
@@ -956,7 +994,10 @@ impl Session {
         }
         if now.mono >= self.next_ping {
             // The ping is an empty message; clients answer with an empty command.
-            self.conn.send(Bytes::from_static(b"{}"));
+            self.conn.send(match self.conn.codec {
+                Codec::Json => Bytes::from_static(b"{}"),
+                Codec::Protobuf => Bytes::from_static(herald_protocol::proto::PING),
+            });
             if self.awaiting_pong.is_none() && self.expects_pong() {
                 self.awaiting_pong = Some(now.mono);
             }
@@ -1026,7 +1067,7 @@ impl Session {
 /// then has the stream (0 when the subscription is not positioned).
 fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> (Vec<Bytes>, u64) {
     if !p.result.positioned {
-        return (live.iter().map(|m| conn.frame_for(&m.frame)).collect(), 0);
+        return (live.iter().map(|m| conn.frame_for(m)).collect(), 0);
     }
     let top = p.result.offset;
     if p.recovering {
@@ -1044,10 +1085,24 @@ fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> (V
     }
     let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
     let through = after.last().map_or(top, |m| m.publication.offset).max(top);
-    (
-        after.iter().map(|m| conn.frame_for(&m.frame)).collect(),
-        through,
-    )
+    (after.iter().map(|m| conn.frame_for(m)).collect(), through)
+}
+
+/// A reply in the codec of a bidirectional client.
+fn encode_reply(codec: Codec, reply: &Reply) -> Bytes {
+    match codec {
+        Codec::Json => reply.encode(),
+        Codec::Protobuf => herald_protocol::proto::encode_reply(&reply.into()),
+    }
+}
+
+/// A server push as the connection's client reads it: a reply of its codec, or the bare
+/// JSON push of a unidirectional client.
+fn encode_push(conn: &ConnHandle, push: Push) -> Bytes {
+    match conn.mode {
+        Mode::Bidirectional => encode_reply(conn.codec, &Reply::push(push)),
+        Mode::Unidirectional => encode_bare_push(&push),
+    }
 }
 
 /// The connect command a unidirectional client's connect request stands for.

@@ -96,6 +96,18 @@ pub struct SubscribeRequest {
     pub recoverable: bool,
     #[serde(default)]
     pub join_leave: bool,
+    /// Bits of [`subscribe_flag`]; unknown bits are ignored.
+    #[serde(default)]
+    pub flag: i64,
+}
+
+/// Bits of a subscribe request's `flag`.
+pub mod subscribe_flag {
+    /// The client can take a channel whose history was compacted (no effect here).
+    pub const CHANNEL_COMPACTION: i64 = 1;
+    /// Answer a recovery that cannot be complete with error 112 instead of subscribing with
+    /// `recovered: false`: the client then reloads its state another way.
+    pub const REJECT_UNRECOVERED: i64 = 2;
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use herald_core::engine::{ControlCommand, StreamPosition};
+use herald_core::node::PublishData;
 use herald_protocol::api::{self, ApiError};
 use herald_protocol::json::Raw;
 use herald_protocol::{Disconnect, ErrorCode};
@@ -125,17 +126,18 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, Failure> {
     serde_json::to_value(v).map_err(|_| Failure::from(ErrorCode::INTERNAL))
 }
 
-/// Publication data from `data` (JSON) or `b64data` (base64 of JSON text).
-fn payload(data: Option<Raw>, b64: Option<String>) -> Result<Raw, Failure> {
+/// Publication data from `data` (JSON) or `b64data` (base64 of any bytes: JSON text is
+/// published as that JSON, other bytes as binary data, which Protobuf subscribers receive
+/// unchanged and JSON subscribers as a base64 string flagged `binary`).
+fn payload(data: Option<Raw>, b64: Option<String>) -> Result<PublishData, Failure> {
     if let Some(d) = data {
-        return Ok(d);
+        return Ok(d.into());
     }
     let b64 = b64.ok_or(ErrorCode::BAD_REQUEST)?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .map_err(|_| ErrorCode::BAD_REQUEST)?;
-    let text = String::from_utf8(bytes).map_err(|_| ErrorCode::BAD_REQUEST)?;
-    herald_protocol::json::raw_from_str(&text).map_err(|_| ErrorCode::BAD_REQUEST.into())
+    Ok(PublishData::from_bytes(&bytes))
 }
 
 fn position(p: Option<herald_protocol::client::StreamPositionWire>) -> Option<StreamPosition> {

@@ -300,6 +300,25 @@ impl Config {
                 )));
             }
         }
+        let personal = &self.client.subscribe_to_user_personal_channel;
+        if personal.enabled
+            && !self
+                .namespaces
+                .iter()
+                .any(|ns| ns.name == personal.personal_channel_namespace)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "client.subscribe_to_user_personal_channel.personal_channel_namespace: \
+                 namespace {:?} is not defined",
+                personal.personal_channel_namespace
+            )));
+        }
+        if personal.single_connection && !personal.enabled {
+            return Err(ConfigError::Invalid(
+                "client.subscribe_to_user_personal_channel.single_connection: needs enabled = true"
+                    .into(),
+            ));
+        }
         if self
             .log
             .level
@@ -403,6 +422,13 @@ max_channels = 128
 channel_max_length = 255
 history_max_publication_limit = 300
 recovery_max_publication_limit = 300
+
+# Subscribe every authenticated connection to its user's channel, #<user> (or
+# <namespace>:#<user>), at connect; single_connection keeps one connection per user (3504).
+[client.subscribe_to_user_personal_channel]
+enabled = false
+personal_channel_namespace = ""
+single_connection = false
 
 [api]
 # Key for the server HTTP API: header "X-API-Key: <key>".

@@ -94,6 +94,18 @@ fn check_config_names_the_bad_key() {
             "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"http://x\"\n",
             "engine.redis.url",
         ),
+        (
+            "[client.subscribe_to_user_personal_channel]\nenabled = true\npersonal_channel_namespace = \"nope\"\n",
+            "personal_channel_namespace",
+        ),
+        (
+            "[client.subscribe_to_user_personal_channel]\nsingle_connection = true\n",
+            "single_connection",
+        ),
+        (
+            "[client.subscribe_to_user_personal_channel]\nenable = true\n",
+            "enable",
+        ),
     ] {
         let f = dir.join("bad.toml");
         std::fs::write(&f, body).unwrap();

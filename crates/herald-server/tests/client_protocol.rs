@@ -334,14 +334,75 @@ async fn ping_pong_and_no_pong_disconnect() {
 }
 
 #[tokio::test]
-async fn rpc_without_handler_is_method_not_found() {
+async fn rpc_without_handler_is_not_available() {
     let s = start("").await;
     let (mut c, _) = Client::connect(&s, "u").await.unwrap();
     let r = c
         .call(2, "rpc", json!({"method":"x","data":{}}))
         .await
         .unwrap();
-    assert_eq!(r["error"]["code"], 104);
+    // Centrifugo's answer when no RPC handler is configured.
+    assert_eq!(r["error"]["code"], 108);
+    s.shutdown().await;
+}
+
+/// A recovery from an empty epoch and offset 0 (what an SDK sends before it knows the
+/// stream) returns the whole history as recovered.
+#[tokio::test]
+async fn recover_from_empty_epoch_returns_the_whole_history() {
+    let s = start("").await;
+    for i in 0..4 {
+        publish(&s, "whole", json!(i)).await.unwrap();
+    }
+    let (mut c, _) = Client::connect(&s, "w").await.unwrap();
+    let r = c
+        .call(
+            2,
+            "subscribe",
+            json!({"channel": "whole", "recover": true, "epoch": "", "offset": 0}),
+        )
+        .await
+        .unwrap();
+    let sub = &r["subscribe"];
+    assert_eq!(sub["recovered"], true, "{r}");
+    let offsets: Vec<_> = sub["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [1, 2, 3, 4]);
+    s.shutdown().await;
+}
+
+/// Flag bit 2 asks for error 112 instead of `recovered: false`; other bits are ignored.
+#[tokio::test]
+async fn reject_unrecovered_flag_gets_112() {
+    let s = start("").await;
+    let epoch = publish(&s, "gone", json!(0)).await.unwrap()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut c, _) = Client::connect(&s, "f").await.unwrap();
+    // A position from another epoch cannot be recovered.
+    let stale = json!({"channel": "gone", "recover": true, "epoch": "not-this-one", "offset": 1});
+    let mut flagged = stale.clone();
+    flagged["flag"] = json!(2 | 1 | 64);
+    let r = c.call(2, "subscribe", flagged).await.unwrap();
+    assert_eq!(r["error"]["code"], 112, "{r}");
+    // Without the bit: subscribed, told it was not recovered.
+    let r = c.call(3, "subscribe", stale).await.unwrap();
+    assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
+    assert_ne!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["epoch"], epoch);
+    c.call(4, "unsubscribe", json!({"channel": "gone"}))
+        .await
+        .unwrap();
+    // With the bit and a recoverable position: recovered as usual.
+    let mut ok = json!({"channel": "gone", "recover": true, "epoch": epoch, "offset": 0});
+    ok["flag"] = json!(3);
+    let r = c.call(5, "subscribe", ok).await.unwrap();
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
     s.shutdown().await;
 }
 
@@ -374,5 +435,53 @@ async fn pretty_printed_data_stays_one_message() {
         let p = c.publication("room").await.unwrap();
         assert_eq!(p["data"]["text"], "line1\nline2");
     }
+    s.shutdown().await;
+}
+
+/// The automatic personal channel: every authenticated connection is subscribed to `#<user>`
+/// at connect (in the connect reply's `subs`), and a publication there reaches all of the
+/// user's connections.
+#[tokio::test]
+async fn personal_channel_is_subscribed_at_connect() {
+    let s = start("[client.subscribe_to_user_personal_channel]\nenabled = true").await;
+    let (mut a1, r1) = Client::connect(&s, "alice").await.unwrap();
+    let (mut a2, _) = Client::connect(&s, "alice").await.unwrap();
+    let (mut b, rb) = Client::connect(&s, "bob").await.unwrap();
+    assert!(r1["connect"]["subs"].get("#alice").is_some(), "{r1}");
+    assert!(rb["connect"]["subs"].get("#bob").is_some(), "{rb}");
+    publish(&s, "#alice", json!({"to": "alice"})).await.unwrap();
+    assert_eq!(
+        a1.publication("#alice").await.unwrap()["data"]["to"],
+        "alice"
+    );
+    assert_eq!(
+        a2.publication("#alice").await.unwrap()["data"]["to"],
+        "alice"
+    );
+    // Bob is not in Alice's channel: his next message is his own publication.
+    publish(&s, "#bob", json!("b")).await.unwrap();
+    assert_eq!(b.publication("#bob").await.unwrap()["data"], "b");
+    s.shutdown().await;
+}
+
+/// `single_connection`: a user's new connection closes the older ones with 3504.
+#[tokio::test]
+async fn personal_channel_single_connection() {
+    let s = start(
+        "[client.subscribe_to_user_personal_channel]\nenabled = true\nsingle_connection = true\npersonal_channel_namespace = \"big\"",
+    )
+    .await;
+    let (mut old, r) = Client::connect(&s, "carol").await.unwrap();
+    assert!(r["connect"]["subs"].get("big:#carol").is_some(), "{r}");
+    let (mut other_user, _) = Client::connect(&s, "dave").await.unwrap();
+    let (mut new, _) = Client::connect(&s, "carol").await.unwrap();
+    assert_eq!(old.closed().await.unwrap().0, 3504);
+    publish(&s, "big:#carol", json!(1)).await.unwrap();
+    assert_eq!(new.publication("big:#carol").await.unwrap()["data"], 1);
+    publish(&s, "big:#dave", json!(2)).await.unwrap();
+    assert_eq!(
+        other_user.publication("big:#dave").await.unwrap()["data"],
+        2
+    );
     s.shutdown().await;
 }

@@ -377,6 +377,26 @@ async fn private_channels_need_a_matching_subscription_token() {
         .await
         .unwrap();
     assert_eq!(r["error"]["code"], 109);
+    // A forged or malformed subscription token refuses that subscription only: 103, and
+    // the connection goes on.
+    let forged =
+        herald_core::auth::sign_hs256("wrong", &json!({"sub": "alice", "channel": "$room"}))
+            .unwrap();
+    for (id, bad) in [(7, forged.as_str()), (8, "not.a.jwt")] {
+        let r = c
+            .call(id, "subscribe", json!({"channel": "$forged", "token": bad}))
+            .await
+            .unwrap();
+        assert_eq!(r["error"]["code"], 103, "{r}");
+    }
+    let r = c
+        .call(9, "presence_stats", json!({"channel": "$room"}))
+        .await
+        .unwrap();
+    assert!(
+        r.get("presence_stats").is_some() || r.get("error").is_some(),
+        "{r}"
+    );
     // Someone else's token, or a token for another channel: 3500.
     let (mut b, _) = Client::connect(&s, "bob").await.unwrap();
     b.send(json!({"id": 2, "subscribe": {"channel": "$room", "token": sub_token("alice", "$room", 60)}}))
@@ -435,7 +455,7 @@ async fn subscription_expiry_and_sub_refresh() {
     // The refreshed one still delivers.
     publish(&s, "$keep", json!("kept")).await.unwrap();
     assert_eq!(c.publication("$keep").await.unwrap()["data"], "kept");
-    // sub_refresh of a channel the client is not in: 103; with a forged token: 3500.
+    // sub_refresh of a channel the client is not in: 103; a forged token: 103, connection stays.
     let r = c
         .call(
             5,
@@ -445,10 +465,17 @@ async fn subscription_expiry_and_sub_refresh() {
         .await
         .unwrap();
     assert_eq!(r["error"]["code"], 103);
-    c.send(json!({"id": 6, "sub_refresh": {"channel": "$keep", "token": "forged"}}))
+    let r = c
+        .call(
+            6,
+            "sub_refresh",
+            json!({"channel": "$keep", "token": "forged"}),
+        )
         .await
         .unwrap();
-    assert_eq!(c.closed().await.unwrap().0, 3500);
+    assert_eq!(r["error"]["code"], 103, "{r}");
+    publish(&s, "$keep", json!("still")).await.unwrap();
+    assert_eq!(c.publication("$keep").await.unwrap()["data"], "still");
     s.shutdown().await;
 }
 

@@ -103,6 +103,7 @@ impl From<SubscribeRequest> for client::SubscribeRequest {
             positioned: r.positioned,
             recoverable: r.recoverable,
             join_leave: r.join_leave,
+            flag: r.flag,
         }
     }
 }

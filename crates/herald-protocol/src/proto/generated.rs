@@ -297,6 +297,9 @@ pub struct SubscribeRequest {
     /// Delta encoding the client accepts for this channel ("fossil"), empty for none.
     #[prost(string, tag = "12")]
     pub delta: ::prost::alloc::string::String,
+    /// Bit 2: answer an incomplete recovery with error 112 instead of recovered = false.
+    #[prost(int64, tag = "14")]
+    pub flag: i64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SubscribeResult {

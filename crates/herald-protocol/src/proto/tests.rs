@@ -292,6 +292,7 @@ fn command_round_trips() {
             recoverable: true,
             join_leave: true,
             delta: "fossil".into(),
+            flag: 3,
         }),
         unsubscribe: Some(UnsubscribeRequest {
             channel: "u".into(),

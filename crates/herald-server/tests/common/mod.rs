@@ -15,6 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod proto;
+
 pub const SECRET: &str = "test-secret";
 pub const API_KEY: &str = "test-api-key";
 pub const WAIT: Duration = Duration::from_secs(5);

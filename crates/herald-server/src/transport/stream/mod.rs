@@ -191,7 +191,7 @@ fn open(state: AppState, mode: Mode, framing: Framing, first: Bytes) -> Response
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     tokio::spawn(async move {
         let _guard = guard;
-        let (conn, mut session) = super::connection(&state, mode);
+        let (conn, mut session) = super::connection(&state, mode, herald_core::conn::Codec::Json);
         // Bidirectional streams take later commands on `/emulation`, routed by a token that
         // the connect reply names as the session.
         let route = (mode == Mode::Bidirectional).then(|| {

@@ -1,19 +1,62 @@
-//! `GET /connection/websocket`: the full client protocol, several messages per frame.
+//! `GET /connection/websocket`: the full client protocol, several messages per frame, in
+//! JSON (text frames) or Protobuf (binary frames). A client asks for Protobuf with the
+//! subprotocol `centrifuge-protobuf` (what the official SDKs do) or the query parameter
+//! `cf_protocol=protobuf` (or `format=protobuf`).
 
-use axum::extract::State;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
 use axum::response::Response;
-use herald_core::conn::Mode;
+use herald_core::conn::{Codec, Mode};
+use serde::Deserialize;
 
-use super::{Framing, serve_session};
+use super::{Endpoint, Framing, PROTOBUF_SUBPROTOCOL, serve_session};
 use crate::state::AppState;
 
-pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) -> Response {
-    serve_session(
-        state,
-        ws,
-        Mode::Bidirectional,
-        Framing::Batched,
-        "websocket",
-        None,
-    )
+#[derive(Debug, Default, Deserialize)]
+pub struct ProtocolQuery {
+    cf_protocol: Option<String>,
+    format: Option<String>,
+}
+
+/// The codec the client asked for, and the subprotocol to echo (only one it offered).
+pub fn negotiate(headers: &HeaderMap, q: &ProtocolQuery) -> (Codec, Option<&'static str>) {
+    let offered = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == PROTOBUF_SUBPROTOCOL);
+    if offered {
+        return (Codec::Protobuf, Some(PROTOBUF_SUBPROTOCOL));
+    }
+    let asked = [&q.cf_protocol, &q.format]
+        .into_iter()
+        .flatten()
+        .any(|p| p == "protobuf");
+    if asked {
+        (Codec::Protobuf, None)
+    } else {
+        (Codec::Json, None)
+    }
+}
+
+pub async fn handle(
+    State(state): State<AppState>,
+    Query(q): Query<ProtocolQuery>,
+    headers: HeaderMap,
+    ws: yawc::IncomingUpgrade,
+) -> Response {
+    let (codec, subprotocol) = negotiate(&headers, &q);
+    let endpoint = Endpoint {
+        mode: Mode::Bidirectional,
+        codec,
+        framing: match codec {
+            Codec::Json => Framing::Batched,
+            Codec::Protobuf => Framing::Binary,
+        },
+        transport: "websocket",
+        subprotocol,
+    };
+    serve_session(state, ws, endpoint, None)
 }

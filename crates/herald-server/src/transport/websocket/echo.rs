@@ -52,7 +52,7 @@ pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) ->
         return StatusCode::NOT_FOUND.into_response();
     }
     let max = ECHO_MAX_MESSAGE.max(state.node.client.max_message_size);
-    upgrade(&state.clone(), ws, max, move |socket| async move {
+    upgrade(&state.clone(), ws, max, None, move |socket| async move {
         let conn = Arc::new(ConnHandle::new(
             Arc::from(herald_core::node::new_id()),
             // Room for a few of the largest messages in flight.

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use herald_core::conn::Mode;
+use herald_core::conn::{Codec, Mode};
 use herald_protocol::Disconnect;
 use yawc::close::CloseCode;
 use yawc::{CompressionLevel, DeflatePool, Frame, HttpWebSocket, OpCode, Options};
@@ -65,12 +65,17 @@ pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
     }
 }
 
+/// The WebSocket subprotocol of the Protobuf client protocol.
+pub const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
+
 /// Completes a WebSocket upgrade and runs `serve` on the socket in a task of its own; the
-/// same for every endpoint. Refused while the node drains.
+/// same for every endpoint. `subprotocol` is echoed in the 101 response (the client offered
+/// it). Refused while the node drains.
 pub fn upgrade<F, Fut>(
     state: &AppState,
     ws: yawc::IncomingUpgrade,
     max_message: usize,
+    subprotocol: Option<&'static str>,
     serve: F,
 ) -> Response
 where
@@ -91,41 +96,74 @@ where
                     Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                 }
             });
-            response.map(axum::body::Body::new)
+            let mut response = response.map(axum::body::Body::new);
+            if let Some(p) = subprotocol {
+                response.headers_mut().insert(
+                    axum::http::header::SEC_WEBSOCKET_PROTOCOL,
+                    axum::http::HeaderValue::from_static(p),
+                );
+            }
+            response
         }
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }
 
-/// Serves one client WebSocket: a session of `mode` on the driver, after the upgrade.
-/// `first` is a connect request the URL already carried.
+/// What a client WebSocket endpoint serves.
+pub struct Endpoint {
+    pub mode: Mode,
+    pub codec: Codec,
+    pub framing: Framing,
+    /// The transport label of logs and metrics.
+    pub transport: &'static str,
+    /// The subprotocol to echo in the 101 response.
+    pub subprotocol: Option<&'static str>,
+}
+
+/// Serves one client WebSocket: a session of the endpoint's mode and codec on the driver,
+/// after the upgrade. `first` is a connect request the URL already carried.
 pub fn serve_session(
     state: AppState,
     ws: yawc::IncomingUpgrade,
-    mode: Mode,
-    framing: Framing,
-    transport: &'static str,
+    endpoint: Endpoint,
     first: Option<Bytes>,
 ) -> Response {
     let max = state.node.client.max_message_size;
-    upgrade(&state.clone(), ws, max, move |socket| async move {
-        let (conn, session) = super::connection(&state, mode);
-        super::driver::drive(
-            conn,
-            session,
-            WsWire::new(socket, framing),
-            first,
-            state.node.metrics.transport(transport),
-            state.node.metrics.clone(),
-        )
-        .await;
-    })
+    let Endpoint {
+        mode,
+        codec,
+        framing,
+        transport,
+        subprotocol,
+    } = endpoint;
+    upgrade(
+        &state.clone(),
+        ws,
+        max,
+        subprotocol,
+        move |socket| async move {
+            let (conn, session) = super::connection(&state, mode, codec);
+            super::driver::drive(
+                conn,
+                session,
+                WsWire::new(socket, framing),
+                first,
+                state.node.metrics.transport(transport),
+                state.node.metrics.clone(),
+            )
+            .await;
+        },
+    )
 }
 
 /// How messages become WebSocket frames.
 pub enum Framing {
-    /// All queued messages in one text frame, `\n`-separated (the bidirectional protocol).
+    /// All queued messages in one text frame, `\n`-separated (the bidirectional JSON
+    /// protocol).
     Batched,
+    /// All queued messages in one binary frame, one after the other (the bidirectional
+    /// Protobuf protocol: each message carries its length prefix).
+    Binary,
     /// One text frame per message (unidirectional clients read one JSON per message).
     PerMessage,
     /// One frame per message, of the kind of the message it answers (text or binary).
@@ -197,12 +235,23 @@ impl Wire for WsWire {
         }
     }
 
-    async fn send(&mut self, batch: VecDeque<Bytes>) -> Result<usize, ()> {
+    async fn send(&mut self, mut batch: VecDeque<Bytes>) -> Result<usize, ()> {
         let n: usize = batch.iter().map(Bytes::len).sum();
         let sent = match &mut self.framing {
             Framing::Batched => match join_lines(batch) {
                 Some(payload) => self.ws.send(Frame::text(payload)).await,
                 None => Ok(()),
+            },
+            Framing::Binary => match batch.len() {
+                0 => Ok(()),
+                1 => match batch.pop_front() {
+                    Some(m) => self.ws.send(Frame::binary(m)).await,
+                    None => Ok(()),
+                },
+                _ => {
+                    let frame = herald_protocol::proto::concat(batch);
+                    self.ws.send(Frame::binary(frame)).await
+                }
             },
             framing => {
                 // One frame per message: text, or for the echo the kind of the message it

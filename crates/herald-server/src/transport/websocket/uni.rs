@@ -6,9 +6,9 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use herald_core::conn::Mode;
+use herald_core::conn::{Codec, Mode};
 
-use super::{Framing, serve_session};
+use super::{Endpoint, Framing, serve_session};
 use crate::state::AppState;
 use crate::transport::stream::ConnectQuery;
 
@@ -26,12 +26,12 @@ pub async fn handle(
         }
         None => None,
     };
-    serve_session(
-        state,
-        ws,
-        Mode::Unidirectional,
-        Framing::PerMessage,
-        "uni_websocket",
-        early,
-    )
+    let endpoint = Endpoint {
+        mode: Mode::Unidirectional,
+        codec: Codec::Json,
+        framing: Framing::PerMessage,
+        transport: "uni_websocket",
+        subprotocol: None,
+    };
+    serve_session(state, ws, endpoint, early)
 }
