@@ -117,9 +117,13 @@ def render_config(
         "max_channels": 128,
     }
     client_section.update(client or {})
+    # Dict values are sub-tables (`[client.<key>]`), written after the plain keys.
+    subtables = {k: v for k, v in client_section.items() if isinstance(v, dict)}
+    plain = {k: v for k, v in client_section.items() if not isinstance(v, dict)}
     sections = [
         _toml_table("[server]", {"listen": listen}),
-        _toml_table("[client]", client_section),
+        _toml_table("[client]", plain),
+        *[_toml_table(f"[client.{k}]", v) for k, v in subtables.items()],
         _toml_table("[api]", {"key": API_KEY}),
         _toml_table("[engine]", {"type": "memory"}),
         # No drain window: a stopped test node lets its clients go at once.

@@ -1,7 +1,8 @@
 """centrifuge-python in Protobuf mode (`use_protobuf=True`): the subprotocol
 `centrifuge-protobuf`, binary frames, data as bytes. The scenarios of the JSON tests:
 connect, subscribe, publish from the client and with cent, history, presence, recovery
-after a cut connection, token refresh."""
+after a cut connection, token refresh; plus the personal channel, a forged subscription
+token (103, the connection stays) and fossil delta."""
 
 from __future__ import annotations
 
@@ -9,11 +10,20 @@ import json
 import time
 
 import pytest
-from cent import PublishRequest
+from cent import AsyncClient, PublishRequest
 
-from centrifuge import ClientState, ReplyError
+from centrifuge import ClientState, DeltaType, ReplyError
 
-from conftest import eventually, jwt_payload, mint_token, new_sub, subscribed, uid
+from conftest import (
+    API_KEY,
+    DEFAULT_NAMESPACES,
+    eventually,
+    jwt_payload,
+    mint_token,
+    new_sub,
+    subscribed,
+    uid,
+)
 
 
 async def _proto(clients, url, user):
@@ -120,3 +130,58 @@ async def test_permission_errors_keep_their_codes(server, clients):
     with pytest.raises(ReplyError) as err:
         await client.publish(uid("nosub"), b"x")
     assert err.value.code == 103
+
+
+
+async def test_personal_channel_is_subscribed_at_connect(start_server, clients):
+    server = await start_server(client={"subscribe_to_user_personal_channel": {"enabled": True}})
+    client = await _proto(clients, server.ws_url, "pb-me")
+    sub = await client.rec.wait_for("subscribed", lambda c: c.channel == "#pb-me")
+    assert sub.channel == "#pb-me"
+    async with AsyncClient(server.api_url, api_key=API_KEY) as api:
+        await api.publish(PublishRequest(channel="#pb-me", data={"to": "me"}))
+    ctx = await client.rec.wait_for("publication", lambda c: c.channel == "#pb-me")
+    assert json.loads(ctx.pub.data) == {"to": "me"}
+
+
+async def test_forged_subscription_token_gets_103_and_the_connection_stays(server, clients, api):
+    client = await _proto(clients, server.ws_url, "pb-forger")
+    sub = new_sub(client, "$" + uid("secret"), token="forged.token.value")
+    await sub.subscribe()
+    gone = await sub.rec.wait_for("unsubscribed")
+    assert gone.code == 103, gone
+    assert client.state == ClientState.CONNECTED
+    ch = uid("after")
+    ok = await subscribed(client, ch)
+    await api.publish(PublishRequest(channel=ch, data={"still": True}))
+    ctx = await ok.rec.wait_for("publication")
+    assert json.loads(ctx.pub.data) == {"still": True}
+
+
+def _doc(i: int) -> dict:
+    items = [{"id": k, "name": f"instrument-{k:03}", "venue": "XPAR"} for k in range(24)]
+    return {"seq": i, "price": 100 + 7 * i, "items": items}
+
+
+@pytest.mark.parametrize("use_protobuf", [False, True], ids=["json", "protobuf"])
+async def test_fossil_delta_rebuilds_every_publication(start_server, clients, use_protobuf):
+    delta_ns = {
+        "name": "delta",
+        "history_size": 100,
+        "history_ttl": "5m",
+        "force_recovery": True,
+        "allow_subscribe_for_client": True,
+        "allowed_delta_types": ["fossil"],
+    }
+    server = await start_server(namespaces=DEFAULT_NAMESPACES + [delta_ns])
+    client = await clients.connected(server.ws_url, user="delta", use_protobuf=use_protobuf)
+    sub = await subscribed(client, uid("delta:doc"), delta=DeltaType.FOSSIL)
+    assert sub._delta_negotiated
+    async with AsyncClient(server.api_url, api_key=API_KEY) as api:
+        for i in range(8):
+            await api.publish(PublishRequest(channel=sub.channel, data=_doc(i)))
+    got = await sub.rec.wait_count("publication", 8)
+    decoded = [c.pub.data if not use_protobuf else json.loads(c.pub.data) for c in got]
+    assert decoded == [_doc(i) for i in range(8)]
+    # The first whole, the others patches.
+    assert [c.pub.delta for c in got] == [False] + [True] * 7

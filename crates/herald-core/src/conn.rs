@@ -3,6 +3,7 @@
 //! task; the connection's own task drains it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -12,10 +13,16 @@ use herald_protocol::client::Publication;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+/// Identifies a publication among those this process delivered: a subscriber receiving
+/// deltas gets one only against the very publication it received last.
+static NEXT_MESSAGE_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A publication encoded once per client codec as a push frame, shared by every subscriber
 /// of that codec.
 #[derive(Debug)]
 pub struct PubMessage {
+    /// Unique in this process, never 0.
+    pub id: u64,
     pub channel: Arc<str>,
     pub publication: Publication,
     /// `{"push":{"channel":..,"pub":{..}}}`, without trailing newline.
@@ -23,20 +30,77 @@ pub struct PubMessage {
     /// The length-prefixed Protobuf push, encoded by the first Protobuf subscriber to need
     /// it: a channel with JSON subscribers only never encodes it.
     proto: OnceLock<Bytes>,
+    /// The JSON push with `data` as a string, as JSON subscribers with delta read a whole
+    /// publication; encoded only if such a subscriber exists.
+    json_delta_whole: OnceLock<Bytes>,
+    /// On channels with delta subscribers: the previous publication and the patches
+    /// against it, each computed once.
+    delta: Option<Box<Patches>>,
     /// When the hub received it (for the delivery latency metric).
     pub received: Instant,
+}
+
+/// What a delta is computed against: a publication's data as each codec carries it.
+#[derive(Debug)]
+pub struct DeltaBase {
+    id: u64,
+    /// The JSON text of `data` (JSON subscribers patch this).
+    json: Box<str>,
+    /// The bytes Protobuf subscribers get, when they differ from `json` (binary data).
+    bytes: Option<Box<[u8]>>,
+}
+
+impl DeltaBase {
+    fn bytes(&self) -> &[u8] {
+        self.bytes.as_deref().unwrap_or(self.json.as_bytes())
+    }
+}
+
+#[derive(Debug)]
+struct Patches {
+    base: Arc<DeltaBase>,
+    /// `None`: a patch would not be smaller than the data, the whole publication goes.
+    json: OnceLock<Option<Bytes>>,
+    proto: OnceLock<Option<Bytes>>,
 }
 
 impl PubMessage {
     pub fn new(channel: Arc<str>, publication: Publication, received: Instant) -> Self {
         let frame = herald_protocol::client::encode_publication_push(&channel, &publication);
         Self {
+            id: NEXT_MESSAGE_ID.fetch_add(1, Ordering::Relaxed),
             channel,
             publication,
             frame,
             proto: OnceLock::new(),
+            json_delta_whole: OnceLock::new(),
+            delta: None,
             received,
         }
+    }
+
+    /// Lets delta subscribers that received `base` get this one as a patch against it.
+    pub fn with_delta_base(mut self, base: Arc<DeltaBase>) -> Self {
+        self.delta = Some(Box::new(Patches {
+            base,
+            json: OnceLock::new(),
+            proto: OnceLock::new(),
+        }));
+        self
+    }
+
+    /// This publication as the base of the next one's delta.
+    pub fn as_delta_base(&self) -> Arc<DeltaBase> {
+        let p = &self.publication;
+        let bytes = match p.binary {
+            true => Some(p.payload().into_owned().into_boxed_slice()),
+            false => None,
+        };
+        Arc::new(DeltaBase {
+            id: self.id,
+            json: p.data.get().into(),
+            bytes,
+        })
     }
 
     /// The Protobuf push, encoded on first use and shared afterwards.
@@ -50,6 +114,70 @@ impl PubMessage {
             })
             .clone()
     }
+
+    /// The frame for a subscriber with delta whose last publication in the channel was
+    /// `last` (0: none since it subscribed): a patch when this one's base is `last` and the
+    /// patch is smaller, the whole publication otherwise.
+    fn delta_frame(&self, codec: Codec, last: u64) -> Bytes {
+        let patches = self
+            .delta
+            .as_deref()
+            .filter(|d| last != 0 && d.base.id == last);
+        match codec {
+            Codec::Json => patches
+                .and_then(|d| d.json.get_or_init(|| self.json_patch(&d.base)).clone())
+                .unwrap_or_else(|| self.json_delta_whole()),
+            Codec::Protobuf => patches
+                .and_then(|d| d.proto.get_or_init(|| self.proto_patch(&d.base)).clone())
+                .unwrap_or_else(|| self.proto_frame()),
+        }
+    }
+
+    fn json_delta_whole(&self) -> Bytes {
+        self.json_delta_whole
+            .get_or_init(|| {
+                herald_protocol::client::encode_publication_push(
+                    &self.channel,
+                    &self.publication.delta_form(None),
+                )
+            })
+            .clone()
+    }
+
+    fn json_patch(&self, base: &DeltaBase) -> Option<Bytes> {
+        let new = self.publication.data.get();
+        let patch = herald_protocol::delta::fossil_create(base.json.as_bytes(), new.as_bytes());
+        // Both sides are UTF-8 and the encoder never splits a character: the patch is text.
+        let patch = String::from_utf8(patch).ok()?;
+        (patch.len() < new.len()).then(|| {
+            herald_protocol::client::encode_publication_push(
+                &self.channel,
+                &self.publication.delta_form(Some(&patch)),
+            )
+        })
+    }
+
+    fn proto_patch(&self, base: &DeltaBase) -> Option<Bytes> {
+        let new = self.publication.payload();
+        let patch = herald_protocol::delta::fossil_create(base.bytes(), &new);
+        (patch.len() < new.len()).then(|| {
+            herald_protocol::proto::encode_publication_delta_push_proto(
+                &self.channel,
+                &self.publication,
+                &patch,
+            )
+        })
+    }
+}
+
+/// How a subscription ended its subscribe, for [`ConnHandle::complete_buffering`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settled {
+    /// Offset through which the client has the stream (0: not positioned).
+    pub through: u64,
+    /// `Some` when the subscription negotiated delta: the id of the last publication queued
+    /// to it (0: none), the base the next one may be patched against.
+    pub delta_last: Option<u64>,
 }
 
 /// How a connection's client encodes messages: JSON text, or length-prefixed Protobuf.
@@ -103,6 +231,9 @@ struct Outbox {
     /// already sent in a subscribe reply, and are dropped. A cluster engine can show a
     /// publication in history before its live copy reaches this node.
     delivered_through: Vec<(Arc<str>, u64)>,
+    /// Channels whose subscription negotiated delta, and the id of the last publication
+    /// queued in each (0: none yet).
+    deltas: Vec<(Arc<str>, u64)>,
     controls: Vec<Control>,
     closing: Option<Disconnect>,
     /// When the oldest publication among `frames` reached the hub.
@@ -248,6 +379,11 @@ impl ConnHandle {
                 // The live stream has caught up with the reply: no more filtering.
                 st.delivered_through.swap_remove(i);
             }
+            let mut frame = frame;
+            if let Some(d) = st.deltas.iter_mut().find(|(c, _)| &**c == channel) {
+                frame = self.json_push_for_codec(msg.delta_frame(self.codec, d.1));
+                d.1 = msg.id;
+            }
             if self.push_locked(&mut st, frame) {
                 st.oldest_publication.get_or_insert(msg.received);
             }
@@ -278,6 +414,32 @@ impl ConnHandle {
         }
     }
 
+    /// The frames of publications queued after a subscribe reply to a subscription with
+    /// delta, and the id of the last one: the first whole, the next ones patched.
+    pub fn delta_frames(&self, msgs: &[&Arc<PubMessage>], mut last: u64) -> (Vec<Bytes>, u64) {
+        let frames = msgs
+            .iter()
+            .map(|m| {
+                let f = self.json_push_for_codec(m.delta_frame(self.codec, last));
+                last = m.id;
+                f
+            })
+            .collect();
+        (frames, last)
+    }
+
+    fn json_push_for_codec(&self, frame: Bytes) -> Bytes {
+        match self.codec {
+            Codec::Json => self.json_push_for(&frame),
+            Codec::Protobuf => frame,
+        }
+    }
+
+    /// Ends delta for `channel` (unsubscribed).
+    pub fn end_delta(&self, channel: &str) {
+        self.state.lock().deltas.retain(|(c, _)| &**c != channel);
+    }
+
     /// A JSON `{"push":…}` message shared by every subscriber, as this connection's client
     /// reads it: whole, or the bare push of a unidirectional client.
     pub fn json_push_for(&self, frame: &Bytes) -> Bytes {
@@ -305,7 +467,7 @@ impl ConnHandle {
     /// late live copy of an already sent publication is dropped.
     pub fn complete_buffering<F>(&self, channels: &[&str], build: F)
     where
-        F: FnOnce(Vec<Vec<Arc<PubMessage>>>) -> (Vec<Bytes>, Vec<u64>),
+        F: FnOnce(Vec<Vec<Arc<PubMessage>>>) -> (Vec<Bytes>, Vec<Settled>),
     {
         {
             let mut st = self.state.lock();
@@ -316,11 +478,15 @@ impl ConnHandle {
                     None => held.push(Vec::new()),
                 }
             }
-            let (frames, through) = build(held);
-            for (ch, offset) in channels.iter().zip(through) {
+            let (frames, settled) = build(held);
+            for (ch, s) in channels.iter().zip(settled) {
                 st.delivered_through.retain(|(c, _)| &**c != *ch);
-                if offset > 0 {
-                    st.delivered_through.push((Arc::from(*ch), offset));
+                if s.through > 0 {
+                    st.delivered_through.push((Arc::from(*ch), s.through));
+                }
+                st.deltas.retain(|(c, _)| &**c != *ch);
+                if let Some(last) = s.delta_last {
+                    st.deltas.push((Arc::from(*ch), last));
                 }
             }
             for frame in frames {
@@ -427,6 +593,7 @@ mod tests {
                 tags: Default::default(),
                 time: 0,
                 binary: false,
+                delta: false,
             },
             Instant::now(),
         );
@@ -453,7 +620,13 @@ mod tests {
         c.complete_buffering(&["ch"], |held| {
             let mut v = vec![Bytes::from_static(b"reply")];
             v.extend(held[0].iter().map(|m| m.frame.clone()));
-            (v, vec![1])
+            (
+                v,
+                vec![Settled {
+                    through: 1,
+                    delta_last: None,
+                }],
+            )
         });
         // A late live copy of offset 1, already sent, is dropped; later ones go through.
         c.deliver("ch", &msg(1));

@@ -10,7 +10,7 @@ use herald_protocol::client::{ClientInfo, Publication, encode_join_leave_push};
 use herald_protocol::proto::encode_join_leave_push_proto;
 use parking_lot::RwLock;
 
-use crate::conn::{Codec, ConnHandle, Control, PubMessage};
+use crate::conn::{Codec, ConnHandle, Control, DeltaBase, PubMessage};
 use crate::engine::ControlCommand;
 use crate::metrics::Metrics;
 use herald_protocol::Disconnect;
@@ -22,6 +22,7 @@ const SHARDS: usize = 64;
 struct Subscriber {
     conn: Arc<ConnHandle>,
     join_leave: bool,
+    delta: bool,
 }
 
 /// A channel's local subscribers.
@@ -30,10 +31,29 @@ struct Channel {
     subs: HashMap<Arc<str>, Subscriber>,
     /// Subscribers that asked for join/leave pushes.
     join_leave: usize,
+    /// Subscribers that negotiated delta; while there are some, `last` is kept.
+    delta: usize,
+    /// The last publication broadcast, the base of the next one's delta.
+    last: parking_lot::Mutex<Option<Arc<DeltaBase>>>,
     /// An immutable copy of `subs` that delivery iterates without the shard lock. Cleared on
     /// every change and rebuilt by the next broadcast, so a ramp of N subscribes costs O(N)
     /// rather than O(N²).
     snapshot: OnceLock<Arc<[Subscriber]>>,
+}
+
+impl Channel {
+    /// Forgets a leaving subscriber's flags.
+    fn uncount(&mut self, s: &Subscriber) {
+        if s.join_leave {
+            self.join_leave = self.join_leave.saturating_sub(1);
+        }
+        if s.delta {
+            self.delta = self.delta.saturating_sub(1);
+            if self.delta == 0 {
+                *self.last.get_mut() = None;
+            }
+        }
+    }
 }
 
 type ChannelMap = HashMap<Arc<str>, Channel>;
@@ -183,6 +203,18 @@ impl Hub {
 
     /// Adds a subscriber; true when it is the channel's first on this node.
     pub fn add_subscriber(&self, channel: &str, conn: &Arc<ConnHandle>, join_leave: bool) -> bool {
+        self.add_subscriber_with(channel, conn, join_leave, false)
+    }
+
+    /// Adds a subscriber that may have negotiated delta; true when it is the channel's
+    /// first on this node.
+    pub fn add_subscriber_with(
+        &self,
+        channel: &str,
+        conn: &Arc<ConnHandle>,
+        join_leave: bool,
+        delta: bool,
+    ) -> bool {
         let mut shard = self.shard(channel).write();
         let first = !shard.contains_key(channel);
         let ch = shard.entry(Arc::from(channel)).or_default();
@@ -191,13 +223,17 @@ impl Hub {
             Subscriber {
                 conn: conn.clone(),
                 join_leave,
+                delta,
             },
         );
-        if old.is_some_and(|o| o.join_leave) {
-            ch.join_leave = ch.join_leave.saturating_sub(1);
+        if let Some(o) = old {
+            ch.uncount(&o);
         }
         if join_leave {
             ch.join_leave = ch.join_leave.saturating_add(1);
+        }
+        if delta {
+            ch.delta = ch.delta.saturating_add(1);
         }
         let stale = ch.snapshot.take();
         // Releasing a large snapshot is O(N): not under the lock.
@@ -219,9 +255,7 @@ impl Hub {
             shard.remove(channel);
             return true;
         }
-        if old.join_leave {
-            ch.join_leave = ch.join_leave.saturating_sub(1);
-        }
+        ch.uncount(&old);
         let stale = ch.snapshot.take();
         drop(shard);
         drop(stale);
@@ -237,11 +271,36 @@ impl Hub {
         if join_leave_only && ch.join_leave == 0 {
             return None;
         }
-        Some(
-            ch.snapshot
-                .get_or_init(|| ch.subs.values().cloned().collect())
-                .clone(),
-        )
+        Some(Self::snapshot(ch))
+    }
+
+    /// The channel's subscribers, and whether some of them negotiated delta.
+    fn subscribers_delta(&self, channel: &str) -> Option<(Arc<[Subscriber]>, bool)> {
+        let shard = self.shard(channel).read();
+        let ch = shard.get(channel)?;
+        Some((Self::snapshot(ch), ch.delta > 0))
+    }
+
+    fn snapshot(ch: &Channel) -> Arc<[Subscriber]> {
+        ch.snapshot
+            .get_or_init(|| ch.subs.values().cloned().collect())
+            .clone()
+    }
+
+    /// Ties `msg` to the channel's previous publication and records it as the next one's
+    /// delta base. Concurrent broadcasts may race here; a subscriber only ever gets a patch
+    /// against the exact publication it received last, so a race costs a whole frame, never
+    /// a wrong one.
+    fn chain_delta(&self, channel: &str, msg: PubMessage) -> PubMessage {
+        let shard = self.shard(channel).read();
+        let Some(ch) = shard.get(channel).filter(|ch| ch.delta > 0) else {
+            return msg;
+        };
+        let base = ch.last.lock().replace(msg.as_delta_base());
+        match base {
+            Some(b) => msg.with_delta_base(b),
+            None => msg,
+        }
     }
 
     /// Every channel with local subscribers and their count.
@@ -274,11 +333,15 @@ impl Hub {
 
     /// Encodes once and queues the same bytes to every local subscriber.
     pub fn broadcast_publication(&self, channel: &str, publication: Publication) {
-        let Some(subs) = self.subscribers(channel, false) else {
+        let Some((subs, delta)) = self.subscribers_delta(channel) else {
             return;
         };
         let received = std::time::Instant::now();
-        let msg = Arc::new(PubMessage::new(Arc::from(channel), publication, received));
+        let mut msg = PubMessage::new(Arc::from(channel), publication, received);
+        if delta {
+            msg = self.chain_delta(channel, msg);
+        }
+        let msg = Arc::new(msg);
         for sub in subs.iter() {
             sub.conn.deliver(channel, &msg);
         }
@@ -466,6 +529,7 @@ mod tests {
                 tags: Default::default(),
                 time: 0,
                 binary: false,
+                delta: false,
             },
         );
         let fa = a.drain().frames.pop_front().unwrap();
@@ -534,6 +598,7 @@ mod tests {
             tags: Default::default(),
             time: 0,
             binary: false,
+            delta: false,
         }
     }
 

@@ -211,6 +211,7 @@ impl Node {
             tags,
             time: now_ms(),
             binary,
+            delta: false,
         };
         let position = self.engine.publish(ch, publication, &opts).await?;
         self.metrics.published(from_client);

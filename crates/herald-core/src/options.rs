@@ -192,6 +192,9 @@ pub struct NamespaceOptions {
     /// Channels of this namespace need a subscription token (as `$` channels do).
     /// Default: false.
     pub require_subscription_token: bool,
+    /// Delta types subscribers may ask for (`delta` in subscribe); only `"fossil"` exists.
+    /// Default: [] (subscribers get whole publications).
+    pub allowed_delta_types: Vec<String>,
 }
 
 impl Default for NamespaceOptions {
@@ -218,6 +221,7 @@ impl Default for NamespaceOptions {
             join_leave: false,
             force_push_join_leave: false,
             require_subscription_token: false,
+            allowed_delta_types: Vec::new(),
         }
     }
 }
@@ -246,6 +250,23 @@ impl NamespaceOptions {
                 "namespaces[{n:?}].force_recovery: recovery and positioning need history (history_size, history_ttl)"
             ));
         }
+        if let Some(t) = self
+            .allowed_delta_types
+            .iter()
+            .find(|t| t.as_str() != DELTA_FOSSIL)
+        {
+            return Err(format!(
+                "namespaces[{n:?}].allowed_delta_types: unknown delta type {t:?} (known: \"fossil\")"
+            ));
+        }
         Ok(())
     }
+
+    /// Whether subscribers may ask for Fossil deltas.
+    pub fn fossil_delta(&self) -> bool {
+        self.allowed_delta_types.iter().any(|t| t == DELTA_FOSSIL)
+    }
 }
+
+/// The one delta type of the client protocol.
+pub const DELTA_FOSSIL: &str = "fossil";

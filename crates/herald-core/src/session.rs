@@ -20,7 +20,7 @@ use herald_protocol::{Disconnect, ErrorCode, ProtocolError, codes};
 use crate::auth;
 use crate::channel;
 use crate::clock::Now;
-use crate::conn::{Codec, ConnHandle, Control, Mode, PubMessage};
+use crate::conn::{Codec, ConnHandle, Control, Mode, PubMessage, Settled};
 use crate::engine::StreamPosition;
 use crate::failure::{self, Fail, TokenUse};
 use crate::metrics::CommandKind;
@@ -53,6 +53,8 @@ struct SubParams {
     chan_info: Option<Raw>,
     data: Option<Raw>,
     expire_at: Option<u64>,
+    /// Negotiated Fossil delta.
+    delta: bool,
 }
 
 /// A subscription joined to the hub and positioned, waiting for its reply to be queued.
@@ -519,6 +521,15 @@ impl Session {
         }
         let node = self.node.clone();
         let ns = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        // An unknown delta type is a client bug; a known one the namespace does not allow
+        // is simply not negotiated (the reply says `delta: false`).
+        let delta = match req.delta.as_str() {
+            "" => false,
+            crate::options::DELTA_FOSSIL => {
+                ns.fossil_delta() && self.conn.mode == Mode::Bidirectional
+            }
+            _ => return Err(ErrorCode::BAD_REQUEST.into()),
+        };
         let mut chan_info = None;
         let mut expire_at = None;
         if channel::is_private(ch) || ns.require_subscription_token || !req.token.is_empty() {
@@ -555,6 +566,7 @@ impl Session {
             chan_info,
             data: None,
             expire_at,
+            delta,
         };
         let prepared = self.prepare_subscription(ch, params, now).await?;
         let (mode, codec) = (self.conn.mode, self.conn.codec);
@@ -585,12 +597,15 @@ impl Session {
         let ns: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
         let push_join_leave = ns.join_leave && (p.join_leave || ns.force_push_join_leave);
         self.conn.start_buffering(ch);
-        let first = node.hub.add_subscriber(ch, &self.conn, push_join_leave);
+        let first = node
+            .hub
+            .add_subscriber_with(ch, &self.conn, push_join_leave, p.delta);
         match self.position_subscription(ch, ns, first, &p, now).await {
             Ok((result, history, recovering, after)) => Ok(Prepared {
                 channel: ch.to_string(),
                 result: SubscribeResult {
                     data: p.data,
+                    delta: p.delta,
                     ..result
                 },
                 history,
@@ -708,11 +723,11 @@ impl Session {
         let conn = self.conn.clone();
         self.conn.complete_buffering(&[ch.as_str()], |mut held| {
             let live = held.pop().unwrap_or_default();
-            let (trailing, through) = settle(&mut p, live, &conn);
+            let (trailing, settled) = settle(&mut p, live, &conn);
             let mut frames = Vec::with_capacity(trailing.len() + 1);
             frames.extend(reply(std::mem::take(&mut p.result)));
             frames.extend(trailing);
-            (frames, vec![through])
+            (frames, vec![settled])
         });
         self.subs.insert(ch, p.sub);
     }
@@ -722,6 +737,7 @@ impl Session {
         let Some(sub) = self.subs.remove(ch) else {
             return;
         };
+        self.conn.end_delta(ch);
         self.leave(ch, sub).await;
         if let Some((code, reason)) = push {
             self.push(Push {
@@ -1063,11 +1079,47 @@ impl Session {
 }
 
 /// Finalises a subscription's result with what arrived live while it was being positioned;
-/// returns the live frames that follow the reply and the offset through which the client
-/// then has the stream (0 when the subscription is not positioned).
-fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> (Vec<Bytes>, u64) {
+/// returns the live frames that follow the reply, the offset through which the client then
+/// has the stream (0 when the subscription is not positioned) and its delta state.
+fn settle(
+    p: &mut Prepared,
+    live: Vec<Arc<PubMessage>>,
+    conn: &ConnHandle,
+) -> (Vec<Bytes>, Settled) {
+    let (frames, through, last) = settle_stream(p, live, conn);
+    let delta = p.result.delta;
+    if delta && conn.codec == Codec::Json {
+        // With delta, a JSON client reads every publication's data as a string.
+        for publication in &mut p.result.publications {
+            *publication = publication.delta_form(None);
+        }
+    }
+    let settled = Settled {
+        through,
+        delta_last: delta.then_some(last),
+    };
+    (frames, settled)
+}
+
+/// The live publications to queue after the reply, the offset reached and the id of the
+/// last publication queued (0: none).
+fn settle_stream(
+    p: &mut Prepared,
+    live: Vec<Arc<PubMessage>>,
+    conn: &ConnHandle,
+) -> (Vec<Bytes>, u64, u64) {
+    let frames = |msgs: &[&Arc<PubMessage>]| -> (Vec<Bytes>, u64) {
+        if p.result.delta {
+            conn.delta_frames(msgs, 0)
+        } else {
+            let last = msgs.last().map_or(0, |m| m.id);
+            (msgs.iter().map(|m| conn.frame_for(m)).collect(), last)
+        }
+    };
     if !p.result.positioned {
-        return (live.iter().map(|m| conn.frame_for(m)).collect(), 0);
+        let all: Vec<&Arc<PubMessage>> = live.iter().collect();
+        let (f, last) = frames(&all);
+        return (f, 0, last);
     }
     let top = p.result.offset;
     if p.recovering {
@@ -1078,14 +1130,16 @@ fn settle(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> (V
             p.result.offset = merged.last().map_or(top, |x| x.offset).max(top);
             p.result.recovered = true;
             p.result.publications = merged;
-            return (Vec::new(), p.result.offset);
+            // Publications in the reply are whole: the next live one is too.
+            return (Vec::new(), p.result.offset, 0);
         }
         // A hole between history and live: say so rather than hide it.
         p.result.recovered = false;
     }
     let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
     let through = after.last().map_or(top, |m| m.publication.offset).max(top);
-    (after.iter().map(|m| conn.frame_for(m)).collect(), through)
+    let (f, last) = frames(&after);
+    (f, through, last)
 }
 
 /// A reply in the codec of a bidirectional client.

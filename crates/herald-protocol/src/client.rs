@@ -99,6 +99,9 @@ pub struct SubscribeRequest {
     /// Bits of [`subscribe_flag`]; unknown bits are ignored.
     #[serde(default)]
     pub flag: i64,
+    /// Delta type asked for (`"fossil"`), empty for whole publications.
+    #[serde(default)]
+    pub delta: String,
 }
 
 /// Bits of a subscribe request's `flag`.
@@ -202,9 +205,30 @@ pub struct Publication {
     /// the string and this flag. Serialised only when set, so JSON data encodes as before.
     #[serde(default, skip_serializing_if = "is_false")]
     pub binary: bool,
+    /// `data` is a Fossil delta against the previous publication this subscriber received
+    /// in the channel (only to subscribers that negotiated delta; see [`Publication::delta_form`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delta: bool,
 }
 
 impl Publication {
+    /// This publication as a JSON subscriber with delta negotiated reads it: `data` is a JSON
+    /// string holding the data's JSON text (what centrifuge-js parses after applying a
+    /// delta), or with `patch`, a string holding that Fossil delta and `delta: true`.
+    pub fn delta_form(&self, patch: Option<&str>) -> Publication {
+        let text = patch.unwrap_or(self.data.get());
+        let data = serde_json::value::to_raw_value(text).unwrap_or_else(|_| crate::json::null());
+        Publication {
+            data,
+            info: self.info.clone(),
+            offset: self.offset,
+            tags: self.tags.clone(),
+            time: self.time,
+            binary: self.binary,
+            delta: patch.is_some(),
+        }
+    }
+
     /// The payload as the publisher sent it: the JSON text, or the original bytes of a
     /// binary publication. This is what Protobuf carries and what deltas are computed on.
     pub fn payload(&self) -> std::borrow::Cow<'_, [u8]> {
@@ -236,6 +260,7 @@ impl PartialEq for Publication {
             && self.tags == other.tags
             && self.time == other.time
             && self.binary == other.binary
+            && self.delta == other.delta
     }
 }
 
@@ -340,6 +365,9 @@ pub struct SubscribeResult {
     pub positioned: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Raw>,
+    /// The server agreed to send deltas in this subscription.
+    #[serde(skip_serializing_if = "is_false")]
+    pub delta: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -466,6 +494,7 @@ mod tests {
                 tags: BTreeMap::new(),
                 time: 0,
                 binary: false,
+                delta: false,
             }),
             ..Default::default()
         });

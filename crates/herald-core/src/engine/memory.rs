@@ -499,6 +499,7 @@ mod tests {
             tags: Default::default(),
             time: 0,
             binary: false,
+            delta: false,
         }
     }
 

@@ -104,6 +104,7 @@ impl From<SubscribeRequest> for client::SubscribeRequest {
             recoverable: r.recoverable,
             join_leave: r.join_leave,
             flag: r.flag,
+            delta: r.delta,
         }
     }
 }
@@ -136,7 +137,7 @@ impl From<&client::Publication> for Publication {
             info: p.info.as_ref().map(Into::into),
             offset: p.offset,
             tags: p.tags.clone(),
-            delta: false,
+            delta: p.delta,
             time: i64::try_from(p.time).unwrap_or(i64::MAX),
         }
     }
@@ -155,7 +156,7 @@ impl From<&client::SubscribeResult> for SubscribeResult {
             positioned: r.positioned,
             data: raw_bytes(&r.data),
             was_recovering: r.was_recovering,
-            delta: false,
+            delta: r.delta,
         }
     }
 }

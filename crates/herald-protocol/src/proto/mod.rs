@@ -209,6 +209,26 @@ pub fn encode_publication_push_proto(channel: &str, publication: &client::Public
     })
 }
 
+/// The publication push carrying a Fossil delta of its data (`delta: true`) for Protobuf
+/// subscribers that negotiated delta.
+pub fn encode_publication_delta_push_proto(
+    channel: &str,
+    publication: &client::Publication,
+    patch: &[u8],
+) -> Bytes {
+    let mut p: Publication = publication.into();
+    p.data = patch.to_vec();
+    p.delta = true;
+    encode_reply(&Reply {
+        push: Some(Push {
+            channel: channel.to_owned(),
+            r#pub: Some(p),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// A join (`join = true`) or leave push (the counterpart of
 /// [`client::encode_join_leave_push`]).
 pub fn encode_join_leave_push_proto(channel: &str, info: &client::ClientInfo, join: bool) -> Bytes {

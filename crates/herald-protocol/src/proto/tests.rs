@@ -50,6 +50,7 @@ fn golden_publication_push() {
         tags: BTreeMap::new(),
         time: 0,
         binary: false,
+        delta: false,
     };
     let mut expected = vec![
         0x13, // length of the Reply: 19
@@ -403,6 +404,7 @@ fn sample_publication(offset: u64) -> client::Publication {
         tags: [("k".to_string(), "v".to_string())].into(),
         time: 1_700_000_000_000,
         binary: false,
+        delta: false,
     }
 }
 
@@ -439,6 +441,7 @@ fn reply_round_trips() {
         was_recovering: true,
         positioned: true,
         data: Some(raw(r#"{"s":1}"#)),
+        delta: true,
     };
 
     let r = through_proto(&client::Reply {
@@ -684,6 +687,7 @@ fn binary_data_rule() {
             tags: BTreeMap::new(),
             time: 0,
             binary: p.binary,
+            delta: false,
         };
         assert_eq!(publication.payload(), bytes);
         let proto = replies(&encode_publication_push_proto("c", &publication)).remove(0);
@@ -713,6 +717,7 @@ fn json_publications_encode_as_before() {
         tags: BTreeMap::new(),
         time: 0,
         binary: false,
+        delta: false,
     };
     assert_eq!(
         client::encode_publication_push("news", &publication),
