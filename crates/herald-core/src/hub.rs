@@ -412,9 +412,19 @@ impl Hub {
                 node,
                 session,
                 data,
+                binary,
             } => {
+                let data = if binary {
+                    use base64::Engine as _;
+                    match base64::engine::general_purpose::STANDARD.decode(&data) {
+                        Ok(b) => bytes::Bytes::from(b),
+                        Err(_) => return,
+                    }
+                } else {
+                    bytes::Bytes::from(data)
+                };
                 if let Some(sink) = self.emulation.get() {
-                    sink(&node, &session, bytes::Bytes::from(data));
+                    sink(&node, &session, data);
                 }
             }
             ControlCommand::Disconnect {

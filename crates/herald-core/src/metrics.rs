@@ -81,6 +81,9 @@ pub const OPEN_FDS: &str = "process_open_fds";
 /// an origin not in `client.allowed_origins`; `max_connections`: 503 at
 /// `client.max_connections`).
 pub const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
+/// Counter {transport, code}: connections the server closed for a protocol error (see
+/// `Disconnect::is_protocol_error`: bad frames, refused tokens, floods, missing pongs).
+pub const PROTOCOL_ERRORS: &str = "herald_protocol_error_disconnects_total";
 
 /// Upper bounds of the delivery latency histogram buckets, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -259,12 +262,34 @@ type SharedRecorder = Arc<dyn Recorder + Send + Sync>;
 
 /// One transport's handles (`websocket`, `sse`, `http_stream`, …).
 pub struct TransportMetrics {
+    /// The `transport` label.
+    pub name: &'static str,
     connections: Gauge,
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
+    recorder: SharedRecorder,
+    protocol_errors: Mutex<HashMap<u16, Counter>>,
 }
 
 impl TransportMetrics {
+    /// A connection of this transport was closed for a protocol error with `code`.
+    pub fn protocol_error(&self, code: u16) {
+        self.protocol_errors
+            .lock()
+            .entry(code)
+            .or_insert_with(|| {
+                labelled_counter(
+                    &*self.recorder,
+                    PROTOCOL_ERRORS,
+                    vec![
+                        Label::new("transport", self.name),
+                        Label::new("code", code.to_string()),
+                    ],
+                )
+            })
+            .increment(1);
+    }
+
     /// Counts an open connection until the returned guard is dropped.
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
         self.connections.increment(1.0);
@@ -327,6 +352,11 @@ fn describe(r: &dyn Recorder) {
         CONNECTIONS_REFUSED,
         None,
         "Connection attempts refused before a session began, by reason.",
+    );
+    c(
+        PROTOCOL_ERRORS,
+        None,
+        "Connections closed for a protocol error, by transport and disconnect code.",
     );
     c(
         DISCONNECTS,
@@ -488,6 +518,9 @@ impl Metrics {
                 let r: &dyn Recorder = &*self.recorder;
                 let l = || vec![Label::new("transport", name)];
                 Arc::new(TransportMetrics {
+                    name,
+                    recorder: self.recorder.clone(),
+                    protocol_errors: Mutex::new(HashMap::new()),
                     connections: r.register_gauge(&Key::from_parts(CONNECTIONS, l()), &METADATA),
                     bytes_received: labelled_counter(r, BYTES_RECEIVED, l()),
                     bytes_sent: labelled_counter(r, BYTES_SENT, l()),

@@ -117,6 +117,23 @@ impl Disconnect {
     pub fn reconnect(&self) -> bool {
         matches!(self.code, 3000..=3499 | 4000..=4499)
     }
+
+    /// Whether the server closed the connection because of what the client sent (or did
+    /// not send): malformed or unexpected frames, a refused token, a flood, a missing pong.
+    /// These closes are logged with the client's address and counted per transport.
+    pub fn is_protocol_error(&self) -> bool {
+        [
+            Self::NO_PONG,
+            Self::TOO_MANY_REQUESTS,
+            Self::INVALID_TOKEN,
+            Self::BAD_REQUEST,
+            Self::INAPPROPRIATE_PROTOCOL,
+            Self::PERMISSION_DENIED,
+            Self::TOO_MANY_ERRORS,
+        ]
+        .iter()
+        .any(|k| k.code == self.code)
+    }
 }
 
 /// A disconnect known at compile time; converts into [`Disconnect`].

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use herald_protocol::proto;
 use herald_server::Server;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,7 +52,7 @@ impl HttpStream {
         content_type: &str,
         body: &str,
     ) -> Result<Self> {
-        Self::open_with(server, method, path, content_type, body, None).await
+        Self::open_with(server, method, path, content_type, body.as_bytes(), None).await
     }
 
     /// `recv_buffer`: a small receive buffer makes a client that stops reading fill up fast.
@@ -60,7 +61,7 @@ impl HttpStream {
         method: &str,
         path: &str,
         content_type: &str,
-        body: &str,
+        body: &[u8],
         recv_buffer: Option<u32>,
     ) -> Result<Self> {
         let socket = TcpSocket::new_v4()?;
@@ -69,10 +70,11 @@ impl HttpStream {
         }
         let mut sock = tokio::time::timeout(WAIT, socket.connect(server.addr)).await??;
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         sock.write_all(req.as_bytes()).await?;
+        sock.write_all(body).await?;
         let mut s = Self {
             sock,
             raw: Vec::new(),
@@ -190,6 +192,20 @@ impl HttpStream {
         Ok(())
     }
 
+    /// The next Protobuf reply of a binary stream (pings included).
+    async fn next_proto(&mut self) -> Result<proto::Reply> {
+        loop {
+            let mut iter = proto::decode_replies(&self.body);
+            if let Some(Ok(r)) = iter.next() {
+                // Complete: drop its bytes (prefix + body) from the buffer.
+                let used = self.body.len() - iter.remaining();
+                self.body.drain(..used);
+                return Ok(r);
+            }
+            self.read_more().await?;
+        }
+    }
+
     /// The next message (pings included).
     async fn next(&mut self) -> Result<Value> {
         loop {
@@ -234,6 +250,15 @@ impl HttpStream {
         }
         out
     }
+}
+
+/// POSTs an `application/octet-stream` body; returns the status.
+async fn post_binary(server: &Server, path: &str, body: &[u8]) -> Result<u16> {
+    let mut st =
+        HttpStream::open_with(server, "POST", path, "application/octet-stream", body, None).await?;
+    // A complete answer: nothing else to read.
+    st.ended = true;
+    Ok(st.status)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -476,7 +501,19 @@ async fn emulation_request_errors() {
     .await
     .unwrap();
     assert_eq!(r.status, 400);
+    // The unidirectional stream is JSON only.
     let r = HttpStream::open(
+        &s,
+        "POST",
+        "/connection/uni_http_stream",
+        "application/octet-stream",
+        "\x0a\x01",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 415);
+    // A Protobuf HTTP stream whose connect is malformed: a disconnect push, then the end.
+    let mut r = HttpStream::open(
         &s,
         "POST",
         "/connection/http_stream",
@@ -485,7 +522,83 @@ async fn emulation_request_errors() {
     )
     .await
     .unwrap();
-    assert_eq!(r.status, 415);
+    assert_eq!(r.status, 200);
+    let push = r.next_proto().await.unwrap().push.unwrap();
+    assert_eq!(push.disconnect.unwrap().code, 3501);
+    // A Protobuf emulation request that does not decode: 400.
+    let status = post_binary(&s, "/emulation", b"\xff\xff\xff")
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn protobuf_http_stream_with_protobuf_emulation() {
+    let s = start("").await;
+    let connect = proto::Command {
+        id: 1,
+        connect: Some(proto::ConnectRequest {
+            token: token("pb-stream", 3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut st = HttpStream::open_with(
+        &s,
+        "POST",
+        "/connection/http_stream",
+        "application/octet-stream",
+        &proto::encode_command(&connect),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.status, 200);
+    assert_eq!(
+        st.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    let r = st.next_proto().await.unwrap();
+    let c = r.connect.expect("connect reply");
+    assert!(!c.session.is_empty() && !c.node.is_empty());
+    // Two commands in one emulation request, Protobuf-encoded.
+    let subscribe = |id, ch: &str| proto::Command {
+        id,
+        subscribe: Some(proto::SubscribeRequest {
+            channel: ch.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let body = proto::encode_emulation_request(&proto::EmulationRequest {
+        node: c.node.clone(),
+        session: c.session.clone(),
+        data: proto::concat([
+            proto::encode_command(&subscribe(2, "pa")),
+            proto::encode_command(&subscribe(3, "pb")),
+        ])
+        .to_vec(),
+    });
+    let status = post_binary(&s, "/emulation", &body).await.unwrap();
+    assert_eq!(status, 204);
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let r = st.next_proto().await.unwrap();
+        if r.subscribe.is_some() {
+            ids.push(r.id);
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, [2, 3]);
+    publish(&s, "pb", json!({"via": "stream"})).await.unwrap();
+    let p = loop {
+        let r = st.next_proto().await.unwrap();
+        if let Some(p) = r.push.and_then(|p| p.r#pub) {
+            break p;
+        }
+    };
+    assert_eq!(p.data, br#"{"via":"stream"}"#);
     s.shutdown().await;
 }
 
@@ -814,7 +927,7 @@ async fn slow_stream_reader_is_disconnected_others_unaffected() {
         "POST",
         "/connection/http_stream",
         "application/json",
-        &connect.to_string(),
+        connect.to_string().as_bytes(),
         Some(4096),
     )
     .await

@@ -315,6 +315,40 @@ async fn client_api_and_delivery_metrics_move() {
 }
 
 #[tokio::test]
+async fn protocol_error_closes_are_counted_per_transport_and_code() {
+    let s = start("").await;
+    let before = Scrape::take(s.addr).await.unwrap();
+    let series = [("transport", "websocket"), ("code", "3501")];
+    let mut c = Client::open(&s).await.unwrap();
+    c.send_text("{not json".into()).await.unwrap();
+    assert_eq!(c.closed().await.unwrap().0, 3501);
+    let mut c = Client::open(&s).await.unwrap();
+    c.send(json!({"id": 1, "connect": {"token": "not.a.token"}}))
+        .await
+        .unwrap();
+    assert_eq!(c.closed().await.unwrap().0, 3500);
+    let m = until(s.addr, "both closes counted", |m| {
+        m.get("herald_protocol_error_disconnects_total", &series)
+            - before.get("herald_protocol_error_disconnects_total", &series)
+            == 1.0
+            && m.get(
+                "herald_protocol_error_disconnects_total",
+                &[("transport", "websocket"), ("code", "3500")],
+            ) == 1.0
+    })
+    .await;
+    // A client that closes on its own is not a protocol error.
+    let (c, _) = Client::connect(&s, "fine").await.unwrap();
+    drop(c);
+    let after = Scrape::take(s.addr).await.unwrap();
+    assert_eq!(
+        after.get("herald_protocol_error_disconnects_total", &series),
+        m.get("herald_protocol_error_disconnects_total", &series)
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn slow_consumer_fills_its_queue_and_is_counted() {
     let s = start("max_queue_bytes = 4194304").await;
     let before = Scrape::take(s.addr).await.unwrap();
@@ -1042,6 +1076,15 @@ async fn sigterm_drains_and_logs_never_carry_tokens() {
         "disconnect line without its code:\n{logs}"
     );
     assert!(logs.contains("draining"), "{logs}");
+    // The forged token's close is logged with the client's address, transport and code.
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("closing a connection for a protocol error")
+                && l.contains("addr=127.0.0.1:")
+                && l.contains("websocket")
+                && l.contains("code=3500")),
+        "no protocol error line for the forged token:\n{logs}"
+    );
     for (what, secret) in [
         ("connection token", tok.as_str()),
         ("refresh token", refreshed.as_str()),

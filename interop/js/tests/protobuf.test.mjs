@@ -197,4 +197,23 @@ describe('centrifuge-js, Protobuf build', () => {
     const d = await client.rec.waitFor('disconnected');
     assert.equal(d.code, 4500);
   });
+
+  test('HTTP streaming in Protobuf: octet-stream connect, Protobuf emulation requests', async (t) => {
+    const base = server.httpUrl;
+    const client = await connectedProto(
+      t,
+      [{ transport: 'http_stream', endpoint: `${base}/connection/http_stream` }],
+      { user: 'pb-stream', emulationEndpoint: `${base}/emulation` },
+    );
+    assert.equal(client.rec.all('connected')[0].transport, 'http_stream');
+    const ch = uid('pbstream');
+    const sub = await subscribedProto(client, ch);
+    await publish(server, ch, { via: 'api' });
+    await sub.publish(enc.encode('from the stream client'));
+    const pubs = await sub.rec.waitCount('publication', 2);
+    assert.deepEqual(json(pubs[0].data), { via: 'api' });
+    assert.equal(dec.decode(pubs[1].data), 'from the stream client');
+    const history = await sub.history({ limit: -1 });
+    assert.equal(history.publications.length, 2);
+  });
 });

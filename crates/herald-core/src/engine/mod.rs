@@ -118,7 +118,10 @@ pub enum ControlCommand {
     Emulation {
         node: String,
         session: String,
+        /// The commands: JSON text, or with `binary` the base64 of Protobuf commands.
         data: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        binary: bool,
     },
 }
 

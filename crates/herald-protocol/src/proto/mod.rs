@@ -93,6 +93,16 @@ pub fn decode_commands(frame: &[u8]) -> Messages<'_, Command> {
     Messages::new(frame)
 }
 
+/// The body of a Protobuf `/emulation` request (one message, not length-prefixed).
+pub fn decode_emulation_request(body: &[u8]) -> Result<EmulationRequest, prost::DecodeError> {
+    EmulationRequest::decode(body)
+}
+
+/// A Protobuf `/emulation` request body (for clients and tests).
+pub fn encode_emulation_request(req: &EmulationRequest) -> Vec<u8> {
+    req.encode_to_vec()
+}
+
 /// The replies in a server's binary frame (for clients and tests).
 pub fn decode_replies(frame: &[u8]) -> Messages<'_, Reply> {
     Messages::new(frame)
@@ -106,6 +116,11 @@ impl<'a, M> Messages<'a, M> {
             failed: false,
             _message: PhantomData,
         }
+    }
+
+    /// Bytes not yet consumed: a stream reader keeps them for when more arrive.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
     }
 
     fn next_body(&mut self) -> Result<&'a [u8], FrameError> {

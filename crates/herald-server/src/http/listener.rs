@@ -3,18 +3,36 @@
 //! handshake and send complete request headers within `server.handshake_timeout`, or it is
 //! closed: a peer that connects and dawdles holds nothing for long.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::http::Peer;
 use crate::http::tls::Tls;
+
+/// The router as this connection's service: each request carries the client's address.
+fn with_peer(
+    app: Router,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(Peer(Some(peer)));
+        let mut app = app.clone();
+        tower_service::Service::call(&mut app, req)
+    })
+}
 
 /// How one listener speaks.
 #[derive(Clone)]
@@ -48,9 +66,9 @@ pub async fn serve(
         tokio::select! {
             _ = crate::state::stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(connection(stream, app.clone(), opts.clone(), stop.clone()));
+                    conns.spawn(connection(stream, peer, app.clone(), opts.clone(), stop.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -82,6 +100,7 @@ const HTTP_DRAIN: Duration = Duration::from_secs(5);
 
 async fn connection(
     stream: tokio::net::TcpStream,
+    peer: SocketAddr,
     app: Router,
     opts: ListenOptions,
     stop: watch::Receiver<bool>,
@@ -90,17 +109,22 @@ async fn connection(
         Some(tls) => {
             match tokio::time::timeout(opts.handshake_timeout, tls.acceptor().accept(stream)).await
             {
-                Ok(Ok(s)) => http(s, app, opts.handshake_timeout, stop).await,
+                Ok(Ok(s)) => http(s, peer, app, opts.handshake_timeout, stop).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         }
-        None => http(stream, app, opts.handshake_timeout, stop).await,
+        None => http(stream, peer, app, opts.handshake_timeout, stop).await,
     }
 }
 
-async fn http<IO>(io: IO, app: Router, header_timeout: Duration, mut stop: watch::Receiver<bool>)
-where
+async fn http<IO>(
+    io: IO,
+    peer: SocketAddr,
+    app: Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -108,7 +132,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let conn = builder
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .serve_connection(TokioIo::new(io), with_peer(app, peer))
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {

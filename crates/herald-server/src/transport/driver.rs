@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::http::Peer;
 use bytes::Bytes;
 use herald_core::clock::Now;
 use herald_core::conn::{ConnHandle, Control};
@@ -180,6 +181,7 @@ pub async fn drive<W: Wire, H: Handler>(
     first: Option<Bytes>,
     transport: Arc<TransportMetrics>,
     metrics: Arc<Metrics>,
+    peer: Peer,
 ) {
     let _counted = transport.open();
     let mut guard = Guard {
@@ -198,6 +200,17 @@ pub async fn drive<W: Wire, H: Handler>(
     };
     match ending {
         Ending::Disconnect(d) => {
+            if d.is_protocol_error() {
+                tracing::debug!(
+                    client = %conn.id,
+                    addr = %peer,
+                    transport = transport.name,
+                    code = d.code,
+                    reason = %d.reason,
+                    "closing a connection for a protocol error"
+                );
+                transport.protocol_error(d.code);
+            }
             // Recorded as the reason (metrics and logs read it when the session closes).
             conn.close(d.clone());
             let mut pending = leftover;
@@ -496,6 +509,7 @@ mod tests {
             None,
             node.metrics.transport("test"),
             node.metrics.clone(),
+            Peer::default(),
         ));
         tx.send(Bytes::from_static(br#"{"id":1,"connect":{}}"#))
             .unwrap();
@@ -530,6 +544,7 @@ mod tests {
             None,
             node.metrics.transport("test"),
             node.metrics.clone(),
+            Peer::default(),
         ));
         tx.send(Bytes::from_static(
             b"{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"room\"}}",

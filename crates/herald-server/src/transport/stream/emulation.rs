@@ -2,7 +2,9 @@
 //!
 //! A body is `{"node", "session", "data"}`: `data` holds the client's commands (a JSON string
 //! of `\n`-separated commands, as centrifuge-js sends it), `session` names the stream they
-//! belong to and `node` the node that holds it. The commands are handed to the stream's
+//! belong to and `node` the node that holds it. With `Content-Type: application/octet-stream`
+//! the body is the Protobuf `EmulationRequest` of the same three fields, `data` holding
+//! length-prefixed Protobuf commands (the Protobuf HTTP stream). The commands are handed to the stream's
 //! session as `Control::Commands`, which handles them as if read from the connection; the
 //! replies go down the stream.
 //!
@@ -20,7 +22,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::conn::{ConnHandle, Control};
@@ -135,7 +137,7 @@ impl IntoResponse for EmulationError {
 }
 
 /// `POST /emulation`.
-pub async fn handle(State(state): State<AppState>, body: Body) -> Response {
+pub async fn handle(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let limit = state.node.client.max_message_size;
     // The commands arrive as an escaped JSON string: allow for the escaping.
     let body = match axum::body::to_bytes(body, limit.saturating_mul(2).saturating_add(1024)).await
@@ -143,39 +145,54 @@ pub async fn handle(State(state): State<AppState>, body: Body) -> Response {
         Ok(b) => b,
         Err(_) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
     };
-    let req: EmulationRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(_) => {
-            return (StatusCode::BAD_REQUEST, "malformed emulation request\n").into_response();
-        }
+    let binary = super::is_binary(&headers);
+    let parsed = if binary {
+        protobuf_request(&body)
+    } else {
+        json_request(&body)
     };
-    // centrifuge-js sends the commands as one JSON string; a raw JSON command is accepted too.
-    let data = match req.data.get().as_bytes().first() {
-        Some(b'"') => match serde_json::from_str::<String>(req.data.get()) {
-            Ok(s) => Bytes::from(s),
-            Err(_) => {
-                return (StatusCode::BAD_REQUEST, "malformed emulation data\n").into_response();
-            }
-        },
-        _ => Bytes::copy_from_slice(req.data.get().as_bytes()),
+    let (node, session, data) = match parsed {
+        Ok(r) => r,
+        Err(what) => return (StatusCode::BAD_REQUEST, what).into_response(),
     };
     if data.len() > limit {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
-    let delivered = if req.node == state.node.id {
+    let delivered = if node == state.node.id {
         deliver_local(
             &state.node.id,
-            &req.session,
+            &session,
             data,
             state.node.client.max_queue_bytes,
         )
     } else {
-        deliver_remote(&state, &req.node, &req.session, data).await
+        deliver_remote(&state, &node, &session, data, binary).await
     };
     match delivered {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// (node, session, commands) of a JSON request.
+fn json_request(body: &[u8]) -> Result<(String, String, Bytes), &'static str> {
+    let req: EmulationRequest =
+        serde_json::from_slice(body).map_err(|_| "malformed emulation request\n")?;
+    // centrifuge-js sends the commands as one JSON string; a raw JSON command is accepted too.
+    let data = match req.data.get().as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(req.data.get())
+            .map(Bytes::from)
+            .map_err(|_| "malformed emulation data\n")?,
+        _ => Bytes::copy_from_slice(req.data.get().as_bytes()),
+    };
+    Ok((req.node, req.session, data))
+}
+
+/// (node, session, commands) of a Protobuf request.
+fn protobuf_request(body: &[u8]) -> Result<(String, String, Bytes), &'static str> {
+    let req = herald_protocol::proto::decode_emulation_request(body)
+        .map_err(|_| "malformed protobuf emulation request\n")?;
+    Ok((req.node, req.session, Bytes::from(req.data)))
 }
 
 /// Hands commands to a session on this node. A session that is gone is not an error: its
@@ -211,18 +228,26 @@ pub async fn deliver_remote(
     node: &str,
     session: &str,
     data: Bytes,
+    binary: bool,
 ) -> Result<(), EmulationError> {
     let unreachable = || EmulationError::NodeUnreachable(node.to_string());
     if !state.node.engine.peers().iter().any(|p| p.uid == node) {
         return Err(unreachable());
     }
-    let data = String::from_utf8(data.to_vec()).map_err(|_| unreachable())?;
+    // The control channel carries text: Protobuf commands travel as base64.
+    let data = if binary {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&data)
+    } else {
+        String::from_utf8(data.to_vec()).map_err(|_| unreachable())?
+    };
     state
         .node
         .control(herald_core::engine::ControlCommand::Emulation {
             node: node.to_string(),
             session: session.to_string(),
             data,
+            binary,
         })
         .await
         .map_err(|_| unreachable())

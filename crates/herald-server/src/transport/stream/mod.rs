@@ -3,7 +3,10 @@
 //!
 //! Bidirectional emulation (`/connection/http_stream`, `/connection/sse`) carries the full
 //! client protocol down a streaming response; the client's later commands arrive on
-//! `POST /emulation` (see [`emulation`]). Unidirectional (`/connection/uni_http_stream`,
+//! `POST /emulation` (see [`emulation`]). The HTTP stream speaks Protobuf when the connect
+//! request is sent as `application/octet-stream` (length-prefixed commands in, length-prefixed
+//! replies out, as centrifuge-js's Protobuf build does); SSE and the unidirectional
+//! transports are JSON only. Unidirectional (`/connection/uni_http_stream`,
 //! `/connection/uni_sse`) takes one connect request and streams bare pushes.
 //!
 //! A stream is a [`Wire`] like a WebSocket: the connection driver drains the outbox into the
@@ -21,12 +24,13 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use herald_core::conn::{Control, Mode};
+use herald_core::conn::{Codec, Control, Mode};
 use herald_protocol::Disconnect;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::driver::{self, Received, Wire};
+use crate::http::Peer;
 use crate::state::AppState;
 
 /// How the messages are cut on the wire.
@@ -36,6 +40,8 @@ pub(crate) enum Framing {
     Lines,
     /// One `data:` event per message.
     Sse,
+    /// Length-prefixed Protobuf messages, back to back.
+    Binary,
 }
 
 /// The `cf_connect` URL parameter (GET requests cannot carry a body).
@@ -75,13 +81,17 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
     })
 }
 
-/// Only JSON is spoken on these transports.
-fn check_json(headers: &HeaderMap) -> Result<(), Refusal> {
-    let binary = headers
+/// Whether the request body is Protobuf (`application/octet-stream`).
+pub(crate) fn is_binary(headers: &HeaderMap) -> bool {
+    headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/octet-stream"));
-    if binary {
+        .is_some_and(|v| v.starts_with("application/octet-stream"))
+}
+
+/// Only JSON is spoken on the unidirectional transports.
+fn check_json(headers: &HeaderMap) -> Result<(), Refusal> {
+    if is_binary(headers) {
         return Err(Refusal(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "only the JSON protocol is supported\n",
@@ -97,44 +107,57 @@ fn uni_connect(data: Bytes) -> Result<Bytes, Refusal> {
         .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "malformed connect request\n"))
 }
 
-/// `POST /connection/http_stream`: the body holds the connect command.
+/// `POST /connection/http_stream`: the body holds the connect command, JSON or (as
+/// `application/octet-stream`) length-prefixed Protobuf.
 pub async fn http_stream(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Err(r) = check_json(&headers) {
-        return r.into_response();
-    }
     let data = match read_body(body, state.node.client.max_message_size).await {
         Ok(d) => d,
         Err(r) => return r.into_response(),
     };
+    if is_binary(&headers) {
+        if data.is_empty() {
+            return plain(StatusCode::BAD_REQUEST, "no connect command\n");
+        }
+        return open(state, peer, Mode::Bidirectional, Framing::Binary, data);
+    }
     if data.iter().all(u8::is_ascii_whitespace) {
         return plain(StatusCode::BAD_REQUEST, "no connect command\n");
     }
-    open(state, Mode::Bidirectional, Framing::Lines, data)
+    open(state, peer, Mode::Bidirectional, Framing::Lines, data)
 }
 
 /// `GET /connection/sse?cf_connect=<connect command>`.
-pub async fn sse(State(state): State<AppState>, Query(q): Query<ConnectQuery>) -> Response {
+pub async fn sse(
+    State(state): State<AppState>,
+    peer: Peer,
+    Query(q): Query<ConnectQuery>,
+) -> Response {
     match q.cf_connect() {
         Some(c) => {
             if c.len() > state.node.client.max_message_size {
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, "connect command too large\n");
             }
             let data = Bytes::from(c.to_owned());
-            open(state, Mode::Bidirectional, Framing::Sse, data)
+            open(state, peer, Mode::Bidirectional, Framing::Sse, data)
         }
         None => plain(StatusCode::BAD_REQUEST, "no cf_connect parameter\n"),
     }
 }
 
 /// `GET /connection/uni_sse?cf_connect=<connect request>` (no parameter: an empty request).
-pub async fn uni_sse_get(State(state): State<AppState>, Query(q): Query<ConnectQuery>) -> Response {
+pub async fn uni_sse_get(
+    State(state): State<AppState>,
+    peer: Peer,
+    Query(q): Query<ConnectQuery>,
+) -> Response {
     let text = q.cf_connect.unwrap_or_default();
     match uni_connect(Bytes::from(text)) {
-        Ok(data) => open(state, Mode::Unidirectional, Framing::Sse, data),
+        Ok(data) => open(state, peer, Mode::Unidirectional, Framing::Sse, data),
         Err(r) => r.into_response(),
     }
 }
@@ -142,22 +165,30 @@ pub async fn uni_sse_get(State(state): State<AppState>, Query(q): Query<ConnectQ
 /// `POST /connection/uni_sse` with the connect request as the body.
 pub async fn uni_sse_post(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    uni_post(state, headers, body, Framing::Sse).await
+    uni_post(state, peer, headers, body, Framing::Sse).await
 }
 
 /// `POST /connection/uni_http_stream` with the connect request as the body.
 pub async fn uni_http_stream(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    uni_post(state, headers, body, Framing::Lines).await
+    uni_post(state, peer, headers, body, Framing::Lines).await
 }
 
-async fn uni_post(state: AppState, headers: HeaderMap, body: Body, framing: Framing) -> Response {
+async fn uni_post(
+    state: AppState,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+    framing: Framing,
+) -> Response {
     if let Err(r) = check_json(&headers) {
         return r.into_response();
     }
@@ -166,7 +197,7 @@ async fn uni_post(state: AppState, headers: HeaderMap, body: Body, framing: Fram
         Err(r) => return r.into_response(),
     };
     match uni_connect(data) {
-        Ok(data) => open(state, Mode::Unidirectional, framing, data),
+        Ok(data) => open(state, peer, Mode::Unidirectional, framing, data),
         Err(r) => r.into_response(),
     }
 }
@@ -174,15 +205,15 @@ async fn uni_post(state: AppState, headers: HeaderMap, body: Body, framing: Fram
 /// The transport's name in metrics and logs.
 fn transport_name(mode: Mode, framing: Framing) -> &'static str {
     match (mode, framing) {
-        (Mode::Bidirectional, Framing::Lines) => "http_stream",
+        (Mode::Bidirectional, Framing::Lines | Framing::Binary) => "http_stream",
         (Mode::Bidirectional, Framing::Sse) => "sse",
-        (Mode::Unidirectional, Framing::Lines) => "uni_http_stream",
+        (Mode::Unidirectional, Framing::Lines | Framing::Binary) => "uni_http_stream",
         (Mode::Unidirectional, Framing::Sse) => "uni_sse",
     }
 }
 
 /// Starts the connection task and answers with the streaming body it feeds.
-fn open(state: AppState, mode: Mode, framing: Framing, first: Bytes) -> Response {
+fn open(state: AppState, peer: Peer, mode: Mode, framing: Framing, first: Bytes) -> Response {
     if state.node.is_draining() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -191,7 +222,11 @@ fn open(state: AppState, mode: Mode, framing: Framing, first: Bytes) -> Response
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     tokio::spawn(async move {
         let _guard = guard;
-        let (conn, mut session) = super::connection(&state, mode, herald_core::conn::Codec::Json);
+        let codec = match framing {
+            Framing::Binary => Codec::Protobuf,
+            Framing::Lines | Framing::Sse => Codec::Json,
+        };
+        let (conn, mut session) = super::connection(&state, mode, codec);
         // Bidirectional streams take later commands on `/emulation`, routed by a token that
         // the connect reply names as the session.
         let route = (mode == Mode::Bidirectional).then(|| {
@@ -208,6 +243,7 @@ fn open(state: AppState, mode: Mode, framing: Framing, first: Bytes) -> Response
             Some(first),
             transport,
             state.node.metrics.clone(),
+            peer,
         )
         .await;
     });
@@ -222,6 +258,7 @@ fn open(state: AppState, mode: Mode, framing: Framing, first: Bytes) -> Response
         HeaderValue::from_static(match framing {
             Framing::Sse => "text/event-stream; charset=utf-8",
             Framing::Lines => "application/x-ndjson",
+            Framing::Binary => "application/octet-stream",
         }),
     );
     h.insert(
@@ -243,6 +280,7 @@ fn frame_chunk(messages: impl IntoIterator<Item = Bytes>, framing: Framing) -> O
                 out.extend_from_slice(&m);
                 out.extend_from_slice(b"\n");
             }
+            Framing::Binary => out.extend_from_slice(&m),
             Framing::Sse => {
                 // A line break in a message would end the `data:` field early; each line gets
                 // its own `data:` field and the client joins them back with `\n`.

@@ -11,6 +11,7 @@ use herald_core::conn::{Codec, Mode};
 use serde::Deserialize;
 
 use super::{Endpoint, Framing, PROTOBUF_SUBPROTOCOL, serve_session};
+use crate::http::Peer;
 use crate::state::AppState;
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +44,7 @@ pub fn negotiate(headers: &HeaderMap, q: &ProtocolQuery) -> (Codec, Option<&'sta
 
 pub async fn handle(
     State(state): State<AppState>,
+    peer: Peer,
     Query(q): Query<ProtocolQuery>,
     headers: HeaderMap,
     ws: yawc::IncomingUpgrade,
@@ -57,6 +59,7 @@ pub async fn handle(
         },
         transport: "websocket",
         subprotocol,
+        peer,
     };
     serve_session(state, ws, endpoint, None)
 }

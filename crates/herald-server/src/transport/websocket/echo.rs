@@ -66,6 +66,7 @@ pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) ->
             None,
             state.node.metrics.transport("echo"),
             state.node.metrics.clone(),
+            Default::default(),
         )
         .await;
     })

@@ -21,6 +21,7 @@ use yawc::close::CloseCode;
 use yawc::{CompressionLevel, DeflatePool, Frame, HttpWebSocket, OpCode, Options};
 
 use super::driver::{CLOSE_TIMEOUT, Received, Wire};
+use crate::http::Peer;
 use crate::state::AppState;
 
 /// Messages smaller than this go out uncompressed: pings, replies and small pushes rarely
@@ -118,6 +119,8 @@ pub struct Endpoint {
     pub transport: &'static str,
     /// The subprotocol to echo in the 101 response.
     pub subprotocol: Option<&'static str>,
+    /// The client's address, for logs.
+    pub peer: Peer,
 }
 
 /// Serves one client WebSocket: a session of the endpoint's mode and codec on the driver,
@@ -135,6 +138,7 @@ pub fn serve_session(
         framing,
         transport,
         subprotocol,
+        peer,
     } = endpoint;
     upgrade(
         &state.clone(),
@@ -150,6 +154,7 @@ pub fn serve_session(
                 first,
                 state.node.metrics.transport(transport),
                 state.node.metrics.clone(),
+                peer,
             )
             .await;
         },

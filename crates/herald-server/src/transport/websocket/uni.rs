@@ -9,11 +9,13 @@ use bytes::Bytes;
 use herald_core::conn::{Codec, Mode};
 
 use super::{Endpoint, Framing, serve_session};
+use crate::http::Peer;
 use crate::state::AppState;
 use crate::transport::stream::ConnectQuery;
 
 pub async fn handle(
     State(state): State<AppState>,
+    peer: Peer,
     Query(q): Query<ConnectQuery>,
     ws: yawc::IncomingUpgrade,
 ) -> Response {
@@ -32,6 +34,7 @@ pub async fn handle(
         framing: Framing::PerMessage,
         transport: "uni_websocket",
         subprotocol: None,
+        peer,
     };
     serve_session(state, ws, endpoint, early)
 }
