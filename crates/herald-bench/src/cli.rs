@@ -31,7 +31,7 @@ pub enum BenchCommand {
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
-    /// Centrifugo protocol v2, JSON over WebSocket.
+    /// Centrifugo protocol v2 over WebSocket, JSON or Protobuf (`--protocol`).
     Herald,
     /// NATS text protocol over nats-server's WebSocket listener.
     Nats,
@@ -49,12 +49,36 @@ impl Target {
     }
 }
 
+/// Wire format of Herald's client protocol.
+#[derive(ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// JSON text frames, messages separated by `\n`.
+    #[default]
+    Json,
+    /// Protobuf binary frames (subprotocol `centrifuge-protobuf`), messages prefixed by
+    /// their varint length.
+    Protobuf,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Json => "json",
+            Protocol::Protobuf => "protobuf",
+        }
+    }
+}
+
 /// Options shared by every scenario.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Protocol of the server under test.
     #[arg(long, value_enum, default_value = "herald")]
     pub target: Target,
+    /// Wire format spoken to Herald (`--target herald` only).
+    #[arg(long, value_enum, default_value = "json")]
+    pub protocol: Protocol,
     /// WebSocket URL of the server (loopback only), e.g.
     /// ws://127.0.0.1:8000/connection/websocket.
     #[arg(long)]

@@ -11,9 +11,10 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::Target;
+use crate::cli::{Protocol, Target};
 use crate::error::BenchError;
 use crate::herald::{self, Line};
+use crate::herald_proto;
 use crate::mqtt::{self, Packet};
 use crate::nats::{self, NatsEvent};
 use crate::net::Endpoint;
@@ -29,6 +30,7 @@ const MQTT_KEEP_ALIVE_S: u16 = 60;
 /// What every connection task of a process shares.
 pub struct ConnCtx {
     pub target: Target,
+    pub protocol: Protocol,
     pub endpoint: Endpoint,
     pub recorder: Arc<Mutex<Recorder>>,
     pub connect_timeout: Duration,
@@ -47,6 +49,7 @@ pub struct ConnSpec {
 /// An established, subscribed connection.
 enum Session {
     Herald(Ws),
+    HeraldProtobuf(Ws),
     /// Partial NATS / MQTT messages carried over from the previous frame; empty (and
     /// unallocated) between messages so idle connections cost no buffer.
     Nats(Ws, Vec<u8>),
@@ -86,6 +89,12 @@ pub async fn run_connection(ctx: Arc<ConnCtx>, spec: ConnSpec, mut stop: watch::
 
 async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
     match ctx.target {
+        Target::Herald if ctx.protocol == Protocol::Protobuf => {
+            let mut ws =
+                ws_connect(&ctx.endpoint, spec.src, Some(herald_proto::SUBPROTOCOL)).await?;
+            herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
+            Ok(Session::HeraldProtobuf(ws))
+        }
         Target::Herald => {
             let mut ws = ws_connect(&ctx.endpoint, spec.src, None).await?;
             herald_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
@@ -177,35 +186,80 @@ pub(crate) fn feed<E>(
     Ok(())
 }
 
+/// Progress of Herald's connect + subscribe exchange, whatever the wire format.
+#[derive(Default)]
+struct HeraldSetup {
+    connected: bool,
+    subscribed: bool,
+    ping: bool,
+}
+
+impl HeraldSetup {
+    fn done(&self) -> bool {
+        self.connected && self.subscribed
+    }
+
+    fn line(&mut self, line: Line<'_>) -> Result<(), BenchError> {
+        match line {
+            Line::Ping => self.ping = true,
+            Line::Reply { id, error: Some(e) } => {
+                let what = if id == 1 { "connect" } else { "subscribe" };
+                return Err(BenchError::Protocol(format!(
+                    "herald {what} error {}: {}",
+                    e.code, e.message
+                )));
+            }
+            Line::Reply { id: 1, .. } => self.connected = true,
+            Line::Reply { id: 2, .. } => self.subscribed = true,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 async fn herald_setup(ws: &mut Ws, token: Option<&str>, channel: &str) -> Result<(), BenchError> {
     ws.send(Message::text(herald::connect_frame(token, channel)))
         .await?;
-    let (mut connected, mut subscribed) = (false, false);
-    while !(connected && subscribed) {
+    let mut st = HeraldSetup::default();
+    while !st.done() {
         let msg = next_data(ws).await?;
         let Message::Text(text) = msg else {
             return Err(BenchError::Protocol(
                 "herald sent a binary frame to a JSON client".into(),
             ));
         };
-        let mut ping = false;
+        st.ping = false;
         for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
-            match herald::parse_line(line)? {
-                Line::Ping => ping = true,
-                Line::Reply { id, error: Some(e) } => {
-                    let what = if id == 1 { "connect" } else { "subscribe" };
-                    return Err(BenchError::Protocol(format!(
-                        "herald {what} error {}: {}",
-                        e.code, e.message
-                    )));
-                }
-                Line::Reply { id: 1, .. } => connected = true,
-                Line::Reply { id: 2, .. } => subscribed = true,
-                _ => {}
-            }
+            st.line(herald::parse_line(line)?)?;
         }
-        if ping {
+        if st.ping {
             ws.send(Message::text("{}")).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn herald_proto_setup(
+    ws: &mut Ws,
+    token: Option<&str>,
+    channel: &str,
+) -> Result<(), BenchError> {
+    ws.send(Message::binary(herald_proto::connect_frame(token, channel)))
+        .await?;
+    let mut st = HeraldSetup::default();
+    while !st.done() {
+        let msg = next_data(ws).await?;
+        let Message::Binary(frame) = msg else {
+            return Err(BenchError::Protocol(
+                "herald sent a text frame to a Protobuf client".into(),
+            ));
+        };
+        st.ping = false;
+        for line in herald_proto::lines(&frame) {
+            st.line(line?)?;
+        }
+        if st.ping {
+            ws.send(Message::binary(herald_proto::PONG)).await?;
         }
     }
     Ok(())
@@ -280,6 +334,11 @@ struct Delivery<'a> {
 }
 
 impl Delivery<'_> {
+    /// Counts a received frame's payload.
+    fn frame(&self, m: &Message) {
+        self.recorder.lock().bytes_received += frame_bytes(m).len() as u64;
+    }
+
     fn payload(&mut self, data: &[u8]) {
         let now = now_ns();
         let mut rec = self.recorder.lock();
@@ -322,6 +381,7 @@ async fn serve(
             let Some(msg) = msg else {
                 return close(ws, None).await;
             };
+            d.frame(&msg);
             let Message::Text(text) = msg else { continue };
             let mut ping = false;
             for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
@@ -347,6 +407,43 @@ async fn serve(
                 ws.send(Message::text("{}")).await?;
             }
         },
+        Session::HeraldProtobuf(mut ws) => loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => None,
+                m = next_data(&mut ws) => Some(m?),
+            };
+            let Some(msg) = msg else {
+                return close(ws, None).await;
+            };
+            d.frame(&msg);
+            let Message::Binary(frame) = msg else {
+                ctx.recorder
+                    .lock()
+                    .error("herald text frame on a Protobuf connection".into());
+                continue;
+            };
+            let mut ping = false;
+            for line in herald_proto::lines(&frame) {
+                match line {
+                    Ok(Line::Publication { data, .. }) => d.payload(data),
+                    Ok(Line::Ping) => ping = true,
+                    Ok(Line::OtherPush(kind)) => {
+                        ctx.recorder.lock().error(format!("herald push {kind}"))
+                    }
+                    Ok(Line::Reply { .. }) => {}
+                    // The rest of the frame cannot be located: one invalid message.
+                    Err(_) => {
+                        let mut r = ctx.recorder.lock();
+                        r.invalid += 1;
+                        r.error("unparsable herald message".into());
+                    }
+                }
+            }
+            if ping {
+                ws.send(Message::binary(herald_proto::PONG)).await?;
+            }
+        },
         Session::Nats(mut ws, mut carry) => loop {
             let msg = tokio::select! {
                 biased;
@@ -356,6 +453,7 @@ async fn serve(
             let Some(msg) = msg else {
                 return close(ws, None).await;
             };
+            d.frame(&msg);
             let mut pings = 0usize;
             let mut err = None;
             feed(&mut carry, frame_bytes(&msg), |buf| {
@@ -402,6 +500,7 @@ async fn serve(
                     }
                     Some(Some(m)) => m,
                 };
+                d.frame(&msg);
                 feed(&mut carry, frame_bytes(&msg), |buf| {
                     let Some((p, n)) = mqtt::decode(buf, MAX_MESSAGE)? else {
                         return Ok::<_, BenchError>(None);

@@ -27,6 +27,8 @@ pub enum BenchError {
     Protocol(String),
     #[error("MQTT: {0}")]
     Mqtt(#[from] crate::mqtt::MqttError),
+    #[error("herald protobuf: {0}")]
+    Protobuf(#[from] crate::herald_proto::ProtoError),
     #[error("NATS: {0}")]
     Nats(#[from] crate::nats::NatsError),
     #[error("timed out {0}")]

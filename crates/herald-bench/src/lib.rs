@@ -1,6 +1,6 @@
 //! Herald's load generator.
 //!
-//! One tool drives Herald (Centrifugo protocol v2, JSON over WebSocket), nats-server
+//! One tool drives Herald (Centrifugo protocol v2 over WebSocket, JSON or Protobuf), nats-server
 //! (NATS over WebSocket) and mosquitto (MQTT 3.1.1 over WebSocket) with the same
 //! scenarios, so that their figures compare fairly:
 //!
@@ -17,6 +17,7 @@ pub mod client;
 pub mod error;
 pub mod fleet;
 pub mod herald;
+pub mod herald_proto;
 pub mod mqtt;
 pub mod nats;
 pub mod net;
@@ -31,7 +32,7 @@ pub mod sysinfo;
 pub mod worker;
 pub mod ws;
 
-pub use cli::{BenchArgs, BenchCommand, ConnectArgs, FanoutArgs, Target};
+pub use cli::{BenchArgs, BenchCommand, ConnectArgs, FanoutArgs, Protocol, Target};
 pub use error::BenchError;
 pub use report::Report;
 

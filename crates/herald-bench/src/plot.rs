@@ -81,7 +81,8 @@ pub fn plot(report: &Report, path: &Path) -> Result<(), BenchError> {
             .caption(
                 format!(
                     "herald-bench {} — {}: {latency_title}",
-                    report.scenario, report.target
+                    report.scenario,
+                    report.target_label()
                 ),
                 (FONT, 20),
             )

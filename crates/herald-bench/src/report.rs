@@ -56,6 +56,9 @@ fn point(t_s: u32, count: u64, h: &Histogram<u64>) -> SeriesPoint {
 pub struct Report {
     pub scenario: String,
     pub target: String,
+    /// Wire format of Herald's client protocol (`json`, `protobuf`); null for the
+    /// other targets.
+    pub protocol: Option<String>,
     pub url: String,
     pub procs: u32,
     pub threads: u32,
@@ -82,6 +85,11 @@ pub struct Report {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub invalid: u64,
+    /// WebSocket payload bytes received by subscribers once subscribed (deliveries and
+    /// pings; frame headers and the connect/subscribe exchange excluded).
+    pub bytes_received: u64,
+    /// `bytes_received` per unique delivery (fan-out).
+    pub bytes_per_delivery: Option<f64>,
     pub deliveries_per_s: Option<f64>,
     /// The scenario's headline latency: end-to-end delivery for fan-out, connect
     /// latency for the connect scenario.
@@ -123,12 +131,22 @@ fn mib(b: u64) -> String {
 }
 
 impl Report {
+    /// The target, with the wire format when it has a choice: `herald/protobuf`.
+    pub fn target_label(&self) -> String {
+        match &self.protocol {
+            Some(p) => format!("{}/{p}", self.target),
+            None => self.target.clone(),
+        }
+    }
+
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
             "## herald-bench {} — {} ({})\n",
-            self.scenario, self.target, self.url
+            self.scenario,
+            self.target_label(),
+            self.url
         );
         let _ = writeln!(s, "| metric | value |\n|---|---|");
         let mut row = |k: &str, v: String| {
@@ -171,6 +189,12 @@ impl Report {
         }
         if let Some(d) = self.deliveries_per_s {
             row("deliveries/s", format!("{d:.0}"));
+            if let Some(b) = self.bytes_per_delivery {
+                row(
+                    "bytes received by subscribers (per delivery)",
+                    format!("{} ({b:.1})", self.bytes_received),
+                );
+            }
             let l = &self.latency_ms;
             row(
                 "end-to-end latency p50 / p90 / p99 / p99.9 / max",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Target};
+use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Protocol, Target};
 use crate::error::BenchError;
 use crate::fleet::{Fleet, ShardState};
 use crate::net::{loopback_endpoint, parse_source_ips, raise_nofile_limit};
@@ -60,6 +60,18 @@ impl Meter {
     }
 }
 
+/// `--protocol` chooses between Herald's two wire formats; the other targets have one.
+fn check_protocol(c: &CommonArgs) -> Result<(), BenchError> {
+    if c.protocol != Protocol::Json && c.target != Target::Herald {
+        return Err(bad(format!(
+            "--protocol {} applies to --target herald only, not --target {}",
+            c.protocol.name(),
+            c.target.name()
+        )));
+    }
+    Ok(())
+}
+
 fn prepare(
     c: &CommonArgs,
     connections: u64,
@@ -99,6 +111,7 @@ fn prepare(
             shard,
             shards: c.procs,
             target: c.target,
+            protocol: c.protocol,
             url: c.url.clone(),
             connections,
             channels: channels.clone(),
@@ -200,6 +213,7 @@ fn base_report(
     Report {
         scenario: scenario.into(),
         target: c.target.name().into(),
+        protocol: (c.target == Target::Herald).then(|| c.protocol.name().into()),
         url: c.url.clone(),
         procs: c.procs,
         threads: c.threads,
@@ -218,6 +232,7 @@ fn base_report(
         duplicated: m.counts.duplicated,
         out_of_order: m.counts.out_of_order,
         invalid: m.invalid,
+        bytes_received: m.counts.bytes_received,
         server_pid: meter.server_pid,
         server_rss_before_bytes: meter.server_rss_before,
         generator_cpu_percent: if wall_s > 0.0 {
@@ -265,6 +280,7 @@ fn progress_message(c: &Counts) -> String {
 /// Ramps `--connections` up at `--rate`, holds them for `--duration`, closes.
 pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let c = &args.common;
+    check_protocol(c)?;
     check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
     let ramp_s = args.connections as f64 / args.rate.max(0.001);
     let max_runtime = ramp_s + c.connect_timeout + args.duration + 120.0;
@@ -339,6 +355,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
 /// Subscribers over channels, one publisher; delivery and latency accounting.
 pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     let c = &args.common;
+    check_protocol(c)?;
     check_range("duration", args.duration, 0.1, MAX_DURATION_S)?;
     check_range("drain", args.drain, 0.0, 600.0)?;
     check_range("publish-rate", args.publish_rate, 0.01, MAX_RATE)?;
@@ -488,6 +505,9 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     // server that queues (and delivers late) is not credited with the publish rate.
     let delivery_s = (m.last_delivery_ns.saturating_sub(publish_start_ns) as f64 / 1e9).max(pub_s);
     r.deliveries_per_s = Some(tally.delivered as f64 / delivery_s);
+    if tally.delivered > 0 {
+        r.bytes_per_delivery = Some(r.bytes_received as f64 / tally.delivered as f64);
+    }
     r.latency_ms = m
         .latency
         .as_ref()

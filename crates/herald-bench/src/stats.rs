@@ -223,6 +223,9 @@ pub struct Recorder {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub invalid: u64,
+    /// WebSocket payload bytes received by subscribed connections (frame headers and
+    /// the connect/subscribe exchange excluded).
+    pub bytes_received: u64,
     pub latency: Histogram<u64>,
     pub series: Series,
     pub subs_per_channel: Vec<u64>,
@@ -246,6 +249,7 @@ impl Recorder {
             duplicated: 0,
             out_of_order: 0,
             invalid: 0,
+            bytes_received: 0,
             latency: new_histogram(),
             series: Series::new(epoch_ns, max_seconds),
             subs_per_channel: vec![0; channels],

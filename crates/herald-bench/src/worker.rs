@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::cli::Target;
+use crate::cli::{Protocol, Target};
 use crate::client::{ConnCtx, ConnSpec, run_connection};
 use crate::error::BenchError;
 use crate::herald::make_token;
@@ -27,6 +27,8 @@ pub struct Job {
     pub shard: u32,
     pub shards: u32,
     pub target: Target,
+    #[serde(default)]
+    pub protocol: Protocol,
     pub url: String,
     /// Connections over all shards; this shard opens indices `shard, shard+shards, …`.
     pub connections: u64,
@@ -54,6 +56,9 @@ pub struct Counts {
     pub delivered: u64,
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// WebSocket payload bytes subscribers received after subscribing.
+    #[serde(default)]
+    pub bytes_received: u64,
     /// CPU the shard's process has used since the shard started, in milliseconds.
     pub cpu_ms: u64,
 }
@@ -75,6 +80,7 @@ impl Counts {
             delivered: r.delivered,
             duplicated: r.duplicated,
             out_of_order: r.out_of_order,
+            bytes_received: r.bytes_received,
             cpu_ms: 0,
         }
     }
@@ -87,6 +93,7 @@ impl Counts {
         self.delivered += o.delivered;
         self.duplicated += o.duplicated;
         self.out_of_order += o.out_of_order;
+        self.bytes_received += o.bytes_received;
         self.cpu_ms += o.cpu_ms;
     }
 }
@@ -156,6 +163,7 @@ pub async fn run_worker(
     )));
     let ctx = Arc::new(ConnCtx {
         target: job.target,
+        protocol: job.protocol,
         endpoint,
         recorder: recorder.clone(),
         connect_timeout: Duration::from_secs_f64(job.connect_timeout_s.clamp(0.1, 600.0)),

@@ -172,3 +172,116 @@ fn connect_against_herald_and_token_failures() {
     assert!(!r["errors"].as_object().is_none_or(|e| e.is_empty()), "{r}");
     drop(server);
 }
+
+#[test]
+fn fanout_against_herald_over_protobuf_and_json() {
+    let dir = TempDir::new("herald-protobuf");
+    let (server, url) = start_herald(&dir);
+    let pid = server.pid().to_string();
+    let run = |protocol: &str, procs: &str| {
+        bench_json(
+            &[
+                "fanout",
+                "--target",
+                "herald",
+                "--protocol",
+                protocol,
+                "--url",
+                &url,
+                "--token-secret",
+                "bench-secret",
+                "--api-key",
+                "bench-key",
+                "--subscribers",
+                "100",
+                "--channels",
+                "2",
+                "--publish-rate",
+                "40",
+                "--payload",
+                "128",
+                "--duration",
+                "2",
+                "--procs",
+                procs,
+                "--server-pid",
+                &pid,
+            ],
+            &dir,
+        )
+    };
+    // Two processes: the children must get the protocol with their job.
+    let pb = run("protobuf", "2");
+    assert_clean_fanout(&pb, 100);
+    assert_eq!(u(&pb, "expected"), 100 * 40);
+    assert_eq!(u(&pb, "publish_errors"), 0, "{pb}");
+    assert_eq!(pb["protocol"], "protobuf", "{pb}");
+    let json = run("json", "1");
+    assert_clean_fanout(&json, 100);
+    assert_eq!(json["protocol"], "json", "{json}");
+
+    // Every delivery carries the 128-byte payload; Protobuf framing is the leaner one.
+    let per = |r: &serde_json::Value| r["bytes_per_delivery"].as_f64().unwrap_or(0.0);
+    let (pb_b, json_b) = (per(&pb), per(&json));
+    assert!(
+        u(&pb, "bytes_received") >= 128 * u(&pb, "delivered"),
+        "{pb}"
+    );
+    assert!(
+        pb_b > 128.0 && pb_b < json_b,
+        "protobuf {pb_b} vs json {json_b}"
+    );
+
+    // Refused connections are reported as failures, not hangs.
+    let r = bench_json(
+        &[
+            "connect",
+            "--target",
+            "herald",
+            "--protocol",
+            "protobuf",
+            "--url",
+            &url,
+            "--token-secret",
+            "wrong-secret",
+            "--connections",
+            "10",
+            "--rate",
+            "1000",
+            "--duration",
+            "0",
+        ],
+        &dir,
+    );
+    assert_eq!(u(&r, "established"), 0, "{r}");
+    assert_eq!(u(&r, "failed"), 10, "{r}");
+    assert!(!r["errors"].as_object().is_none_or(|e| e.is_empty()), "{r}");
+    drop(server);
+}
+
+#[test]
+fn protobuf_is_refused_for_other_targets() {
+    // Validation happens before any socket is opened.
+    for (scenario, target) in [("fanout", "nats"), ("connect", "mqtt")] {
+        let out = run_bench(
+            &[
+                scenario,
+                "--target",
+                target,
+                "--protocol",
+                "protobuf",
+                "--url",
+                "ws://127.0.0.1:9/",
+                "--duration",
+                "1",
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(!out.status.success(), "{scenario} --target {target}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--protocol protobuf applies to --target herald only"),
+            "{err}"
+        );
+    }
+}
