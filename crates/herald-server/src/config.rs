@@ -481,6 +481,8 @@ allow_history_for_subscriber = true
 allow_presence_for_subscriber = true
 presence = true
 join_leave = true
+# Subscribers may ask for Fossil deltas (delta: "fossil"): later publications as patches.
+allowed_delta_types = ["fossil"]
 "#
     )
 }

@@ -106,6 +106,10 @@ fn check_config_names_the_bad_key() {
             "[client.subscribe_to_user_personal_channel]\nenable = true\n",
             "enable",
         ),
+        (
+            "[[namespaces]]\nname = \"d\"\nallowed_delta_types = [\"xdelta\"]\n",
+            "allowed_delta_types",
+        ),
     ] {
         let f = dir.join("bad.toml");
         std::fs::write(&f, body).unwrap();

@@ -443,7 +443,14 @@ async fn pretty_printed_data_stays_one_message() {
 /// user's connections.
 #[tokio::test]
 async fn personal_channel_is_subscribed_at_connect() {
-    let s = start("[client.subscribe_to_user_personal_channel]\nenabled = true").await;
+    let s = start(
+        "allow_anonymous = true\n[client.subscribe_to_user_personal_channel]\nenabled = true",
+    )
+    .await;
+    // An anonymous connection has no user, so no personal channel.
+    let mut anon = Client::open(&s).await.unwrap();
+    let r = anon.call(1, "connect", json!({})).await.unwrap();
+    assert!(r["connect"].get("subs").is_none(), "{r}");
     let (mut a1, r1) = Client::connect(&s, "alice").await.unwrap();
     let (mut a2, _) = Client::connect(&s, "alice").await.unwrap();
     let (mut b, rb) = Client::connect(&s, "bob").await.unwrap();

@@ -1,5 +1,7 @@
-// centrifuge-js's browser bundle in headless Chromium, over WebSocket and over the comet
-// transports alone: fetch streaming (http_stream) and the browser's own EventSource (sse).
+// centrifuge-js's browser bundles in headless Chromium: the JSON bundle over WebSocket and
+// over the comet transports alone (fetch streaming `http_stream`, the browser's own
+// EventSource `sse`), and the Protobuf bundle over WebSocket and http_stream, with fossil
+// delta on.
 //
 // A small server in this test serves the page and the bundle and forwards /connection/* and
 // /emulation to Herald, so the comet transports talk to Herald on the page's own origin (as
@@ -15,10 +17,11 @@ import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
 
-import { mintToken, publish, startServer, uid } from './harness.mjs';
+import { DEFAULT_NAMESPACES, mintToken, publish, startServer, uid } from './harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const BUNDLE = path.resolve(here, '..', 'node_modules', 'centrifuge', 'dist', 'centrifuge.js');
+const DIST = path.resolve(here, '..', 'node_modules', 'centrifuge', 'dist');
+const BUNDLES = { json: 'centrifuge.js', protobuf: 'centrifuge.protobuf.js' };
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
   '--no-sandbox',
@@ -30,23 +33,26 @@ const CHROMIUM_ARGS = [
   '--disable-sync',
 ];
 
-const PAGE = `<!doctype html>
+const page = (bundle) => `<!doctype html>
 <html><head><meta charset="utf-8"><title>herald comet</title>
-<script src="/centrifuge.js"></script></head>
+<script src="/${bundle}"></script></head>
 <body><pre id="log"></pre></body></html>`;
 
 /** Serves the page and the bundle; forwards everything else to Herald, streaming. */
 async function startPageServer(heraldPort) {
-  const bundle = fs.readFileSync(BUNDLE);
+  const files = Object.fromEntries(
+    Object.values(BUNDLES).map((name) => [`/${name}`, fs.readFileSync(path.join(DIST, name))]),
+  );
   const server = http.createServer((req, res) => {
-    if (req.url === '/' || req.url === '/index.html') {
+    const codec = { '/': 'json', '/index.html': 'json', '/protobuf.html': 'protobuf' }[req.url];
+    if (codec) {
       res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' });
-      res.end(PAGE);
+      res.end(page(BUNDLES[codec]));
       return;
     }
-    if (req.url === '/centrifuge.js') {
+    if (files[req.url]) {
       res.writeHead(200, { 'Content-Type': 'text/javascript' });
-      res.end(bundle);
+      res.end(files[req.url]);
       return;
     }
     const upstream = http.request(
@@ -91,7 +97,20 @@ describe('browser: centrifuge-js bundle in Chromium over WebSocket and comet tra
   let browser;
   before(async () => {
     const executablePath = chromiumPath();
-    herald = await startServer();
+    herald = await startServer({
+      namespaces: [
+        ...DEFAULT_NAMESPACES,
+        {
+          name: 'delta',
+          history_size: 10,
+          history_ttl: '1m',
+          force_recovery: true,
+          allow_subscribe_for_client: true,
+          allow_publish_for_subscriber: true,
+          allowed_delta_types: ['fossil'],
+        },
+      ],
+    });
     pages = await startPageServer(herald.port);
     browser = await chromium.launch({ executablePath, args: CHROMIUM_ARGS, timeout: 30000 });
   });
@@ -155,6 +174,67 @@ describe('browser: centrifuge-js bundle in Chromium over WebSocket and comet tra
       await page.waitForFunction(() => window.received.length >= 4, null, { timeout: 5000 });
       const received = await page.evaluate(() => window.received);
       assert.deepEqual(received, [{ i: 0 }, { i: 1 }, { i: 2 }, { from: 'page' }]);
+      await page.evaluate(() => window.client.disconnect());
+      assert.deepEqual(errors, []);
+    });
+  }
+
+  for (const transport of ['websocket', 'http_stream']) {
+    test(`Protobuf bundle, ${transport}: bytes both ways, fossil deltas applied`, async (t) => {
+      const page = await browser.newPage();
+      t.after(() => page.close());
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(e.message));
+      await page.goto(`${pages.url}/protobuf.html`, { timeout: 10000 });
+
+      const ch = uid(`delta:pb-${transport}`);
+      const token = mintToken({ sub: `browser-pb-${transport}` });
+      const endpoint =
+        transport === 'websocket'
+          ? `ws://127.0.0.1:${herald.port}/connection/websocket`
+          : `/connection/${transport}`;
+      const connected = await page.evaluate(
+        ({ transport, token, ch, endpoint }) =>
+          new Promise((resolve, reject) => {
+            const timer = setTimeout(() => reject(new Error('no connect within 10 s')), 10000);
+            const c = new window.Centrifuge([{ transport, endpoint }], {
+              token,
+              emulationEndpoint: '/emulation',
+              minReconnectDelay: 50,
+              maxReconnectDelay: 300,
+            });
+            window.received = [];
+            window.client = c;
+            let via = null;
+            c.on('connected', (ctx) => {
+              via = ctx.transport;
+            });
+            const sub = c.newSubscription(ch, { delta: 'fossil' });
+            window.sub = sub;
+            const dec = new TextDecoder();
+            sub.on('publication', (ctx) => window.received.push(JSON.parse(dec.decode(ctx.data))));
+            sub.on('subscribed', () => {
+              clearTimeout(timer);
+              resolve({ transport: via, state: c.state, binary: c._codec.name() });
+            });
+            sub.subscribe();
+            c.connect();
+          }),
+        { transport, token, ch, endpoint },
+      );
+      assert.deepEqual(connected, { transport, state: 'connected', binary: 'protobuf' });
+
+      const doc = (i) => ({ i, rows: Array.from({ length: 30 }, (_, k) => `row ${k} of a stable document`) });
+      for (let i = 0; i < 4; i++) await publish(herald, ch, doc(i));
+      await page.waitForFunction(() => window.received.length >= 4, null, { timeout: 5000 });
+      await page.evaluate(() =>
+        window.sub.publish(new TextEncoder().encode(JSON.stringify({ from: 'page' }))),
+      );
+      await page.waitForFunction(() => window.received.length >= 5, null, { timeout: 5000 });
+      const received = await page.evaluate(() => window.received);
+      assert.deepEqual(received, [doc(0), doc(1), doc(2), doc(3), { from: 'page' }]);
+      const stats = await page.evaluate(() => window.sub.deltaStats());
+      assert.ok(stats.numDeltaPayloads >= 3, JSON.stringify(stats));
       await page.evaluate(() => window.client.disconnect());
       assert.deepEqual(errors, []);
     });
