@@ -12,6 +12,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod options;
+pub mod proxy;
 pub mod ratelimit;
 pub mod recovery;
 pub mod session;

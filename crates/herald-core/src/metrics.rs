@@ -81,6 +81,9 @@ pub const OPEN_FDS: &str = "process_open_fds";
 /// an origin not in `client.allowed_origins`; `max_connections`: 503 at
 /// `client.max_connections`).
 pub const CONNECTIONS_REFUSED: &str = "herald_connections_refused_total";
+/// Counter {proxy, result}: proxy requests to the backend (`result`: ok, error, disconnect,
+/// unreachable, timeout, bad_status, bad_response).
+pub const PROXY_REQUESTS: &str = "herald_proxy_requests_total";
 /// Counter {transport, code}: connections the server closed for a protocol error (see
 /// `Disconnect::is_protocol_error`: bad frames, refused tokens, floods, missing pongs).
 pub const PROTOCOL_ERRORS: &str = "herald_protocol_error_disconnects_total";
@@ -331,6 +334,7 @@ pub struct Metrics {
     resident_memory: Gauge,
     open_fds: Gauge,
     transports: Mutex<HashMap<&'static str, Arc<TransportMetrics>>>,
+    proxy_requests: Mutex<HashMap<(&'static str, &'static str), Counter>>,
     disconnects: Mutex<HashMap<u16, Counter>>,
     command_errors: Mutex<HashMap<(CommandKind, u32), Counter>>,
     api_calls: Mutex<HashMap<(&'static str, &'static str), Counter>>,
@@ -352,6 +356,11 @@ fn describe(r: &dyn Recorder) {
         CONNECTIONS_REFUSED,
         None,
         "Connection attempts refused before a session began, by reason.",
+    );
+    c(
+        PROXY_REQUESTS,
+        None,
+        "Proxy requests to the backend, by proxy and result.",
     );
     c(
         PROTOCOL_ERRORS,
@@ -497,6 +506,7 @@ impl Metrics {
             resident_memory: gauge(r, RESIDENT_MEMORY),
             open_fds: gauge(r, OPEN_FDS),
             transports: Mutex::new(HashMap::new()),
+            proxy_requests: Mutex::new(HashMap::new()),
             disconnects: Mutex::new(HashMap::new()),
             command_errors: Mutex::new(HashMap::new()),
             api_calls: Mutex::new(HashMap::new()),
@@ -585,6 +595,21 @@ impl Metrics {
                     &*self.recorder,
                     CONNECTIONS_REFUSED,
                     vec![Label::new("reason", reason)],
+                )
+            })
+            .increment(1);
+    }
+
+    /// A proxy request ended with `result`.
+    pub fn proxy(&self, proxy: &'static str, result: &'static str) {
+        self.proxy_requests
+            .lock()
+            .entry((proxy, result))
+            .or_insert_with(|| {
+                labelled_counter(
+                    &*self.recorder,
+                    PROXY_REQUESTS,
+                    vec![Label::new("proxy", proxy), Label::new("result", result)],
                 )
             })
             .increment(1);

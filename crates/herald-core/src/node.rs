@@ -59,6 +59,10 @@ pub struct NodeConfig {
     pub name: String,
     pub client: ClientOptions,
     pub namespaces: Vec<NamespaceOptions>,
+    /// `[channel.proxy]`.
+    pub channel_proxy: crate::proxy::ChannelProxies,
+    /// `[rpc.proxy]`.
+    pub rpc_proxy: crate::proxy::RpcProxy,
 }
 
 pub struct Node {
@@ -73,6 +77,10 @@ pub struct Node {
     /// Metric handles (see `crate::metrics`).
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
+    pub channel_proxy: crate::proxy::ChannelProxies,
+    pub rpc_proxy: crate::proxy::RpcProxy,
+    /// Carries proxy requests; installed by the server at start.
+    proxy_client: std::sync::OnceLock<Arc<dyn crate::proxy::ProxyClient>>,
 }
 
 /// Publication time in milliseconds since the Unix epoch.
@@ -148,7 +156,86 @@ impl Node {
             engine,
             metrics,
             draining: AtomicBool::new(false),
+            channel_proxy: config.channel_proxy,
+            rpc_proxy: config.rpc_proxy,
+            proxy_client: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether some enabled proxy forwards the client header `name` to the backend.
+    pub fn forwards_header(&self, name: &str) -> bool {
+        let c = &self.client.proxy;
+        let ch = &self.channel_proxy;
+        [
+            &c.connect,
+            &c.refresh,
+            &ch.subscribe,
+            &ch.publish,
+            &ch.sub_refresh,
+        ]
+        .into_iter()
+        .any(|o| o.enabled && o.forwards(name))
+            || (self.rpc_proxy.enabled
+                && self
+                    .rpc_proxy
+                    .http_headers
+                    .iter()
+                    .any(|h| h.eq_ignore_ascii_case(name)))
+    }
+
+    /// Sets what carries proxy requests (once, at start).
+    pub fn set_proxy_client(&self, client: Arc<dyn crate::proxy::ProxyClient>) {
+        let _ = self.proxy_client.set(client);
+    }
+
+    /// Sends one proxy request and reads the backend's answer. Failures are logged with the
+    /// endpoint and counted; every outcome is counted by proxy and result.
+    pub async fn proxy<T, B>(
+        &self,
+        kind: crate::proxy::ProxyKind,
+        options: &crate::proxy::ProxyOptions,
+        headers: &[(String, String)],
+        body: &B,
+    ) -> Result<T, crate::proxy::Outcome>
+    where
+        T: serde::de::DeserializeOwned + Default,
+        B: serde::Serialize,
+    {
+        use crate::proxy::{Outcome, ProxyError};
+        let outcome = async {
+            let client = self
+                .proxy_client
+                .get()
+                .ok_or(Outcome::Failed(ProxyError::NoClient))?;
+            let body = serde_json::to_vec(body)
+                .map_err(|e| Outcome::Failed(ProxyError::BadResponse(e.to_string())))?;
+            let mut sent: Vec<(String, String)> = headers
+                .iter()
+                .filter(|(k, _)| options.forwards(k))
+                .cloned()
+                .collect();
+            sent.extend(
+                options
+                    .static_http_headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            let answer = client
+                .post(options, sent, body)
+                .await
+                .map_err(Outcome::Failed)?;
+            crate::proxy::read_response::<T>(&answer)
+        }
+        .await;
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(o) => o.label(),
+        };
+        self.metrics.proxy(kind.name(), label);
+        if let Err(crate::proxy::Outcome::Failed(e)) = &outcome {
+            tracing::warn!(proxy = kind.name(), endpoint = %options.endpoint, error = %e, "proxy request failed");
+        }
+        outcome
     }
 
     /// The options of a channel's namespace; None for an unknown namespace (error 102).

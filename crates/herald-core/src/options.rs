@@ -78,6 +78,9 @@ pub struct ClientOptions {
     /// `[client.subscribe_to_user_personal_channel]`: every authenticated connection is
     /// subscribed server-side to its user's own channel at connect.
     pub subscribe_to_user_personal_channel: PersonalChannel,
+    /// `[client.proxy.connect]` and `[client.proxy.refresh]`: the backend authorises
+    /// connections without a token and extends them (see `crate::proxy`).
+    pub proxy: crate::proxy::ClientProxies,
 }
 
 /// The automatic personal channel (`#<user>`, or `<namespace>:#<user>`): the way to push to
@@ -137,6 +140,7 @@ impl Default for ClientOptions {
             command_burst: 0,
             max_connections: 0,
             subscribe_to_user_personal_channel: PersonalChannel::default(),
+            proxy: Default::default(),
         }
     }
 }
@@ -195,6 +199,15 @@ pub struct NamespaceOptions {
     /// Delta types subscribers may ask for (`delta` in subscribe); only `"fossil"` exists.
     /// Default: [] (subscribers get whole publications).
     pub allowed_delta_types: Vec<String>,
+    /// Subscribes without a subscription token are decided by `[channel.proxy.subscribe]`
+    /// instead of the permission options. Default: false.
+    pub subscribe_proxy_enabled: bool,
+    /// Client publications are decided (and may be rewritten) by `[channel.proxy.publish]`
+    /// instead of the permission options. Default: false.
+    pub publish_proxy_enabled: bool,
+    /// Subscriptions whose expiry the subscribe proxy set are extended by
+    /// `[channel.proxy.sub_refresh]`. Default: false.
+    pub sub_refresh_proxy_enabled: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -222,6 +235,9 @@ impl Default for NamespaceOptions {
             force_push_join_leave: false,
             require_subscription_token: false,
             allowed_delta_types: Vec::new(),
+            subscribe_proxy_enabled: false,
+            publish_proxy_enabled: false,
+            sub_refresh_proxy_enabled: false,
         }
     }
 }

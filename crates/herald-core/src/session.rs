@@ -26,7 +26,11 @@ use crate::failure::{self, Fail, TokenUse};
 use crate::metrics::CommandKind;
 use crate::node::{Node, VERSION};
 use crate::options::NamespaceOptions;
+use crate::proxy::{self, ProxyKind};
 use crate::recovery;
+
+/// How long after a failed refresh or sub-refresh proxy request it is tried again.
+const PROXY_RETRY_SECS: u64 = 10;
 
 /// The id of the connect command a unidirectional client's connect request becomes.
 const UNI_CONNECT_ID: u32 = 1;
@@ -37,6 +41,8 @@ struct Sub {
     chan_info: Option<Raw>,
     /// Unix seconds after which the subscription expires (subscription token `exp`).
     expire_at: Option<u64>,
+    /// The subscribe proxy set `expire_at`: the sub-refresh proxy extends it.
+    proxy_expiry: bool,
 }
 
 /// What a subscription needs in order to start.
@@ -55,6 +61,9 @@ struct SubParams {
     expire_at: Option<u64>,
     /// Negotiated Fossil delta.
     delta: bool,
+    /// Namespace options the subscribe proxy overrode for this subscription.
+    ns_override: Option<proxy::SubscribeOverride>,
+    proxy_expiry: bool,
 }
 
 /// A subscription joined to the hub and positioned, waiting for its reply to be queued.
@@ -86,6 +95,13 @@ pub struct Session {
     closed: bool,
     /// Command rate limit (`client.command_rate`); None when unlimited.
     rate: Option<crate::ratelimit::CommandBucket>,
+    /// The transport's name and the client's request headers a proxy may forward.
+    transport: &'static str,
+    headers: Vec<(String, String)>,
+    /// `meta` from the connect proxy, sent back with every later proxy request.
+    meta: Option<Raw>,
+    /// The connect proxy set `expire_at`: the refresh proxy extends it.
+    proxy_expiry: bool,
 }
 
 impl Session {
@@ -112,6 +128,38 @@ impl Session {
             session_id: None,
             closed: false,
             rate,
+            transport: "websocket",
+            headers: Vec::new(),
+            meta: None,
+            proxy_expiry: false,
+        }
+    }
+
+    /// Names the transport and gives the client's HTTP request headers (only those some
+    /// proxy forwards are kept).
+    pub fn set_client_context(
+        &mut self,
+        transport: &'static str,
+        headers: impl IntoIterator<Item = (String, String)>,
+    ) {
+        self.transport = transport;
+        let node = &self.node;
+        self.headers = headers
+            .into_iter()
+            .filter(|(k, _)| node.forwards_header(k))
+            .collect();
+    }
+
+    /// What every proxy request says about this client.
+    fn client_fields(&self) -> proxy::ClientFields<'_> {
+        proxy::ClientFields {
+            client: &self.conn.id,
+            transport: self.transport,
+            protocol: self.conn.codec.name(),
+            encoding: match self.conn.codec {
+                Codec::Json => "json",
+                Codec::Protobuf => "binary",
+            },
         }
     }
 
@@ -277,10 +325,8 @@ impl Session {
         } else if let Some(req) = cmd.sub_refresh {
             self.cmd_sub_refresh(id, &req.channel, &req.token, now)
                 .await
-        } else if cmd.rpc.is_some() {
-            // No RPC handler is configured on this node: "not available", as Centrifugo
-            // answers without an RPC proxy.
-            Err(ErrorCode::NOT_AVAILABLE.into())
+        } else if let Some(req) = cmd.rpc {
+            self.cmd_rpc(id, req).await
         } else if cmd.send.is_some() {
             // Asynchronous messages have no handler here and need no reply.
             Ok(None)
@@ -335,7 +381,41 @@ impl Session {
             return Err(Disconnect::SHUTDOWN.into());
         }
         let mut server_channels: Vec<String> = Vec::new();
-        if req.token.is_empty() {
+        let mut connect_data = None;
+        let mut server_subs: BTreeMap<String, proxy::SubOptions> = BTreeMap::new();
+        let connect_proxy = &self.node.client.proxy.connect;
+        if req.token.is_empty() && connect_proxy.enabled {
+            // Headers a browser WebSocket cannot set come in the command (SDK emulation).
+            self.headers
+                .extend(req.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let node = self.node.clone();
+            let body = proxy::ConnectRequest {
+                client: self.client_fields(),
+                name: &req.name,
+                version: &req.version,
+                data: req.data.as_ref(),
+            };
+            let r: proxy::ConnectResult = node
+                .proxy(ProxyKind::Connect, connect_proxy, &self.headers, &body)
+                .await?;
+            if r.user.is_empty() && !self.node.client.allow_anonymous {
+                return Err(ErrorCode::UNAUTHORIZED.into());
+            }
+            self.user = r.user;
+            self.conn_info = proxy::raw_or_b64(r.info, r.b64info.as_deref())?;
+            connect_data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
+            self.meta = r.meta;
+            if r.expire_at > 0 {
+                if r.expire_at <= now.unix {
+                    return Err(Disconnect::EXPIRED.into());
+                }
+                self.expire_at = now.clamp_expiry(Some(r.expire_at));
+                self.proxy_expiry = self.node.client.proxy.refresh.enabled;
+            }
+            server_channels.extend(r.channels);
+            server_channels.extend(r.subs.keys().cloned());
+            server_subs = r.subs;
+        } else if req.token.is_empty() {
             if !self.node.client.allow_anonymous {
                 return Err(ErrorCode::UNAUTHORIZED.into());
             }
@@ -400,11 +480,14 @@ impl Session {
                 continue;
             }
             let r = req_subs.remove(&ch).unwrap_or_default();
+            let given = server_subs.remove(&ch).unwrap_or_default();
             let params = SubParams {
                 recover: r.recover,
                 reject_unrecovered: false,
                 epoch: r.epoch,
                 offset: r.offset,
+                chan_info: given.info.map(herald_protocol::json::single_line),
+                data: given.data.map(herald_protocol::json::single_line),
                 ..Default::default()
             };
             match self.prepare_subscription(&ch, params, now).await {
@@ -419,9 +502,10 @@ impl Session {
         let mut result = ConnectResult {
             client: self.conn.id.to_string(),
             version: VERSION.to_string(),
-            expires,
-            ttl,
-            data: None,
+            // The refresh proxy renews a proxied connection: the client is not asked to.
+            expires: expires && !self.proxy_expiry,
+            ttl: if self.proxy_expiry { 0 } else { ttl },
+            data: connect_data,
             subs: BTreeMap::new(),
             ping: self.node.client.ping_interval.as_secs() as u32,
             pong: self.expects_pong(),
@@ -532,7 +616,33 @@ impl Session {
         };
         let mut chan_info = None;
         let mut expire_at = None;
-        if channel::is_private(ch) || ns.require_subscription_token || !req.token.is_empty() {
+        let mut sub_data = None;
+        let mut ns_override = None;
+        let mut proxy_expiry = false;
+        let subscribe_proxy = &node.channel_proxy.subscribe;
+        if req.token.is_empty() && ns.subscribe_proxy_enabled && subscribe_proxy.enabled {
+            // The backend decides instead of the namespace's permissions.
+            let body = proxy::SubscribeRequest {
+                client: self.client_fields(),
+                user: &self.user,
+                channel: ch,
+                token: "",
+                data: req.data.as_ref(),
+                meta: self.meta.as_ref(),
+            };
+            let r: proxy::SubscribeResult = node
+                .proxy(ProxyKind::Subscribe, subscribe_proxy, &self.headers, &body)
+                .await?;
+            chan_info = proxy::raw_or_b64(r.info, r.b64info.as_deref())?;
+            sub_data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
+            if r.expire_at > 0 {
+                expire_at = now.clamp_expiry(Some(r.expire_at));
+                proxy_expiry =
+                    ns.sub_refresh_proxy_enabled && node.channel_proxy.sub_refresh.enabled;
+            }
+            ns_override = r.r#override;
+        } else if channel::is_private(ch) || ns.require_subscription_token || !req.token.is_empty()
+        {
             if req.token.is_empty() {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
@@ -564,9 +674,11 @@ impl Session {
             positioned: req.positioned,
             join_leave: req.join_leave,
             chan_info,
-            data: None,
+            data: sub_data,
             expire_at,
             delta,
+            ns_override,
+            proxy_expiry,
         };
         let prepared = self.prepare_subscription(ch, params, now).await?;
         let (mode, codec) = (self.conn.mode, self.conn.codec);
@@ -594,7 +706,15 @@ impl Session {
         now: Now,
     ) -> Result<Prepared, Fail> {
         let node = self.node.clone();
-        let ns: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        let base: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        let overridden;
+        let ns = match p.ns_override {
+            Some(o) => {
+                overridden = apply_override(base.clone(), o);
+                &overridden
+            }
+            None => base,
+        };
         let push_join_leave = ns.join_leave && (p.join_leave || ns.force_push_join_leave);
         self.conn.start_buffering(ch);
         let first = node
@@ -616,6 +736,7 @@ impl Session {
                     join_leave: ns.join_leave,
                     chan_info: p.chan_info,
                     expire_at: p.expire_at,
+                    proxy_expiry: p.proxy_expiry,
                 },
             }),
             Err(e) => {
@@ -773,7 +894,41 @@ impl Session {
         let ch = req.channel.as_str();
         let node = self.node.clone();
         let ns = node.channel_options(ch)?;
-        if !self.permitted(
+        let publish_proxy = &node.channel_proxy.publish;
+        let mut data = crate::node::PublishData {
+            data: req.data.ok_or(ErrorCode::BAD_REQUEST)?,
+            binary: req.binary,
+        };
+        let mut skip_history = false;
+        if ns.publish_proxy_enabled && publish_proxy.enabled {
+            // The backend decides instead of the namespace's permissions, and may rewrite.
+            let b64data = data.binary.then(|| {
+                use base64::Engine as _;
+                let bytes = herald_protocol::json::base64_bytes(&data.data).unwrap_or_default();
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            });
+            let body = proxy::PublishRequest {
+                client: self.client_fields(),
+                user: &self.user,
+                channel: ch,
+                data: (!data.binary).then_some(&data.data),
+                b64data,
+                meta: self.meta.as_ref(),
+            };
+            let r: proxy::PublishResult = node
+                .proxy(ProxyKind::Publish, publish_proxy, &self.headers, &body)
+                .await?;
+            if let Some(raw) = r.data {
+                data = raw.into();
+            } else if let Some(b64) = r.b64data.as_deref() {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|_| Fail::from(ErrorCode::INTERNAL))?;
+                data = crate::node::PublishData::from_bytes(&bytes);
+            }
+            skip_history = r.skip_history;
+        } else if !self.permitted(
             ns.allow_publish_for_client,
             ns.allow_publish_for_subscriber,
             ns.allow_publish_for_anonymous,
@@ -781,16 +936,41 @@ impl Session {
         ) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let data = crate::node::PublishData {
-            data: req.data.ok_or(ErrorCode::BAD_REQUEST)?,
-            binary: req.binary,
-        };
         let info = self.client_info(self.subs.get(ch).and_then(|s| s.chan_info.clone()));
-        node.publish(ch, data, Some(info), BTreeMap::new(), false, None)
+        node.publish(ch, data, Some(info), BTreeMap::new(), skip_history, None)
             .await?;
         Ok(Some(Reply {
             id,
             publish: Some(Default::default()),
+            ..Default::default()
+        }))
+    }
+
+    /// Without an RPC proxy: "not available" (108), as Centrifugo answers.
+    async fn cmd_rpc(
+        &mut self,
+        id: u32,
+        req: herald_protocol::client::RpcRequest,
+    ) -> Result<Option<Reply>, Fail> {
+        let node = self.node.clone();
+        let options = node
+            .rpc_proxy
+            .route(&req.method)
+            .ok_or(ErrorCode::NOT_AVAILABLE)?;
+        let body = proxy::RpcRequest {
+            client: self.client_fields(),
+            user: &self.user,
+            method: &req.method,
+            data: req.data.as_ref(),
+            meta: self.meta.as_ref(),
+        };
+        let r: proxy::RpcResult = node
+            .proxy(ProxyKind::Rpc, &options, &self.headers, &body)
+            .await?;
+        let data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
+        Ok(Some(Reply {
+            id,
+            rpc: Some(herald_protocol::client::RpcResult { data }),
             ..Default::default()
         }))
     }
@@ -991,19 +1171,29 @@ impl Session {
         {
             return Err(Disconnect::NO_PONG.into());
         }
+        if self.proxy_expiry
+            && let Some(at) = self.expire_at
+            && now.unix >= at
+        {
+            self.refresh_by_proxy(now).await?;
+        }
         let grace = opts.expired_close_delay.as_secs();
-        if let Some(at) = self.expire_at
+        if !self.proxy_expiry
+            && let Some(at) = self.expire_at
             && now.unix >= at.saturating_add(grace)
         {
             return Err(Disconnect::EXPIRED.into());
         }
-        let expired: Vec<String> = self
+        let expired: Vec<(String, bool)> = self
             .subs
             .iter()
             .filter(|(_, s)| s.expire_at.is_some_and(|at| now.unix >= at))
-            .map(|(c, _)| c.clone())
+            .map(|(c, s)| (c.clone(), s.proxy_expiry))
             .collect();
-        for ch in expired {
+        for (ch, proxied) in expired {
+            if proxied && self.sub_refresh_by_proxy(&ch, now).await? {
+                continue;
+            }
             let (code, reason) = codes::unsubscribe::EXPIRED;
             self.unsubscribe(&ch, Some((code, reason.to_string())))
                 .await;
@@ -1022,6 +1212,74 @@ impl Session {
         Ok(self.next_wakeup(now))
     }
 
+    /// Asks the refresh proxy to extend this connection. The backend may let it expire
+    /// (3005) or disconnect it; a backend that fails is asked again a little later.
+    async fn refresh_by_proxy(&mut self, now: Now) -> Result<(), Disconnect> {
+        let node = self.node.clone();
+        let body = proxy::RefreshRequest {
+            client: self.client_fields(),
+            user: &self.user,
+            meta: self.meta.as_ref(),
+        };
+        let options = &node.client.proxy.refresh;
+        match node
+            .proxy::<proxy::RefreshResult, _>(ProxyKind::Refresh, options, &self.headers, &body)
+            .await
+        {
+            Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= now.unix) => {
+                Err(Disconnect::EXPIRED.into())
+            }
+            Ok(r) => {
+                if let Ok(Some(info)) = proxy::raw_or_b64(r.info, r.b64info.as_deref()) {
+                    self.conn_info = Some(info);
+                }
+                self.expire_at = now.clamp_expiry(Some(r.expire_at));
+                self.proxy_expiry = self.expire_at.is_some();
+                Ok(())
+            }
+            Err(proxy::Outcome::Disconnect(d)) => Err(d),
+            Err(_) => {
+                self.expire_at = Some(now.unix.saturating_add(PROXY_RETRY_SECS));
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the sub-refresh proxy to extend a subscription; false when it expired (the
+    /// caller unsubscribes it with 2501).
+    async fn sub_refresh_by_proxy(&mut self, ch: &str, now: Now) -> Result<bool, Disconnect> {
+        let node = self.node.clone();
+        let body = proxy::SubRefreshRequest {
+            client: self.client_fields(),
+            user: &self.user,
+            channel: ch,
+            meta: self.meta.as_ref(),
+        };
+        let options = &node.channel_proxy.sub_refresh;
+        let outcome = node
+            .proxy::<proxy::RefreshResult, _>(ProxyKind::SubRefresh, options, &self.headers, &body)
+            .await;
+        let Some(sub) = self.subs.get_mut(ch) else {
+            return Ok(true);
+        };
+        match outcome {
+            Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= now.unix) => Ok(false),
+            Ok(r) => {
+                if let Ok(Some(info)) = proxy::raw_or_b64(r.info, r.b64info.as_deref()) {
+                    sub.chan_info = Some(info);
+                }
+                sub.expire_at = now.clamp_expiry(Some(r.expire_at));
+                sub.proxy_expiry = sub.expire_at.is_some();
+                Ok(true)
+            }
+            Err(proxy::Outcome::Disconnect(d)) => Err(d),
+            Err(_) => {
+                sub.expire_at = Some(now.unix.saturating_add(PROXY_RETRY_SECS));
+                Ok(true)
+            }
+        }
+    }
+
     /// When `tick` must run next: connect timeout, ping, pong deadline or an expiry.
     pub fn next_wakeup(&self, now: Now) -> Instant {
         let opts = &self.node.client;
@@ -1032,7 +1290,12 @@ impl Session {
         if let Some(sent) = self.awaiting_pong {
             next = next.min(sent + opts.pong_timeout);
         }
-        let grace = opts.expired_close_delay.as_secs();
+        // A proxied connection is renewed by the refresh proxy at its expiry, without grace.
+        let grace = if self.proxy_expiry {
+            0
+        } else {
+            opts.expired_close_delay.as_secs()
+        };
         let soonest_expiry = self
             .expire_at
             .map(|at| at.saturating_add(grace))
@@ -1076,6 +1339,27 @@ impl Session {
             tracing::debug!(client = %self.conn.id, user = %self.user, code, "client disconnected");
         }
     }
+}
+
+/// A namespace's options with what the subscribe proxy overrode for one subscription.
+fn apply_override(mut ns: NamespaceOptions, o: proxy::SubscribeOverride) -> NamespaceOptions {
+    if let Some(v) = o.presence {
+        ns.presence = v.value;
+    }
+    if let Some(v) = o.join_leave {
+        ns.join_leave = v.value;
+    }
+    if let Some(v) = o.force_push_join_leave {
+        ns.force_push_join_leave = v.value;
+    }
+    // Recovery and positioning need history; without it the override cannot apply.
+    if let Some(v) = o.force_recovery {
+        ns.force_recovery = v.value && ns.history_enabled();
+    }
+    if let Some(v) = o.force_positioning {
+        ns.force_positioning = v.value && ns.history_enabled();
+    }
+    ns
 }
 
 /// Finalises a subscription's result with what arrived live while it was being positioned;
@@ -1197,6 +1481,7 @@ mod tests {
                 name: "test".into(),
                 client,
                 namespaces: vec![ns],
+                ..Default::default()
             },
             |hub| Arc::new(MemoryEngine::new(hub)),
         )

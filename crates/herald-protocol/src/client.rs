@@ -67,6 +67,10 @@ pub struct ConnectRequest {
     pub name: String,
     #[serde(default)]
     pub version: String,
+    /// Headers the SDK emulates (a browser WebSocket cannot set its own); forwarded to the
+    /// connect proxy like the HTTP request's headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize, Clone)]

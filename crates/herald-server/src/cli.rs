@@ -225,5 +225,12 @@ pub fn check_config(path: PathBuf) -> anyhow::Result<()> {
         c.namespaces.len(),
         c.engine.kind
     );
+    if c.client.allowed_origins.is_empty() && crate::http::gate::cookie_auth(&c.client) {
+        println!(
+            "herald: client.proxy.connect forwards Cookie and client.allowed_origins is empty: \
+             browsers may connect only from this server's own origin (Origin host = Host); \
+             list the origins of your pages in client.allowed_origins to allow others"
+        );
+    }
     Ok(())
 }

@@ -20,7 +20,25 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
+    /// `[channel.proxy]`: subscribe, publish and sub-refresh proxies.
+    pub channel: ChannelConfig,
+    /// `[rpc.proxy]`: where `rpc` commands go.
+    pub rpc: RpcConfig,
     pub namespaces: Vec<NamespaceOptions>,
+}
+
+/// `[channel]`: channel-wide settings (the proxies namespaces may enable).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub proxy: herald_core::proxy::ChannelProxies,
+}
+
+/// `[rpc]`: the RPC proxy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    pub proxy: herald_core::proxy::RpcProxy,
 }
 
 /// `[admin]`: the admin page and where the operations endpoints listen.
@@ -319,6 +337,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_proxies().map_err(ConfigError::Invalid)?;
         if self
             .log
             .level
@@ -338,7 +357,66 @@ impl Config {
             name: self.server.name.clone(),
             client: self.client.clone(),
             namespaces: self.namespaces.clone(),
+            channel_proxy: self.channel.proxy.clone(),
+            rpc_proxy: self.rpc.proxy.clone(),
         }
+    }
+
+    /// Proxy endpoints parse, and namespaces enable only proxies that are configured.
+    fn validate_proxies(&self) -> Result<(), String> {
+        let c = &self.client.proxy;
+        let ch = &self.channel.proxy;
+        for (key, o) in [
+            ("client.proxy.connect", &c.connect),
+            ("client.proxy.refresh", &c.refresh),
+            ("channel.proxy.subscribe", &ch.subscribe),
+            ("channel.proxy.publish", &ch.publish),
+            ("channel.proxy.sub_refresh", &ch.sub_refresh),
+        ] {
+            o.validate(key)?;
+            if o.enabled {
+                crate::jwks::Endpoint::parse(&o.endpoint)
+                    .map_err(|e| format!("{key}.endpoint: {e}"))?;
+            }
+        }
+        self.rpc.proxy.validate()?;
+        if self.rpc.proxy.enabled {
+            for url in
+                std::iter::once(&self.rpc.proxy.endpoint).chain(self.rpc.proxy.routes.values())
+            {
+                crate::jwks::Endpoint::parse(url).map_err(|e| format!("rpc.proxy: {e}"))?;
+            }
+        }
+        for ns in &self.namespaces {
+            for (flag, on, proxy, key) in [
+                (
+                    "subscribe_proxy_enabled",
+                    ns.subscribe_proxy_enabled,
+                    &ch.subscribe,
+                    "channel.proxy.subscribe",
+                ),
+                (
+                    "publish_proxy_enabled",
+                    ns.publish_proxy_enabled,
+                    &ch.publish,
+                    "channel.proxy.publish",
+                ),
+                (
+                    "sub_refresh_proxy_enabled",
+                    ns.sub_refresh_proxy_enabled,
+                    &ch.sub_refresh,
+                    "channel.proxy.sub_refresh",
+                ),
+            ] {
+                if on && !proxy.enabled {
+                    return Err(format!(
+                        "namespaces[{:?}].{flag}: needs [{key}] with enabled = true",
+                        ns.name
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -82,7 +82,7 @@ impl Endpoint {
         })
     }
 
-    fn host_header(&self) -> String {
+    pub(crate) fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
@@ -97,7 +97,7 @@ impl Endpoint {
 
 /// System trust anchors for `https://` endpoints: `SSL_CERT_FILE`, else the usual bundle
 /// locations.
-fn root_store() -> Result<rustls::RootCertStore, String> {
+pub(crate) fn root_store() -> Result<rustls::RootCertStore, String> {
     let mut candidates: Vec<String> = Vec::new();
     if let Ok(f) = std::env::var("SSL_CERT_FILE") {
         candidates.push(f);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod jwks;
 pub mod ops;
+pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod transport;

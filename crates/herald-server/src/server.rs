@@ -194,6 +194,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (metrics, prometheus) = crate::ops::new_metrics();
     let node = build_node(&config, metrics).await?;
     crate::transport::stream::emulation::install_sink(&node);
+    node.set_proxy_client(crate::proxy::HttpProxyClient::new());
     if let Some(tls) = &tls {
         tls.spawn_reloader(background.clone());
     }

@@ -87,6 +87,7 @@ impl From<ConnectRequest> for client::ConnectRequest {
             subs: r.subs.into_iter().map(|(k, v)| (k, v.into())).collect(),
             name: r.name,
             version: r.version,
+            headers: r.headers.into_iter().collect(),
         }
     }
 }

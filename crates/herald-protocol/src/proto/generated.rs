@@ -231,6 +231,12 @@ pub struct ConnectRequest {
     pub name: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
     pub version: ::prost::alloc::string::String,
+    /// HTTP headers emulated by SDKs whose transport cannot set them (forwarded to the proxy).
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub headers: ::prost::alloc::collections::BTreeMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ConnectResult {

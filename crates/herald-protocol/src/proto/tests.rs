@@ -281,6 +281,7 @@ fn command_round_trips() {
             .into(),
             name: "dart".into(),
             version: "1.0".into(),
+            headers: [("Cookie".to_string(), "session=1".to_string())].into(),
         }),
         subscribe: Some(SubscribeRequest {
             channel: "c".into(),
@@ -346,6 +347,7 @@ fn command_round_trips() {
         ("tok", "dart", "1.0")
     );
     assert_eq!(connect.data.unwrap().get(), r#"{"x":1}"#);
+    assert_eq!(connect.headers["Cookie"], "session=1");
     assert!(connect.subs["a"].recover && connect.subs["a"].offset == 3);
     let sub = c.subscribe.unwrap();
     assert_eq!((sub.channel.as_str(), sub.token.as_str()), ("c", "st"));

@@ -35,6 +35,29 @@ pub fn origin_ok(patterns: &[String], headers: &HeaderMap) -> bool {
     }
 }
 
+/// With cookie authentication (the connect proxy forwards `Cookie`) and no
+/// `allowed_origins`, a browser may connect only from the server's own origin: any page
+/// could otherwise open a connection that the browser authenticates with the user's cookie
+/// (cross-site WebSocket hijacking). The `Origin`'s host must equal the `Host` header.
+pub fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+/// Whether cookies authenticate connections (the connect proxy forwards `Cookie`).
+pub fn cookie_auth(client: &herald_core::options::ClientOptions) -> bool {
+    let c = &client.proxy.connect;
+    c.enabled && c.forwards("cookie")
+}
+
 /// Picks, from a `Sec-WebSocket-Extensions` value, the first permessage-deflate offer this
 /// server can honour, written in the one-offer form the WebSocket library parses; None when
 /// no offer fits (compression is then declined, as RFC 7692 allows). An offer with an
@@ -105,7 +128,12 @@ pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -
     }
     if path.starts_with("/connection/") {
         let client = &state.node.client;
-        if !origin_ok(&client.allowed_origins, req.headers()) {
+        let allowed = if client.allowed_origins.is_empty() && cookie_auth(client) {
+            same_origin(req.headers())
+        } else {
+            origin_ok(&client.allowed_origins, req.headers())
+        };
+        if !allowed {
             state.node.metrics.refused("origin");
             tracing::debug!(
                 origin = ?req.headers().get(header::ORIGIN),
@@ -124,6 +152,33 @@ pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_origin_compares_origin_host_with_host() {
+        let h = |origin: Option<&str>, host: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, host.parse().unwrap());
+            if let Some(o) = origin {
+                m.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            m
+        };
+        assert!(same_origin(&h(
+            Some("http://app.test:8000"),
+            "app.test:8000"
+        )));
+        assert!(same_origin(&h(Some("https://APP.test"), "app.test")));
+        assert!(same_origin(&h(None, "app.test")));
+        assert!(!same_origin(&h(
+            Some("http://evil.test:8000"),
+            "app.test:8000"
+        )));
+        assert!(!same_origin(&h(
+            Some("http://app.test:9000"),
+            "app.test:8000"
+        )));
+        assert!(!same_origin(&h(Some("null"), "app.test")));
+    }
 
     #[test]
     fn deflate_offers() {

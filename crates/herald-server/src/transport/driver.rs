@@ -464,6 +464,7 @@ mod tests {
                     presence: true,
                     ..Default::default()
                 }],
+                ..Default::default()
             },
             |hub| Arc::new(MemoryEngine::new(hub)),
         )

@@ -99,6 +99,25 @@ impl Client {
         })
     }
 
+    /// Opens with extra request headers (a cookie, an `Origin`).
+    pub async fn open_with(server: &Server, headers: &[(&str, &str)]) -> Result<Self> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}/connection/websocket", server.addr);
+        let mut req = url.into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())?,
+                v.parse()?,
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Self {
+            ws,
+            pending: VecDeque::new(),
+            close: None,
+        })
+    }
+
     /// Opens, connects with a token for `user` and checks the reply.
     pub async fn connect(server: &Server, user: &str) -> Result<(Self, Value)> {
         let mut c = Self::open(server).await?;

@@ -123,18 +123,33 @@ pub async fn http_stream(
         if data.is_empty() {
             return plain(StatusCode::BAD_REQUEST, "no connect command\n");
         }
-        return open(state, peer, Mode::Bidirectional, Framing::Binary, data);
+        return open(
+            state,
+            peer,
+            &headers,
+            Mode::Bidirectional,
+            Framing::Binary,
+            data,
+        );
     }
     if data.iter().all(u8::is_ascii_whitespace) {
         return plain(StatusCode::BAD_REQUEST, "no connect command\n");
     }
-    open(state, peer, Mode::Bidirectional, Framing::Lines, data)
+    open(
+        state,
+        peer,
+        &headers,
+        Mode::Bidirectional,
+        Framing::Lines,
+        data,
+    )
 }
 
 /// `GET /connection/sse?cf_connect=<connect command>`.
 pub async fn sse(
     State(state): State<AppState>,
     peer: Peer,
+    headers: HeaderMap,
     Query(q): Query<ConnectQuery>,
 ) -> Response {
     match q.cf_connect() {
@@ -143,7 +158,14 @@ pub async fn sse(
                 return plain(StatusCode::PAYLOAD_TOO_LARGE, "connect command too large\n");
             }
             let data = Bytes::from(c.to_owned());
-            open(state, peer, Mode::Bidirectional, Framing::Sse, data)
+            open(
+                state,
+                peer,
+                &headers,
+                Mode::Bidirectional,
+                Framing::Sse,
+                data,
+            )
         }
         None => plain(StatusCode::BAD_REQUEST, "no cf_connect parameter\n"),
     }
@@ -153,11 +175,19 @@ pub async fn sse(
 pub async fn uni_sse_get(
     State(state): State<AppState>,
     peer: Peer,
+    headers: HeaderMap,
     Query(q): Query<ConnectQuery>,
 ) -> Response {
     let text = q.cf_connect.unwrap_or_default();
     match uni_connect(Bytes::from(text)) {
-        Ok(data) => open(state, peer, Mode::Unidirectional, Framing::Sse, data),
+        Ok(data) => open(
+            state,
+            peer,
+            &headers,
+            Mode::Unidirectional,
+            Framing::Sse,
+            data,
+        ),
         Err(r) => r.into_response(),
     }
 }
@@ -197,7 +227,7 @@ async fn uni_post(
         Err(r) => return r.into_response(),
     };
     match uni_connect(data) {
-        Ok(data) => open(state, peer, Mode::Unidirectional, framing, data),
+        Ok(data) => open(state, peer, &headers, Mode::Unidirectional, framing, data),
         Err(r) => r.into_response(),
     }
 }
@@ -213,10 +243,18 @@ fn transport_name(mode: Mode, framing: Framing) -> &'static str {
 }
 
 /// Starts the connection task and answers with the streaming body it feeds.
-fn open(state: AppState, peer: Peer, mode: Mode, framing: Framing, first: Bytes) -> Response {
+fn open(
+    state: AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    mode: Mode,
+    framing: Framing,
+    first: Bytes,
+) -> Response {
     if state.node.is_draining() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
+    let forwarded = super::forwarded_headers(&state, headers);
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
@@ -226,7 +264,8 @@ fn open(state: AppState, peer: Peer, mode: Mode, framing: Framing, first: Bytes)
             Framing::Binary => Codec::Protobuf,
             Framing::Lines | Framing::Sse => Codec::Json,
         };
-        let (conn, mut session) = super::connection(&state, mode, codec);
+        let name = transport_name(mode, framing);
+        let (conn, mut session) = super::connection(&state, mode, codec, name, forwarded);
         // Bidirectional streams take later commands on `/emulation`, routed by a token that
         // the connect reply names as the session.
         let route = (mode == Mode::Bidirectional).then(|| {
@@ -235,7 +274,7 @@ fn open(state: AppState, peer: Peer, mode: Mode, framing: Framing, first: Bytes)
             r
         });
         let wire = StreamWire { tx, framing, route };
-        let transport = state.node.metrics.transport(transport_name(mode, framing));
+        let transport = state.node.metrics.transport(name);
         driver::drive(
             conn,
             session,

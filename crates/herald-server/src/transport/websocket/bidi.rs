@@ -60,6 +60,7 @@ pub async fn handle(
         transport: "websocket",
         subprotocol,
         peer,
+        headers: crate::transport::forwarded_headers(&state, &headers),
     };
     serve_session(state, ws, endpoint, None)
 }

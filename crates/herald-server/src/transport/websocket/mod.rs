@@ -121,6 +121,8 @@ pub struct Endpoint {
     pub subprotocol: Option<&'static str>,
     /// The client's address, for logs.
     pub peer: Peer,
+    /// Request headers the proxies forward.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Serves one client WebSocket: a session of the endpoint's mode and codec on the driver,
@@ -139,6 +141,7 @@ pub fn serve_session(
         transport,
         subprotocol,
         peer,
+        headers,
     } = endpoint;
     upgrade(
         &state.clone(),
@@ -146,7 +149,7 @@ pub fn serve_session(
         max,
         subprotocol,
         move |socket| async move {
-            let (conn, session) = super::connection(&state, mode, codec);
+            let (conn, session) = super::connection(&state, mode, codec, transport, headers);
             super::driver::drive(
                 conn,
                 session,

@@ -16,6 +16,7 @@ use crate::transport::stream::ConnectQuery;
 pub async fn handle(
     State(state): State<AppState>,
     peer: Peer,
+    headers: axum::http::HeaderMap,
     Query(q): Query<ConnectQuery>,
     ws: yawc::IncomingUpgrade,
 ) -> Response {
@@ -35,6 +36,7 @@ pub async fn handle(
         transport: "uni_websocket",
         subprotocol: None,
         peer,
+        headers: crate::transport::forwarded_headers(&state, &headers),
     };
     serve_session(state, ws, endpoint, early)
 }
