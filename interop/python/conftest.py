@@ -106,6 +106,7 @@ def render_config(
     listen: str = "127.0.0.1:0",
     client: Optional[Dict[str, Any]] = None,
     namespaces: Optional[List[Dict[str, Any]]] = None,
+    extra_toml: str = "",
 ) -> str:
     client_section = {
         "token_hmac_secret": SECRET,
@@ -130,6 +131,9 @@ def render_config(
         _toml_table("[shutdown]", {"drain_duration": "0s"}),
     ]
     sections += [_toml_table("[[namespaces]]", ns) for ns in (namespaces or DEFAULT_NAMESPACES)]
+    # Tables without a shorthand here (`[rpc.proxy]`, …), as TOML text.
+    if extra_toml:
+        sections.append(extra_toml)
     return "\n\n".join(sections) + "\n"
 
 

@@ -110,6 +110,18 @@ fn check_config_names_the_bad_key() {
             "[[namespaces]]\nname = \"d\"\nallowed_delta_types = [\"xdelta\"]\n",
             "allowed_delta_types",
         ),
+        (
+            "[client.proxy.connect]\nenabled = true\nendpoint = \"ftp://backend\"\n",
+            "client.proxy.connect.endpoint",
+        ),
+        (
+            "[[namespaces]]\nname = \"p\"\nsubscribe_proxy_enabled = true\n",
+            "subscribe_proxy_enabled",
+        ),
+        (
+            "[rpc.proxy]\nenabled = true\nendpoint = \"http://b/rpc\"\ntimeout = \"soon\"\n",
+            "timeout",
+        ),
     ] {
         let f = dir.join("bad.toml");
         std::fs::write(&f, body).unwrap();
@@ -125,6 +137,26 @@ fn check_config_names_the_bad_key() {
             "error for {body:?} should name {key}: {err}"
         );
     }
+    // Cookie authentication without allowed origins: valid, and check-config explains the
+    // same-origin rule.
+    let f = dir.join("cookie.toml");
+    std::fs::write(
+        &f,
+        "[client.proxy.connect]\nenabled = true\nendpoint = \"http://127.0.0.1:9/connect\"\nhttp_headers = [\"Cookie\"]\n",
+    )
+    .unwrap();
+    let out = herald()
+        .args(["check-config", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("own origin"), "{said}");
     let out = herald()
         .args(["check-config", "--config", "/nonexistent/herald.toml"])
         .output()

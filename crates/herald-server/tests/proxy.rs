@@ -259,6 +259,32 @@ async fn cookie_connects_without_a_token() {
     s.shutdown().await;
 }
 
+/// An SDK whose transport cannot set headers sends them in the connect command.
+#[tokio::test]
+async fn emulated_headers_in_the_connect_command_are_forwarded() {
+    let (base, seen) = backend().await;
+    let s = start_with(&proxied_config(&base)).await;
+    let mut c = Client::open(&s).await.unwrap();
+    let r = c
+        .call(
+            1,
+            "connect",
+            json!({"headers": {"Cookie": "session=emulated", "X-Other": "no"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r["connect"]["data"],
+        json!({"greeting": "hi emulated"}),
+        "{r}"
+    );
+    let (h, _) = seen.calls("/connect").pop().unwrap();
+    assert_eq!(h["cookie"], "session=emulated");
+    // Only the headers listed in http_headers go to the backend.
+    assert!(h.get("x-other").is_none());
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn backend_refusals_errors_and_disconnects() {
     let (base, _seen) = backend().await;
@@ -407,6 +433,12 @@ async fn backend_down_slow_or_garbage_is_internal_error_and_bystanders_keep_work
         publish(&s, "calm", json!(method)).await.unwrap();
         assert_eq!(bystander.publication("calm").await.unwrap()["data"], method);
     }
+    // Each failure is counted by proxy and result.
+    let metrics = scrape(&s).await;
+    for result in ["timeout", "bad_response", "bad_status"] {
+        let series = format!("herald_proxy_requests_total{{proxy=\"rpc\",result=\"{result}\"}} 1");
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
     s.shutdown().await;
     // A backend that is not there at all: the connect proxy gives 100 too.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -417,6 +449,18 @@ async fn backend_down_slow_or_garbage_is_internal_error_and_bystanders_keep_work
     let r = c.call(1, "connect", json!({})).await.unwrap();
     assert_eq!(r["error"]["code"], 100, "{r}");
     s.shutdown().await;
+}
+
+/// The text of `/metrics`.
+async fn scrape(s: &herald_server::Server) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    sock.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 #[tokio::test]

@@ -13,32 +13,10 @@ import { after, before, describe, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
+import { CHROMIUM_ARGS, chromiumPath } from './browser.mjs';
 import { REPO_ROOT, connectedClient, startServer, subscribed, uid, within } from './harness.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const PASSWORD = 'admin-page-password';
-
-function chromiumPath() {
-  try {
-    fs.accessSync(CHROMIUM, fs.constants.X_OK);
-  } catch {
-    throw new Error(
-      `Chromium not found at ${CHROMIUM}: install it with ` +
-        '`apt-get update && apt-get install -y --no-install-recommends chromium` ' +
-        '(.ci/run does) or set CHROMIUM_PATH',
-    );
-  }
-  return CHROMIUM;
-}
 
 /** Waits until the element's text is exactly `text`; the message shows what it was. */
 async function textBecomes(page, selector, text, timeout = 8000) {

@@ -90,7 +90,8 @@ function tomlTable(header, obj) {
 }
 
 /**
- * Renders a Herald config. `client` and `server` entries override the defaults key by key;
+ * Renders a Herald config (`extraToml`: more tables as TOML text). `client` and `server`
+ * entries override the defaults key by key;
  * `namespaces` replaces the default list. `shutdown` overrides the test default (no drain
  * window: a stopped node lets its clients go at once); `admin` adds an `[admin]` section.
  */
@@ -103,6 +104,7 @@ export function renderConfig({
   admin,
   engine = { type: 'memory' },
   redis,
+  extraToml = '',
 } = {}) {
   const sections = [
     tomlTable('[server]', { listen }),
@@ -122,6 +124,8 @@ export function renderConfig({
     tomlTable('[shutdown]', { drain_duration: '0s', ...shutdown }),
     ...(admin ? [tomlTable('[admin]', admin)] : []),
     ...(namespaces || DEFAULT_NAMESPACES).map((ns) => tomlTable('[[namespaces]]', ns)),
+    // Tables the renderer has no shorthand for (`[client.proxy.connect]`, …), as TOML text.
+    ...(extraToml ? [extraToml] : []),
   ];
   return sections.join('\n\n') + '\n';
 }
