@@ -81,6 +81,8 @@ pub struct Node {
     pub rpc_proxy: crate::proxy::RpcProxy,
     /// Carries proxy requests; installed by the server at start.
     proxy_client: std::sync::OnceLock<Arc<dyn crate::proxy::ProxyClient>>,
+    /// The client URL this node advertises in its heartbeat (set once its listener is bound).
+    advertise_url: std::sync::OnceLock<String>,
 }
 
 /// Publication time in milliseconds since the Unix epoch.
@@ -159,7 +161,13 @@ impl Node {
             channel_proxy: config.channel_proxy,
             rpc_proxy: config.rpc_proxy,
             proxy_client: std::sync::OnceLock::new(),
+            advertise_url: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the client URL devices are given for this node (once, at start).
+    pub fn set_advertise_url(&self, url: String) {
+        let _ = self.advertise_url.set(url);
     }
 
     /// Whether some enabled proxy forwards the client header `name` to the backend.
@@ -386,6 +394,8 @@ impl Node {
             num_channels: s.channels,
             num_subs: s.subscriptions,
             uptime: self.started.elapsed().as_secs(),
+            url: self.advertise_url.get().cloned().unwrap_or_default(),
+            draining: self.is_draining(),
         }
     }
 

@@ -168,6 +168,12 @@ pub struct NodeInfo {
     pub num_channels: u32,
     pub num_subs: u32,
     pub uptime: u64,
+    /// The client URL the node advertises to devices (`GET /connection/nodes`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    /// The node is draining: devices are not sent to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 #[derive(Debug, Serialize, Default)]

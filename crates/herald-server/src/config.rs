@@ -98,6 +98,13 @@ pub struct ServerConfig {
     /// Serve `/connection/echo`, a WebSocket endpoint on the same stack that echoes every
     /// message (for conformance suites). Never on in production. Default: false.
     pub websocket_echo: bool,
+    /// The client URL this node advertises to devices through `GET /connection/nodes`
+    /// (e.g. "wss://n1.example.com/connection/websocket"). Default: "" (the WebSocket URL of
+    /// the address it listens on).
+    pub advertise_url: String,
+    /// `GET /connection/nodes` answers at most this many requests per second on this node
+    /// (429 beyond); 0: no limit. Default: 200.
+    pub nodes_rate_limit: u32,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +118,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             websocket_compression: true,
             websocket_echo: false,
+            advertise_url: String::new(),
+            nodes_rate_limit: 200,
         }
     }
 }
@@ -281,6 +290,12 @@ impl Config {
         self.api_addr()?;
         validate_security(self).map_err(ConfigError::Invalid)?;
         self.admin_addr()?;
+        let url = &self.server.advertise_url;
+        if !(url.is_empty() || url.starts_with("ws://") || url.starts_with("wss://")) {
+            return Err(ConfigError::Invalid(format!(
+                "server.advertise_url: {url:?} is not a ws:// or wss:// URL"
+            )));
+        }
         let c = &self.client;
         let positive = [
             ("client.max_queue_bytes", c.max_queue_bytes),

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod arbiter;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -111,6 +111,7 @@ pub fn router(state: AppState) -> Router {
             post(crate::transport::stream::http_stream),
         )
         .route("/connection/sse", get(crate::transport::stream::sse))
+        .route("/connection/nodes", get(crate::arbiter::nodes))
         .route(
             "/emulation",
             post(crate::transport::stream::emulation::handle),
@@ -138,6 +139,16 @@ pub fn router(state: AppState) -> Router {
             crate::http::gate::gate,
         ))
         .with_state(state)
+}
+
+/// The client URL devices are given for this node: `server.advertise_url`, else the
+/// WebSocket endpoint on the bound address.
+fn advertised_url(config: &Config, addr: std::net::SocketAddr, tls: bool) -> String {
+    if !config.server.advertise_url.is_empty() {
+        return config.server.advertise_url.clone();
+    }
+    let scheme = if tls { "wss" } else { "ws" };
+    format!("{scheme}://{addr}/connection/websocket")
 }
 
 /// The routes of the separate server API listener (`api.listen`).
@@ -206,7 +217,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let ops = Arc::new(crate::ops::Ops::new(prometheus));
     let shutdown_timeout = config.server.shutdown_timeout;
     let drain_duration = config.shutdown.drain_duration;
+    node.set_advertise_url(advertised_url(&config, addr, tls.is_some()));
     let state = AppState {
+        nodes_limiter: Arc::new(crate::arbiter::Limiter::new(config.server.nodes_rate_limit)),
         node: node.clone(),
         config: Arc::new(config),
         tracker: Arc::new(Tracker::default()),

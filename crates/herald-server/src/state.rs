@@ -54,6 +54,8 @@ pub struct AppState {
     pub tracker: Arc<Tracker>,
     /// Metrics exporter, drain switch, admin sessions.
     pub ops: Arc<crate::ops::Ops>,
+    /// The rate limit of `GET /connection/nodes`.
+    pub nodes_limiter: Arc<crate::arbiter::Limiter>,
 }
 
 /// Resolves once `stop` is true (or its sender is gone): the node-wide stop signal every

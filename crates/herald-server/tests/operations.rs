@@ -521,6 +521,7 @@ async fn engine_failures_are_counted_and_fail_readiness() {
         config: Arc::new(config),
         tracker: Default::default(),
         ops: Arc::new(herald_server::ops::Ops::new(prometheus)),
+        nodes_limiter: Arc::new(herald_server::arbiter::Limiter::new(0)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

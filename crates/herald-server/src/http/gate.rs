@@ -126,7 +126,8 @@ pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -
     if path.starts_with("/api/") && !state.config.api.listen.is_empty() {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if path.starts_with("/connection/") {
+    // The node list is public and the way out of a full node: no origin or capacity check.
+    if path.starts_with("/connection/") && path != "/connection/nodes" {
         let client = &state.node.client;
         let allowed = if client.allowed_origins.is_empty() && cookie_auth(client) {
             same_origin(req.headers())
