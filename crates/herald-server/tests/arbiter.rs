@@ -6,13 +6,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use herald_server::Server;
 use serde_json::{Value, json};
-
-const REDIS: &str = "redis://127.0.0.1:6379";
 
 async fn nodes(s: &Server) -> (u16, Value) {
     http(s, "GET", "/connection/nodes", None, "").await.unwrap()
@@ -71,29 +67,11 @@ async fn advertise_url_and_rate_limit() {
 
 fn redis_config(prefix: &str, drain: &str) -> String {
     config("")
+        .replace("[api]", &format!("{}[api]", redis_engine(prefix, REDIS)))
         .replace(
-            "[api]",
-            &format!(
-                "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{REDIS}\"\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\n[api]"
-            ),
+            "drain_duration = \"0s\"",
+            &format!("drain_duration = \"{drain}\""),
         )
-        .replace("drain_duration = \"0s\"", &format!("drain_duration = \"{drain}\""))
-}
-
-/// Polls until `check` holds (bounded).
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -114,27 +92,27 @@ async fn cluster_lists_live_nodes_least_loaded_first_without_draining_or_dead_on
         held.push(Client::connect(&busy, &format!("u{i}")).await.unwrap().0);
     }
     let (busy_url, idle_url, leaving_url) = (own_url(&busy), own_url(&idle), own_url(&leaving));
-    until("every node listed, the busy one last", || async {
+    eventually("every node listed, the busy one last", || async {
         let u = urls(&idle).await;
         u.len() == 3 && u[2] == busy_url
     })
     .await;
     // Any node answers the same way.
-    until("the busy node sees the same ranking", || async {
+    eventually("the busy node sees the same ranking", || async {
         let u = urls(&busy).await;
         u.len() == 3 && u[2] == busy_url
     })
     .await;
     // A draining node leaves the list at once (its heartbeat says so).
     api(&leaving, "drain", json!({})).await.unwrap();
-    until("the draining node left out", || async {
+    eventually("the draining node left out", || async {
         !urls(&idle).await.contains(&leaving_url)
     })
     .await;
     // A dead node leaves it once evicted.
     drop(held);
     busy.shutdown().await;
-    until("the stopped node evicted", || async {
+    eventually("the stopped node evicted", || async {
         urls(&idle).await == [idle_url.clone()]
     })
     .await;

@@ -294,3 +294,40 @@ pub async fn publish(server: &Server, channel: &str, data: Value) -> Result<Valu
         .cloned()
         .ok_or_else(|| anyhow!("publish failed: {v}"))
 }
+
+/// Polls `check` until it holds; fails the test with `what` after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Redis the cluster tests use.
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Fails with a clear message when the Redis at `url` is not running.
+pub async fn require_redis(url: &str) {
+    let addr = url.trim_start_matches("redis://");
+    if TcpStream::connect(addr).await.is_err() {
+        panic!(
+            "this test needs Redis at {url} (start it: redis-server --port 6379 --daemonize yes)"
+        );
+    }
+}
+
+/// The `[engine]` tables of a node on the Redis at `url`, under its own key `prefix`, with
+/// fast heartbeats so membership changes show within a second.
+pub fn redis_engine(prefix: &str, url: &str) -> String {
+    format!(
+        "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{url}\"\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\ncommand_timeout = \"1s\"\n"
+    )
+}
