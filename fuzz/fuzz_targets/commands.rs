@@ -61,6 +61,7 @@ fn node() -> Arc<Node> {
             name: "fuzz".into(),
             client,
             namespaces: vec![open, closed],
+            ..Default::default()
         },
         |hub| Arc::new(MemoryEngine::new(hub)),
     )
