@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 /// Herald load generator: connection ramps and fan-out latency against Herald,
-/// nats-server and mosquitto, on loopback only.
+/// nats-server, mosquitto and nginx with nchan, on loopback only.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "herald-bench", version)]
 pub struct BenchArgs {
@@ -37,6 +37,9 @@ pub enum Target {
     Nats,
     /// MQTT 3.1.1, QoS 0, over WebSocket (subprotocol `mqtt`).
     Mqtt,
+    /// nginx's nchan module: WebSocket subscribers at `<url>/<channel>`, publications
+    /// POSTed to `<api-url>/<channel>`.
+    Nchan,
 }
 
 impl Target {
@@ -45,6 +48,7 @@ impl Target {
             Target::Herald => "herald",
             Target::Nats => "nats",
             Target::Mqtt => "mqtt",
+            Target::Nchan => "nchan",
         }
     }
 }
@@ -80,7 +84,9 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value = "json")]
     pub protocol: Protocol,
     /// WebSocket URL of the server (loopback only), e.g.
-    /// ws://127.0.0.1:8000/connection/websocket.
+    /// ws://127.0.0.1:8000/connection/websocket. For nchan, the subscriber location
+    /// that the channel name is appended to (ws://127.0.0.1:8090/sub; a bare
+    /// ws://host:port means /sub).
     #[arg(long)]
     pub url: String,
     /// Child processes to shard connections over (each has its own open-files limit).
@@ -134,7 +140,9 @@ pub struct ConnectArgs {
 pub struct FanoutArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Herald server API base URL (default: http://<host:port of --url>/api).
+    /// Herald server API base URL (default: http://<host:port of --url>/api); for nchan,
+    /// the publisher location the channel name is appended to (default:
+    /// http://<host:port of --url>/pub).
     #[arg(long)]
     pub api_url: Option<String>,
     /// Herald server API key (sent as X-API-Key).
@@ -165,7 +173,7 @@ pub struct FanoutArgs {
     /// Subscriber connection rate during the ramp (per second).
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,
-    /// Keep-alive HTTP connections used to publish to Herald's API.
+    /// Keep-alive HTTP connections used to publish (Herald's API, nchan's publisher).
     #[arg(long, default_value_t = 4)]
     pub api_connections: u32,
     /// Pipelined requests in flight per API connection.

@@ -17,10 +17,11 @@ use crate::herald::{self, Line};
 use crate::herald_proto;
 use crate::mqtt::{self, Packet};
 use crate::nats::{self, NatsEvent};
+use crate::nchan;
 use crate::net::Endpoint;
 use crate::payload::{self, now_ns};
 use crate::stats::{Recorder, SeqTracker};
-use crate::ws::{Ws, ws_connect};
+use crate::ws::{Ws, ws_connect, ws_connect_url};
 
 /// Largest protocol message accepted from a server.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -54,6 +55,8 @@ enum Session {
     /// unallocated) between messages so idle connections cost no buffer.
     Nats(Ws, Vec<u8>),
     Mqtt(Ws, Vec<u8>),
+    /// One frame per message, nothing carried over.
+    Nchan(Ws),
 }
 
 /// Runs one connection to completion, recording into the shared recorder.
@@ -123,6 +126,13 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
             let mut carry = Vec::new();
             mqtt_setup(&mut ws, &mut carry).await?;
             Ok(Session::Mqtt(ws, carry))
+        }
+        Target::Nchan => {
+            // The URL lives only for the handshake; nchan subscribes the connection
+            // before it answers 101.
+            let url = nchan::subscriber_url(&ctx.endpoint, &spec.channel)?;
+            let ws = ws_connect_url(ctx.endpoint.addr, &url, spec.src, None).await?;
+            Ok(Session::Nchan(ws))
         }
     }
 }
@@ -474,6 +484,18 @@ async fn serve(
             for _ in 0..pings {
                 ws.send(Message::binary(nats::PONG)).await?;
             }
+        },
+        Session::Nchan(mut ws) => loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => None,
+                m = next_data(&mut ws) => Some(m?),
+            };
+            let Some(msg) = msg else {
+                return close(ws, None).await;
+            };
+            d.frame(&msg);
+            d.payload(frame_bytes(&msg));
         },
         Session::Mqtt(mut ws, mut carry) => {
             let period = Duration::from_secs(u64::from(MQTT_KEEP_ALIVE_S) / 2);

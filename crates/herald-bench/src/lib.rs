@@ -1,8 +1,9 @@
 //! Herald's load generator.
 //!
 //! One tool drives Herald (Centrifugo protocol v2 over WebSocket, JSON or Protobuf), nats-server
-//! (NATS over WebSocket) and mosquitto (MQTT 3.1.1 over WebSocket) with the same
-//! scenarios, so that their figures compare fairly:
+//! (NATS over WebSocket), mosquitto (MQTT 3.1.1 over WebSocket) and nginx with nchan
+//! (WebSocket subscribers, HTTP publisher) with the same scenarios, so that their figures
+//! compare fairly:
 //!
 //! - `connect`: ramp N connections at a target rate, hold, close; connect latency and
 //!   the server's memory per connection.
@@ -20,6 +21,7 @@ pub mod herald;
 pub mod herald_proto;
 pub mod mqtt;
 pub mod nats;
+pub mod nchan;
 pub mod net;
 pub mod payload;
 pub mod plot;

@@ -1,6 +1,7 @@
 //! The publisher: one logical client sending R publications/s round-robin over the
-//! channels. Herald gets them through its HTTP server API (pipelined keep-alive
-//! HTTP/1.1), NATS and MQTT through one client-protocol WebSocket connection.
+//! channels. Herald gets them through its HTTP server API and nchan through its HTTP
+//! publisher location (both pipelined keep-alive HTTP/1.1), NATS and MQTT through one
+//! client-protocol WebSocket connection.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::client::{MAX_MESSAGE, feed, nats_wait, next_data};
 use crate::error::BenchError;
 use crate::mqtt::{self, Packet};
 use crate::nats::{self, NatsEvent};
+use crate::nchan;
 use crate::net::{Endpoint, connect_tcp};
 use crate::payload::{self, Stamp, now_ns};
 use crate::ws::ws_connect;
@@ -32,8 +34,10 @@ pub struct PubConfig {
     pub target: Target,
     /// WebSocket endpoint (NATS, MQTT).
     pub ws: Endpoint,
-    /// Herald server API base and key.
-    pub api: Option<(Endpoint, String)>,
+    /// Herald server API base, or nchan's publisher location.
+    pub api: Option<Endpoint>,
+    /// Herald server API key.
+    pub api_key: Option<String>,
     pub channels: Vec<String>,
     pub rate: f64,
     pub duration: Duration,
@@ -56,14 +60,14 @@ pub struct PubOutcome {
 }
 
 enum Sink {
-    Herald(HttpPool),
+    Http(HttpPool),
     Ws(WsPub),
 }
 
 impl Sink {
     async fn send(&mut self, items: &[(u32, u64)], cfg: &PubConfig) -> Result<(), BenchError> {
         match self {
-            Sink::Herald(p) => p.send(items, cfg).await,
+            Sink::Http(p) => p.send(items, cfg).await,
             Sink::Ws(p) => p.send(items, cfg).await,
         }
     }
@@ -76,12 +80,19 @@ pub async fn run_publisher(
 ) -> Result<PubOutcome, BenchError> {
     let channels = cfg.channels.len().max(1) as u64;
     let mut sink = match cfg.target {
-        Target::Herald => {
-            let (api, key) = cfg
-                .api
-                .as_ref()
-                .ok_or_else(|| BenchError::BadArgument("herald needs --api-key".into()))?;
-            Sink::Herald(HttpPool::connect(api, key, cfg).await?)
+        Target::Herald | Target::Nchan => {
+            let api = cfg.api.as_ref().ok_or_else(|| {
+                BenchError::BadArgument(format!("{} needs a publish URL", cfg.target.name()))
+            })?;
+            let kind = match cfg.target {
+                Target::Nchan => HttpKind::Nchan,
+                _ => HttpKind::Herald(
+                    cfg.api_key
+                        .as_deref()
+                        .ok_or_else(|| BenchError::BadArgument("herald needs --api-key".into()))?,
+                ),
+            };
+            Sink::Http(HttpPool::connect(api, kind, cfg).await?)
         }
         Target::Nats | Target::Mqtt => Sink::Ws(WsPub::connect(cfg).await?),
     };
@@ -115,7 +126,7 @@ pub async fn run_publisher(
     }
     let send_elapsed = start.elapsed();
     let mut out = match sink {
-        Sink::Herald(p) => p.finish(channels as usize, start).await,
+        Sink::Http(p) => p.finish(channels as usize, start).await,
         Sink::Ws(p) => p.finish(cfg.target, start).await,
     };
     out.attempted = sent;
@@ -127,7 +138,25 @@ fn encode_payload(buf: &mut Vec<u8>, c: u32, s: u64, t: u64, size: usize) {
     payload::encode(buf, &Stamp { t, s, c }, size);
 }
 
-// ---------------------------------------------------------------- Herald HTTP API
+// ---------------------------------------------------------------- HTTP publishers
+
+/// Which HTTP publisher is spoken to.
+#[derive(Clone, Copy, Debug)]
+enum HttpKind<'a> {
+    /// `POST {api}/publish` with `{"channel":…,"data":<payload>}` and the API key.
+    Herald(&'a str),
+    /// `POST {location}/<channel>` with the payload as the body.
+    Nchan,
+}
+
+/// What an HTTP publisher's answer means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accept {
+    /// 200 without `"error"` in the body.
+    Herald,
+    /// 201 or 202.
+    Nchan,
+}
 
 #[derive(Default)]
 struct HttpResults {
@@ -148,16 +177,28 @@ struct HttpConn {
 struct HttpPool {
     conns: Vec<HttpConn>,
     results: Arc<Mutex<HttpResults>>,
-    head: String,
-    /// `{"channel":"<name>","data":` per channel, JSON-escaped once.
+    /// Request head per channel, up to and including `Content-Length: `.
+    heads: Vec<Vec<u8>>,
+    /// Herald: `{"channel":"<name>","data":` per channel, JSON-escaped once; nchan:
+    /// nothing (the payload is the body).
     prefixes: Vec<Vec<u8>>,
+    /// Herald: `}`; nchan: nothing.
+    suffix: &'static [u8],
     pipeline: u32,
     buf: Vec<u8>,
     body: Vec<u8>,
 }
 
 impl HttpPool {
-    async fn connect(api: &Endpoint, key: &str, cfg: &PubConfig) -> Result<Self, BenchError> {
+    async fn connect(
+        api: &Endpoint,
+        kind: HttpKind<'_>,
+        cfg: &PubConfig,
+    ) -> Result<Self, BenchError> {
+        let accept = match kind {
+            HttpKind::Herald(_) => Accept::Herald,
+            HttpKind::Nchan => Accept::Nchan,
+        };
         let results = Arc::new(Mutex::new(HttpResults {
             ok: vec![0; cfg.channels.len()],
             ..Default::default()
@@ -173,7 +214,13 @@ impl HttpPool {
             let (r, w) = tcp.into_split();
             let slots = Arc::new(Semaphore::new(pipeline as usize));
             let fifo = Arc::new(Mutex::new(VecDeque::new()));
-            let reader = tokio::spawn(http_reader(r, slots.clone(), fifo.clone(), results.clone()));
+            let reader = tokio::spawn(http_reader(
+                r,
+                accept,
+                slots.clone(),
+                fifo.clone(),
+                results.clone(),
+            ));
             conns.push(HttpConn {
                 writer: w,
                 slots,
@@ -181,27 +228,42 @@ impl HttpPool {
                 reader,
             });
         }
-        let path = format!("{}/publish", api.path.trim_end_matches('/'));
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: ",
-            api.authority
-        );
-        let prefixes = cfg
-            .channels
-            .iter()
-            .map(|ch| {
-                format!(
-                    "{{\"channel\":{},\"data\":",
-                    serde_json::Value::from(ch.as_str())
+        let (heads, prefixes, suffix): (Vec<Vec<u8>>, Vec<Vec<u8>>, &'static [u8]) = match kind {
+            HttpKind::Herald(key) => {
+                let path = format!("{}/publish", api.path.trim_end_matches('/'));
+                let head = format!(
+                    "POST {path} HTTP/1.1\r\nHost: {}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: ",
+                    api.authority
                 )
-                .into_bytes()
-            })
-            .collect();
+                .into_bytes();
+                let prefixes = cfg
+                    .channels
+                    .iter()
+                    .map(|ch| {
+                        format!(
+                            "{{\"channel\":{},\"data\":",
+                            serde_json::Value::from(ch.as_str())
+                        )
+                        .into_bytes()
+                    })
+                    .collect();
+                (vec![head; cfg.channels.len()], prefixes, b"}")
+            }
+            HttpKind::Nchan => {
+                let heads = cfg
+                    .channels
+                    .iter()
+                    .map(|ch| nchan::publish_head(api, ch))
+                    .collect::<Result<_, _>>()?;
+                (heads, vec![Vec::new(); cfg.channels.len()], b"")
+            }
+        };
         Ok(HttpPool {
             conns,
             results,
-            head,
+            heads,
             prefixes,
+            suffix,
             pipeline,
             buf: Vec::new(),
             body: Vec::new(),
@@ -233,8 +295,8 @@ impl HttpPool {
                         self.body.clear();
                         self.body.extend_from_slice(&self.prefixes[c as usize]);
                         encode_payload(&mut self.body, c, s, t, cfg.payload);
-                        self.body.push(b'}');
-                        self.buf.extend_from_slice(self.head.as_bytes());
+                        self.body.extend_from_slice(self.suffix);
+                        self.buf.extend_from_slice(&self.heads[c as usize]);
                         self.buf
                             .extend_from_slice(format!("{}\r\n\r\n", self.body.len()).as_bytes());
                         self.buf.extend_from_slice(&self.body);
@@ -284,6 +346,7 @@ impl HttpPool {
 /// Reads pipelined responses in order and credits each to its channel.
 async fn http_reader(
     mut r: OwnedReadHalf,
+    accept: Accept,
     slots: Arc<Semaphore>,
     fifo: Arc<Mutex<VecDeque<u32>>>,
     results: Arc<Mutex<HttpResults>>,
@@ -299,7 +362,7 @@ async fn http_reader(
         }
         let mut off = 0;
         loop {
-            match parse_response(&buf[off..]) {
+            match parse_response(&buf[off..], accept) {
                 Ok(Some(resp)) => {
                     off += resp.len;
                     let ch = fifo.lock().pop_front();
@@ -313,9 +376,9 @@ async fn http_reader(
                         (_, ok) => {
                             res.errors += 1;
                             let kind = if ok {
-                                "unexpected API response".to_string()
+                                "unexpected publish response".to_string()
                             } else {
-                                format!("API status {} {}", resp.status, resp.error_hint)
+                                format!("publish status {} {}", resp.status, resp.error_hint)
                             };
                             *res.kinds.entry(kind).or_insert(0) += 1;
                         }
@@ -348,7 +411,7 @@ struct HttpResponse {
 }
 
 /// Parses one HTTP/1.1 response (Content-Length or chunked body).
-fn parse_response(buf: &[u8]) -> Result<Option<HttpResponse>, BenchError> {
+fn parse_response(buf: &[u8], accept: Accept) -> Result<Option<HttpResponse>, BenchError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -385,17 +448,20 @@ fn parse_response(buf: &[u8]) -> Result<Option<HttpResponse>, BenchError> {
         }
         (rest[..n].to_vec(), n)
     };
-    // The API answers 200 with {"error":{…}} for refused commands.
-    let has_error = body.windows(7).any(|w| w == b"\"error\"");
-    let error_hint = if has_error || status != 200 {
-        String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned()
-    } else {
+    let ok = match accept {
+        // The API answers 200 with {"error":{…}} for refused commands.
+        Accept::Herald => status == 200 && !body.windows(7).any(|w| w == b"\"error\""),
+        Accept::Nchan => nchan::accepted(status),
+    };
+    let error_hint = if ok {
         String::new()
+    } else {
+        String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned()
     };
     Ok(Some(HttpResponse {
         len: head_len + used,
         status,
-        ok: status == 200 && !has_error,
+        ok,
         error_hint,
     }))
 }
@@ -641,25 +707,71 @@ mod tests {
         all.extend_from_slice(one);
         all.extend_from_slice(err);
         all.extend_from_slice(chunked);
-        let r1 = parse_response(&all).unwrap().unwrap();
+        let r1 = parse_response(&all, Accept::Herald).unwrap().unwrap();
         assert!(r1.ok);
         assert_eq!(r1.len, one.len());
-        let r2 = parse_response(&all[r1.len..]).unwrap().unwrap();
+        let r2 = parse_response(&all[r1.len..], Accept::Herald)
+            .unwrap()
+            .unwrap();
         assert!(!r2.ok);
         assert_eq!(r2.status, 200);
-        let r3 = parse_response(&all[r1.len + r2.len..]).unwrap().unwrap();
+        let r3 = parse_response(&all[r1.len + r2.len..], Accept::Herald)
+            .unwrap()
+            .unwrap();
         assert!(!r3.ok);
         assert_eq!(r3.status, 401);
         assert_eq!(r1.len + r2.len + r3.len, all.len());
         for cut in 0..one.len() {
-            assert!(parse_response(&one[..cut]).unwrap().is_none(), "cut {cut}");
-        }
-        for cut in 0..chunked.len() {
             assert!(
-                parse_response(&chunked[..cut]).unwrap().is_none(),
+                parse_response(&one[..cut], Accept::Herald)
+                    .unwrap()
+                    .is_none(),
                 "cut {cut}"
             );
         }
-        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+        for cut in 0..chunked.len() {
+            assert!(
+                parse_response(&chunked[..cut], Accept::Herald)
+                    .unwrap()
+                    .is_none(),
+                "cut {cut}"
+            );
+        }
+        assert!(parse_response(b"garbage\r\n\r\n", Accept::Herald).is_err());
+    }
+
+    #[test]
+    fn nchan_accepts_created_and_accepted() {
+        let body = "queued messages: 1\r\nlast requested: -1 sec. ago\r\nactive subscribers: 0\r\nlast message id: 1796519467:0";
+        for (status, ok) in [
+            ("201 Created", true),
+            ("202 Accepted", true),
+            ("200 OK", false),
+            ("403 Forbidden", false),
+        ] {
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let r = parse_response(resp.as_bytes(), Accept::Nchan)
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.ok, ok, "{status}");
+            assert_eq!(r.len, resp.len());
+        }
+        // Herald's rule does not leak into nchan's: 200 is not an nchan success.
+        let herald_ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+        assert!(
+            parse_response(herald_ok, Accept::Herald)
+                .unwrap()
+                .unwrap()
+                .ok
+        );
+        assert!(
+            !parse_response(herald_ok, Accept::Nchan)
+                .unwrap()
+                .unwrap()
+                .ok
+        );
     }
 }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Protocol, Target};
 use crate::error::BenchError;
 use crate::fleet::{Fleet, ShardState};
+use crate::nchan;
 use crate::net::{loopback_endpoint, parse_source_ips, raise_nofile_limit};
 use crate::payload::now_ns;
 use crate::progress;
@@ -68,6 +69,57 @@ fn check_protocol(c: &CommonArgs) -> Result<(), BenchError> {
             c.protocol.name(),
             c.target.name()
         )));
+    }
+    Ok(())
+}
+
+/// Options that belong to other targets are refused rather than ignored. A value taken
+/// from the environment (`HERALD_BENCH_TOKEN_SECRET`, `HERALD_API_KEY`) is not refused:
+/// it was not asked for on this command line.
+fn check_target_options(c: &CommonArgs, fanout: Option<&FanoutArgs>) -> Result<(), BenchError> {
+    check_protocol(c)?;
+    let from_env = |var: &str, v: &Option<String>| std::env::var(var).ok() == *v;
+    let mut herald_only = Vec::new();
+    if c.target != Target::Herald {
+        if c.token.is_some() {
+            herald_only.push("--token");
+        }
+        if c.token_secret.is_some() && !from_env("HERALD_BENCH_TOKEN_SECRET", &c.token_secret) {
+            herald_only.push("--token-secret");
+        }
+        if let Some(f) = fanout
+            && f.api_key.is_some()
+            && !from_env("HERALD_API_KEY", &f.api_key)
+        {
+            herald_only.push("--api-key");
+        }
+    }
+    if !herald_only.is_empty() {
+        let verb = if herald_only.len() == 1 {
+            "applies"
+        } else {
+            "apply"
+        };
+        return Err(bad(format!(
+            "{} {verb} to --target herald only, not --target {}",
+            herald_only.join(", "),
+            c.target.name()
+        )));
+    }
+    if let Some(f) = fanout
+        && f.api_url.is_some()
+        && !matches!(c.target, Target::Herald | Target::Nchan)
+    {
+        return Err(bad(format!(
+            "--api-url applies to --target herald and nchan only, not --target {}",
+            c.target.name()
+        )));
+    }
+    if c.target == Target::Nchan {
+        nchan::location(
+            &loopback_endpoint(&c.url, &["ws"])?,
+            nchan::DEFAULT_SUB_PATH,
+        )?;
     }
     Ok(())
 }
@@ -280,8 +332,11 @@ fn progress_message(c: &Counts) -> String {
 /// Ramps `--connections` up at `--rate`, holds them for `--duration`, closes.
 pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let c = &args.common;
-    check_protocol(c)?;
+    check_target_options(c, None)?;
     check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
+    if c.target == Target::Nchan {
+        nchan::check_channel(&args.channel)?;
+    }
     let ramp_s = args.connections as f64 / args.rate.max(0.001);
     let max_runtime = ramp_s + c.connect_timeout + args.duration + 120.0;
     let jobs = prepare(
@@ -355,8 +410,12 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
 /// Subscribers over channels, one publisher; delivery and latency accounting.
 pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     let c = &args.common;
-    check_protocol(c)?;
+    check_target_options(c, Some(&args))?;
     check_range("duration", args.duration, 0.1, MAX_DURATION_S)?;
+    if c.target == Target::Nchan {
+        // Channel names are the prefix and a number.
+        nchan::check_channel(&format!("{}0", args.channel_prefix))?;
+    }
     check_range("drain", args.drain, 0.0, 600.0)?;
     check_range("publish-rate", args.publish_rate, 0.01, MAX_RATE)?;
     if args.channels == 0 || args.channels > MAX_CHANNELS {
@@ -368,15 +427,23 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     let ws = loopback_endpoint(&c.url, &["ws"])?;
     let api = match c.target {
         Target::Herald => {
-            let key = args
-                .api_key
-                .clone()
-                .ok_or_else(|| bad("--target herald needs --api-key (or HERALD_API_KEY)"))?;
+            if args.api_key.is_none() {
+                return Err(bad("--target herald needs --api-key (or HERALD_API_KEY)"));
+            }
             let url = args
                 .api_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}/api", ws.authority));
-            Some((loopback_endpoint(&url, &["http"])?, key))
+            Some(loopback_endpoint(&url, &["http"])?)
+        }
+        Target::Nchan => {
+            let url = args
+                .api_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}{}", ws.authority, nchan::DEFAULT_PUB_PATH));
+            let ep = loopback_endpoint(&url, &["http"])?;
+            nchan::location(&ep, nchan::DEFAULT_PUB_PATH)?;
+            Some(ep)
         }
         _ => None,
     };
@@ -434,6 +501,9 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         target: c.target,
         ws,
         api,
+        api_key: (c.target == Target::Herald)
+            .then(|| args.api_key.clone())
+            .flatten(),
         channels,
         rate: args.publish_rate,
         duration: Duration::from_secs_f64(args.duration),

@@ -1,6 +1,6 @@
 //! WebSocket client set-up shared by every target.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
@@ -29,8 +29,19 @@ pub async fn ws_connect(
     src: Option<IpAddr>,
     subprotocol: Option<&'static str>,
 ) -> Result<Ws, BenchError> {
-    let tcp = connect_tcp(ep.addr, src).await?;
-    let mut req = ep.url.as_str().into_client_request()?;
+    ws_connect_url(ep.addr, &ep.url, src, subprotocol).await
+}
+
+/// As [`ws_connect`], for a URL derived from an already checked endpoint (same
+/// address, another path).
+pub async fn ws_connect_url(
+    addr: SocketAddr,
+    url: &str,
+    src: Option<IpAddr>,
+    subprotocol: Option<&'static str>,
+) -> Result<Ws, BenchError> {
+    let tcp = connect_tcp(addr, src).await?;
+    let mut req = url.into_client_request()?;
     if let Some(p) = subprotocol {
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));

@@ -1,6 +1,6 @@
-//! End-to-end runs of herald-bench against nats-server and mosquitto started on free
-//! loopback ports. These servers are required: without them the tests fail and say
-//! how to install them.
+//! End-to-end runs of herald-bench against nats-server, mosquitto and nginx with nchan
+//! started on free loopback ports. These servers are required: without them the tests
+//! fail and say how to install them.
 
 mod common;
 
@@ -74,6 +74,99 @@ fn fanout_against_mosquitto_from_many_source_addresses() {
     );
     assert_clean_fanout(&r, 100);
     drop(server);
+}
+
+#[test]
+fn fanout_against_nchan_over_websocket_and_http_publisher() {
+    let dir = TempDir::new("nchan");
+    let (nginx, url) = start_nchan(&dir);
+    let worker = nginx.worker_pid().to_string();
+    let r = bench_json(
+        &[
+            "fanout",
+            "--target",
+            "nchan",
+            "--url",
+            &url,
+            "--subscribers",
+            "150",
+            "--channels",
+            "3",
+            "--publish-rate",
+            "60",
+            "--payload",
+            "128",
+            "--duration",
+            "2",
+            "--server-pid",
+            &worker,
+        ],
+        &dir,
+    );
+    assert_clean_fanout(&r, 150);
+    // 3 channels × 50 subscribers × 40 publications each (120 at 60/s for 2 s).
+    assert_eq!(u(&r, "expected"), 150 * 40, "{r}");
+    assert_eq!(u(&r, "published"), 120, "{r}");
+    assert_eq!(u(&r, "publish_errors"), 0, "{r}");
+    assert_eq!(r["target"], "nchan", "{r}");
+    assert!(r["protocol"].is_null(), "{r}");
+    // Each frame is exactly one payload: no framing of nchan's own.
+    assert_eq!(u(&r, "bytes_received"), 150 * 40 * 128, "{r}");
+    assert!(r["server_cpu_us_per_delivery"].as_f64().is_some(), "{r}");
+
+    // A second run on the same channels: `nchan_subscriber_first_message newest`
+    // means nothing from the first run is replayed to the new subscribers.
+    let again = bench_json(
+        &[
+            "fanout",
+            "--target",
+            "nchan",
+            "--url",
+            &url,
+            "--subscribers",
+            "30",
+            "--channels",
+            "3",
+            "--publish-rate",
+            "30",
+            "--duration",
+            "1",
+        ],
+        &dir,
+    );
+    assert_clean_fanout(&again, 30);
+    drop(nginx);
+}
+
+#[test]
+fn nchan_refuses_herald_only_options() {
+    let cases: [&[&str]; 4] = [
+        &["--protocol", "protobuf"],
+        &["--api-key", "k"],
+        &["--token", "t"],
+        &["--channel-prefix", "a/b"],
+    ];
+    for extra in cases {
+        let mut args = vec![
+            "fanout",
+            "--target",
+            "nchan",
+            "--url",
+            "ws://127.0.0.1:9/sub",
+            "--duration",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let out = run_bench(&args, std::time::Duration::from_secs(20));
+        assert!(!out.status.success(), "{extra:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let expect = if extra[0] == "--channel-prefix" {
+            "only ASCII letters"
+        } else {
+            "applies to --target herald only, not --target nchan"
+        };
+        assert!(err.contains(expect), "{extra:?}: {err}");
+    }
 }
 
 #[test]

@@ -153,6 +153,191 @@ pub fn start_mosquitto(dir: &TempDir) -> (Server, String) {
     (s, format!("ws://127.0.0.1:{ws}"))
 }
 
+/// Where Debian's libnginx-mod-nchan puts the module.
+pub const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+
+/// nginx configuration for the nchan target: one worker, everything it writes inside
+/// `dir` (so it runs without root), WebSocket subscribers at `/sub/<channel>` that get
+/// only messages published after they subscribed, publishers at `/pub/<channel>`.
+pub fn nchan_conf(dir: &Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"load_module {NCHAN_MODULE};
+worker_processes 1;
+worker_rlimit_nofile 20000;
+error_log {d}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/client_body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  # One publisher connection carries every publication of its channels.
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port};
+    location ~ ^/sub/([A-Za-z0-9._~-]+)$ {{
+      nchan_subscriber websocket;
+      nchan_channel_id $1;
+      nchan_subscriber_first_message newest;
+    }}
+    location ~ ^/pub/([A-Za-z0-9._~-]+)$ {{
+      nchan_publisher http;
+      nchan_channel_id $1;
+    }}
+  }}
+}}
+"#
+    )
+}
+
+/// nginx with nchan, stopped on drop: the master is asked to stop (it takes its worker
+/// with it), and whatever is left after 5 s, master or worker, is killed.
+pub struct Nginx {
+    pub server: Server,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// The worker process: it holds the connections and does the work, so its pid is
+    /// the one to measure.
+    pub fn worker_pid(&self) -> u32 {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(&pid) = children_of(self.server.pid()).first() {
+                return pid;
+            }
+            assert!(Instant::now() < until, "nginx started no worker process");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        nginx_args(&self.dir)
+    }
+}
+
+fn nginx_args(dir: &Path) -> Vec<std::ffi::OsString> {
+    let d = dir.display();
+    vec![
+        "-e".into(),
+        format!("{d}/error.log").into(),
+        "-p".into(),
+        dir.as_os_str().to_owned(),
+        "-c".into(),
+        format!("{d}/nginx.conf").into(),
+        "-g".into(),
+        format!("daemon off; pid {d}/nginx.pid;").into(),
+    ]
+}
+
+/// Processes whose parent is `pid`, from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    // "pid (comm) state ppid …": comm may hold spaces, so split after ')'.
+                    let rest = &st[st.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let master = self.server.pid();
+        let workers = children_of(master);
+        let _ = Command::new(&self.bin)
+            .args(self.args())
+            .args(["-s", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.server.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // `Server`'s own drop kills and reaps the master; a worker outliving it is
+        // killed here, if that pid is still an nginx process.
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
+        for w in workers {
+            let is_nginx = std::fs::read_to_string(format!("/proc/{w}/comm"))
+                .is_ok_and(|c| c.trim() == "nginx");
+            if is_nginx {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &w.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// nginx with the nchan module on a free port, configured by [`nchan_conf`] in `dir`;
+/// returns the server and the subscriber location (`ws://127.0.0.1:PORT/sub`). Fails
+/// the test, saying what to install, when nginx or the module is missing.
+pub fn start_nchan(dir: &TempDir) -> (Nginx, String) {
+    let bin = require_binary("nginx", "nginx-light libnginx-mod-nchan");
+    assert!(
+        Path::new(NCHAN_MODULE).is_file(),
+        "the nchan module ({NCHAN_MODULE}) is not installed, so this comparison test cannot \
+         run. Install it with: apt-get install -y libnginx-mod-nchan"
+    );
+    let port = free_port();
+    std::fs::write(dir.path().join("nginx.conf"), nchan_conf(dir.path(), port))
+        .expect("write nginx.conf");
+    let args = nginx_args(dir.path());
+    let stderr_path = dir.path().join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("create stderr.log");
+    let child = Command::new(&bin)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start nginx");
+    let mut nginx = Nginx {
+        server: Server {
+            child,
+            name: "nginx",
+        },
+        bin,
+        dir: dir.path().to_path_buf(),
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = nginx.server.child.try_wait() {
+            let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+            panic!("nginx exited early with {status}:\n{stderr}\n{log}");
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "nginx did not listen on 127.0.0.1:{port} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (nginx, format!("ws://127.0.0.1:{port}/sub"))
+}
+
 /// Runs the herald-bench binary, killing it after `timeout`.
 pub fn run_bench(args: &[&str], timeout: Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald-bench"))
