@@ -146,17 +146,21 @@ pub enum EngineKind {
     Memory,
     /// Redis: history, presence and node-to-node fan-out for a cluster of nodes.
     Redis,
+    /// NATS with JetStream: replicated history and presence, fan-out over NATS subjects.
+    Nats,
 }
 
 /// `[engine]`
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Which engine: "memory" or "redis". Default: "memory".
+    /// Which engine: "memory", "redis" or "nats". Default: "memory".
     #[serde(rename = "type")]
     pub kind: EngineKind,
     /// `[engine.redis]`, used with type = "redis".
     pub redis: herald_redis::RedisConfig,
+    /// `[engine.nats]`, used with type = "nats".
+    pub nats: herald_nats::NatsConfig,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +326,12 @@ impl Config {
         }
         if self.engine.kind == EngineKind::Redis {
             self.engine.redis.validate().map_err(ConfigError::Invalid)?;
+        }
+        if self.engine.kind == EngineKind::Nats {
+            self.engine
+                .nats
+                .validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
@@ -529,8 +539,8 @@ key = "{api_key}"
 insecure = false
 
 [engine]
-# "memory": embedded single-node engine. "redis": several nodes share one channel space
-# through Redis (history, presence, fan-out); see docs/cluster.md.
+# "memory": embedded single-node engine. "redis" / "nats": several nodes share one channel
+# space through Redis or NATS JetStream (history, presence, fan-out); see docs/cluster.md.
 type = "memory"
 
 [engine.redis]
@@ -542,6 +552,20 @@ presence_ttl = "60s"
 node_heartbeat = "2s"
 node_eviction = "10s"
 command_timeout = "3s"
+
+[engine.nats]
+servers = ["nats://127.0.0.1:4222"]
+# Prefix of every subject and stream name; lets several clusters share one NATS.
+prefix = "herald"
+# JetStream copies of history and presence: 1, or 3 on a 3-server NATS cluster.
+replicas = 1
+connect_timeout = "3s"
+request_timeout = "3s"
+max_history_per_channel = 1000
+stream_max_age = "720h"
+presence_ttl = "60s"
+node_heartbeat = "2s"
+node_eviction = "10s"
 
 [log]
 level = "info"

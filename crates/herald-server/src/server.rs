@@ -76,6 +76,17 @@ pub async fn build_node(config: &Config, metrics: Arc<Metrics>) -> anyhow::Resul
             );
             node
         }
+        EngineKind::Nats => {
+            let hub = Arc::new(herald_core::hub::Hub::with_metrics(metrics.clone()));
+            let id = herald_core::node::new_id();
+            let cfg = &config.engine.nats;
+            let engine = herald_nats::NatsEngine::connect(cfg.clone(), id.clone(), hub.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("engine.nats.servers {:?}: {e}", cfg.servers))?;
+            let node = Node::assemble(config.node_config(), id, hub, Arc::new(engine), metrics);
+            spawn_heartbeat(node.clone(), herald_nats::heartbeat_interval(cfg));
+            node
+        }
     })
 }
 

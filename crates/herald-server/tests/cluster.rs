@@ -1,5 +1,6 @@
-//! A cluster on the machine's Redis (127.0.0.1:6379): several nodes, one channel space.
-//! Each test isolates itself with its own key prefix.
+//! A cluster on the machine's Redis (127.0.0.1:6379) and on its NATS with JetStream
+//! (127.0.0.1:4222): several nodes, one channel space. Every cross-node test runs once per
+//! engine (`<test>::redis`, `<test>::nats`); each run isolates itself with its own prefix.
 
 #![allow(clippy::unwrap_used)] // Tests may panic on what they did not expect.
 
@@ -12,6 +13,7 @@ use herald_server::Server;
 use serde_json::{Value, json};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
+const NATS: &str = "nats://127.0.0.1:4222";
 
 fn prefix() -> String {
     format!("herald-test-{}", herald_core::node::new_id())
@@ -28,14 +30,69 @@ fn redis_config(prefix: &str, url: &str) -> String {
         )
 }
 
-async fn cluster(n: usize) -> (Vec<Server>, String) {
-    require_redis(REDIS).await;
-    let p = prefix();
+fn nats_config(prefix: &str, url: &str) -> String {
+    config("").replace(
+        "[api]",
+        &format!(
+            "[engine]\ntype = \"nats\"\n[engine.nats]\nservers = [\"{url}\"]\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"\n[api]"
+        ),
+    )
+}
+
+/// The engine a cross-node test runs on, with the prefix that isolates the run.
+struct Engine {
+    nats: bool,
+    prefix: String,
+}
+
+impl Engine {
+    fn config(&self) -> String {
+        if self.nats {
+            nats_config(&self.prefix, NATS)
+        } else {
+            redis_config(&self.prefix, REDIS)
+        }
+    }
+}
+
+/// One `#[tokio::test]` per engine for each cross-node test: `name::redis`, `name::nats`.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn redis() {
+                super::$name(super::Engine { nats: false, prefix: super::prefix() }).await;
+            }
+
+            #[tokio::test]
+            async fn nats() {
+                let prefix = super::prefix();
+                super::$name(super::Engine { nats: true, prefix: prefix.clone() }).await;
+                super::delete_nats_streams(super::NATS, &prefix);
+            }
+        }
+    )*};
+}
+
+both_engines!(
+    publish_on_one_node_reaches_subscribers_on_others_in_order,
+    recovery_across_nodes,
+    presence_join_leave_and_channels_are_cluster_wide,
+    server_api_by_user_reaches_every_node,
+    info_lists_live_nodes_and_forgets_stopped_ones,
+);
+
+async fn cluster(engine: &Engine, n: usize) -> (Vec<Server>, String) {
+    if engine.nats {
+        require_nats(NATS).await;
+    } else {
+        require_redis(REDIS).await;
+    }
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(start_with(&redis_config(&p, REDIS)).await);
+        nodes.push(start_with(&engine.config()).await);
     }
-    (nodes, p)
+    (nodes, engine.prefix.clone())
 }
 
 /// Fails with a clear message when the Redis these tests need is not running.
@@ -45,6 +102,43 @@ async fn require_redis(url: &str) {
         panic!(
             "cluster tests need Redis at {url} (start it: redis-server --port 6379 --daemonize yes)"
         );
+    }
+}
+
+/// Fails with a clear message when the NATS these tests need is not running.
+async fn require_nats(url: &str) {
+    let addr = url.trim_start_matches("nats://");
+    if tokio::net::TcpStream::connect(addr).await.is_err() {
+        panic!(
+            "cluster tests need nats-server with JetStream at {url} (start it: nats-server -js -a 127.0.0.1 -p 4222)"
+        );
+    }
+}
+
+/// Drops the JetStream streams a test created (plain NATS protocol, best effort), so runs
+/// leave nothing behind on the shared server.
+fn delete_nats_streams(url: &str, prefix: &str) {
+    use std::io::{BufRead, Write};
+    let Ok(stream) = std::net::TcpStream::connect(url.trim_start_matches("nats://")) else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    let _ = reader.read_line(&mut line); // INFO
+    let mut w = stream;
+    let mut cmds = String::from("CONNECT {\"verbose\":false}\r\n");
+    for s in ["history", "presence"] {
+        cmds.push_str(&format!("PUB $JS.API.STREAM.DELETE.{prefix}_{s} 0\r\n\r\n"));
+    }
+    cmds.push_str("PING\r\n");
+    let _ = w.write_all(cmds.as_bytes());
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(n) if n > 0 && !line.starts_with("PONG") => continue,
+            _ => break,
+        }
     }
 }
 
@@ -70,9 +164,8 @@ async fn node_count(s: &Server) -> usize {
         .map_or(0, |a| a.len())
 }
 
-#[tokio::test]
-async fn publish_on_one_node_reaches_subscribers_on_others_in_order() {
-    let (nodes, _) = cluster(3).await;
+async fn publish_on_one_node_reaches_subscribers_on_others_in_order(engine: Engine) {
+    let (nodes, _) = cluster(&engine, 3).await;
     let (mut a, _) = Client::connect(&nodes[0], "a").await.unwrap();
     let (mut b, _) = Client::connect(&nodes[1], "b").await.unwrap();
     a.call(2, "subscribe", json!({"channel":"room"}))
@@ -102,9 +195,8 @@ async fn publish_on_one_node_reaches_subscribers_on_others_in_order() {
     }
 }
 
-#[tokio::test]
-async fn recovery_across_nodes() {
-    let (nodes, _) = cluster(3).await;
+async fn recovery_across_nodes(engine: Engine) {
+    let (nodes, _) = cluster(&engine, 3).await;
     let (mut a, _) = Client::connect(&nodes[0], "u").await.unwrap();
     let r = a
         .call(2, "subscribe", json!({"channel":"big:r"}))
@@ -141,9 +233,8 @@ async fn recovery_across_nodes() {
     }
 }
 
-#[tokio::test]
-async fn presence_join_leave_and_channels_are_cluster_wide() {
-    let (nodes, _) = cluster(2).await;
+async fn presence_join_leave_and_channels_are_cluster_wide(engine: Engine) {
+    let (nodes, _) = cluster(&engine, 2).await;
     let (mut a, _) = Client::connect(&nodes[0], "a").await.unwrap();
     a.call(2, "subscribe", json!({"channel":"room","join_leave":true}))
         .await
@@ -187,9 +278,8 @@ async fn presence_join_leave_and_channels_are_cluster_wide() {
     }
 }
 
-#[tokio::test]
-async fn server_api_by_user_reaches_every_node() {
-    let (nodes, _) = cluster(2).await;
+async fn server_api_by_user_reaches_every_node(engine: Engine) {
+    let (nodes, _) = cluster(&engine, 2).await;
     let (mut c, _) = Client::connect(&nodes[1], "target").await.unwrap();
     api(
         &nodes[0],
@@ -226,9 +316,8 @@ async fn server_api_by_user_reaches_every_node() {
     }
 }
 
-#[tokio::test]
-async fn info_lists_live_nodes_and_forgets_stopped_ones() {
-    let (mut nodes, _) = cluster(3).await;
+async fn info_lists_live_nodes_and_forgets_stopped_ones(engine: Engine) {
+    let (mut nodes, _) = cluster(&engine, 3).await;
     eventually("3 nodes in info", || async {
         node_count(&nodes[0]).await == 3
     })
@@ -622,4 +711,80 @@ async fn redis_cluster_mode() {
     a.shutdown().await;
     b.shutdown().await;
     drop(rc);
+}
+
+/// A nats-server of our own with JetStream (file store in `dir`), so it can be stopped.
+fn spawn_nats(port: u16, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed for the cluster tests (apt-get install nats-server)")
+}
+
+/// NATS stops under a subscribed client and comes back with its JetStream store: publishes
+/// are refused meanwhile, health goes red then green, the client is told to resubscribe
+/// (2500) and recovers everything, since the stream survived.
+#[tokio::test]
+async fn nats_restart_reports_health_and_recovers() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("herald-nats-{}", herald_core::node::new_id()));
+    let mut nats = spawn_nats(port, &dir);
+    wait_port(port).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let node = start_with(&nats_config(&prefix(), &url)).await;
+    let (mut c, _) = Client::connect(&node, "u").await.unwrap();
+    let r = c
+        .call(2, "subscribe", json!({"channel":"big:x"}))
+        .await
+        .unwrap();
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_string();
+    publish(&node, "big:x", json!(1)).await.unwrap();
+    assert_eq!(c.publication("big:x").await.unwrap()["offset"], 1);
+    nats.kill().unwrap();
+    nats.wait().unwrap();
+    // Refused with a temporary error while NATS is away, never acknowledged.
+    let v = api(&node, "publish", json!({"channel":"big:x","data":2}))
+        .await
+        .unwrap();
+    assert_eq!(v["error"]["code"], 100, "{v}");
+    eventually("readiness and health to report the engine down", || async {
+        let (ready, _) = http(&node, "GET", "/ready", None, "").await.unwrap();
+        let (_, health) = http(&node, "GET", "/health", None, "").await.unwrap();
+        ready == 503 && health["engine"] == "down"
+    })
+    .await;
+    let _nats = Restart(spawn_nats(port, &dir));
+    wait_port(port).await;
+    eventually("readiness back", || async {
+        http(&node, "GET", "/ready", None, "").await.unwrap().0 == 200
+    })
+    .await;
+    loop {
+        let v = c.next().await.unwrap();
+        if v["push"]["unsubscribe"]["code"] == 2500 {
+            break;
+        }
+    }
+    // The refused publish may still have reached the stream once NATS was back (the client
+    // had it buffered): recovery returns whatever the stream holds after offset 1, in order.
+    let r = c
+        .call(
+            3,
+            "subscribe",
+            json!({"channel":"big:x","recover":true,"offset":1,"epoch":epoch}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(r["subscribe"]["epoch"], epoch.as_str());
+    let v = publish(&node, "big:x", json!(3)).await.unwrap();
+    let got = c.publication("big:x").await.unwrap();
+    assert_eq!(got["offset"], v["offset"]);
+    assert_eq!(got["data"], 3);
+    node.shutdown().await;
+    drop(_nats);
+    let _ = std::fs::remove_dir_all(&dir);
 }
