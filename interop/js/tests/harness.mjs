@@ -104,6 +104,7 @@ export function renderConfig({
   admin,
   engine = { type: 'memory' },
   redis,
+  nats,
   extraToml = '',
 } = {}) {
   const sections = [
@@ -121,6 +122,7 @@ export function renderConfig({
     tomlTable('[api]', { key: API_KEY, ...api }),
     tomlTable('[engine]', engine),
     ...(redis ? [tomlTable('[engine.redis]', redis)] : []),
+    ...(nats ? [tomlTable('[engine.nats]', nats)] : []),
     tomlTable('[shutdown]', { drain_duration: '0s', ...shutdown }),
     ...(admin ? [tomlTable('[admin]', admin)] : []),
     ...(namespaces || DEFAULT_NAMESPACES).map((ns) => tomlTable('[[namespaces]]', ns)),
