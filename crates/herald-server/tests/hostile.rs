@@ -17,24 +17,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
 /// A client frame (masked, as clients must).
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let n = payload.len();
-    if n < 126 {
-        f.push(0x80 | n as u8);
-    } else if n <= 0xffff {
-        f.push(0x80 | 126);
-        f.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        f.push(0x80 | 127);
-        f.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    f.extend_from_slice(&MASK);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    f
+    masked_frame((if fin { 0x80 } else { 0 }) | opcode, payload)
 }
 
 fn text(s: &str) -> Vec<u8> {
@@ -43,25 +28,7 @@ fn text(s: &str) -> Vec<u8> {
 
 /// Opens a WebSocket by hand on `path`; returns the socket after the 101 response.
 async fn upgrade(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(n, 1, "closed during the handshake");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    raw_upgrade(addr, path, "").await.0
 }
 
 /// Reads server frames until a close frame (its code) or the end of the socket (None).

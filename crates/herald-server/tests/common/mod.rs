@@ -331,3 +331,52 @@ pub fn redis_engine(prefix: &str, url: &str) -> String {
         "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{url}\"\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\ncommand_timeout = \"1s\"\n"
     )
 }
+
+/// The mask key of the raw WebSocket frames tests write.
+pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A raw client WebSocket frame (masked, as clients must); `first` is the FIN/RSV/opcode byte.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    let n = payload.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n <= 0xffff {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&MASK);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    f
+}
+
+/// Opens a WebSocket by hand on `path` with extra request header lines; returns the socket
+/// after the 101 response, and the response head.
+pub async fn raw_upgrade(
+    addr: std::net::SocketAddr,
+    path: &str,
+    extra: &str,
+) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed during the handshake");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (s, head)
+}

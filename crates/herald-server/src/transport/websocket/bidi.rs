@@ -10,7 +10,7 @@ use axum::response::Response;
 use herald_core::conn::{Codec, Mode};
 use serde::Deserialize;
 
-use super::{Endpoint, Framing, PROTOBUF_SUBPROTOCOL, serve_session};
+use super::{Endpoint, Framing, PROTOBUF_SUBPROTOCOL, WsUpgrade, serve_session};
 use crate::http::Peer;
 use crate::state::AppState;
 
@@ -47,7 +47,7 @@ pub async fn handle(
     peer: Peer,
     Query(q): Query<ProtocolQuery>,
     headers: HeaderMap,
-    ws: yawc::IncomingUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     let (codec, subprotocol) = negotiate(&headers, &q);
     let endpoint = Endpoint {

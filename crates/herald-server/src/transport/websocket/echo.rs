@@ -14,7 +14,7 @@ use herald_core::clock::Now;
 use herald_core::conn::{ConnHandle, Control};
 use herald_protocol::Disconnect;
 
-use super::{Framing, WsWire, upgrade};
+use super::{Framing, WsUpgrade, WsWire, upgrade};
 use crate::state::AppState;
 use crate::transport::driver::{self, Handler};
 
@@ -47,7 +47,7 @@ impl Handler for Echo {
     async fn close(&mut self) {}
 }
 
-pub async fn handle(State(state): State<AppState>, ws: yawc::IncomingUpgrade) -> Response {
+pub async fn handle(State(state): State<AppState>, ws: WsUpgrade) -> Response {
     if !state.config.server.websocket_echo {
         return StatusCode::NOT_FOUND.into_response();
     }

@@ -5,21 +5,28 @@
 
 pub mod bidi;
 pub mod echo;
+mod opcode_guard;
 pub mod uni;
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::OnceLock;
 
+use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
+use axum::http::header::SEC_WEBSOCKET_EXTENSIONS;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
 use herald_core::conn::{Codec, Mode};
 use herald_protocol::Disconnect;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
 use yawc::close::CloseCode;
-use yawc::{CompressionLevel, DeflatePool, Frame, HttpWebSocket, OpCode, Options};
+use yawc::{CompressionLevel, DeflatePool, Frame, OpCode, Options, Role, WebSocket};
 
+use self::opcode_guard::OpcodeGuard;
 use super::driver::{CLOSE_TIMEOUT, Received, Wire};
 use crate::http::Peer;
 use crate::state::AppState;
@@ -69,18 +76,58 @@ pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
 /// The WebSocket subprotocol of the Protobuf client protocol.
 pub const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
 
+/// A client WebSocket after the upgrade: yawc over the upgraded socket (after TLS), with
+/// [`OpcodeGuard`] in between so a reserved opcode closes with 1002.
+pub type Socket = WebSocket<OpcodeGuard<TokioIo<Upgraded>>>;
+
+/// A WebSocket upgrade request, as every endpoint takes it: yawc checks the handshake headers
+/// and writes the 101 response; Herald keeps a handle on hyper's upgrade (a clone of the one
+/// yawc takes) to get the socket itself and put [`OpcodeGuard`] in front of yawc.
+pub struct WsUpgrade {
+    ws: yawc::IncomingUpgrade,
+    on_upgrade: OnUpgrade,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, StatusCode> {
+        let on_upgrade = parts.extensions.get::<OnUpgrade>().cloned();
+        let ws = yawc::IncomingUpgrade::from_request_parts(parts, state).await?;
+        // yawc refuses a request without one, so this is there when yawc accepted.
+        let on_upgrade = on_upgrade.ok_or(StatusCode::BAD_REQUEST)?;
+        Ok(Self { ws, on_upgrade })
+    }
+}
+
+/// The permessage-deflate terms of the 101 response as the socket is set up with them. yawc
+/// writes a window size outside 9–15 (a client asked for 8) without its value, which would
+/// read back as 15 bits: Herald's compressor keeps the 9 bits yawc clamps such a request to
+/// (the smallest window it can use). A valueless client window needs nothing: decompressing
+/// with the largest window reads whatever window the client uses.
+fn agreed_extensions(response: &str) -> String {
+    response
+        .split(';')
+        .map(|p| match p.trim() {
+            "server_max_window_bits" => " server_max_window_bits=9",
+            _ => p,
+        })
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 /// Completes a WebSocket upgrade and runs `serve` on the socket in a task of its own; the
 /// same for every endpoint. `subprotocol` is echoed in the 101 response (the client offered
 /// it). Refused while the node drains.
 pub fn upgrade<F, Fut>(
     state: &AppState,
-    ws: yawc::IncomingUpgrade,
+    ws: WsUpgrade,
     max_message: usize,
     subprotocol: Option<&'static str>,
     serve: F,
 ) -> Response
 where
-    F: FnOnce(HttpWebSocket) -> Fut + Send + 'static,
+    F: FnOnce(Socket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     if state.node.is_draining() {
@@ -88,13 +135,37 @@ where
     }
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
-    match ws.upgrade(websocket_options(state, max_message)) {
-        Ok((response, upgrade)) => {
+    let options = websocket_options(state, max_message);
+    let WsUpgrade { ws, on_upgrade } = ws;
+    // yawc's own upgrade future is dropped unpolled: Herald's handle receives the socket.
+    match ws.upgrade(options.clone()) {
+        Ok((response, _)) => {
+            let extensions = response
+                .headers()
+                .get(SEC_WEBSOCKET_EXTENSIONS)
+                .and_then(|v| v.to_str().ok())
+                .map(agreed_extensions);
             tokio::spawn(async move {
                 let _guard = guard;
-                match upgrade.await {
+                let io = match on_upgrade.await {
+                    Ok(io) => OpcodeGuard::new(TokioIo::new(io)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "websocket upgrade failed");
+                        return;
+                    }
+                };
+                // The same options and agreed terms yawc's upgrade would have used.
+                let socket = WebSocket::from_stream_with_extensions(
+                    io,
+                    Role::Server,
+                    extensions.as_deref(),
+                    options,
+                );
+                // Not kept for the life of the connection.
+                drop(extensions);
+                match socket {
                     Ok(socket) => serve(socket).await,
-                    Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+                    Err(e) => tracing::debug!(error = %e, "websocket setup failed"),
                 }
             });
             let mut response = response.map(axum::body::Body::new);
@@ -129,7 +200,7 @@ pub struct Endpoint {
 /// after the upgrade. `first` is a connect request the URL already carried.
 pub fn serve_session(
     state: AppState,
-    ws: yawc::IncomingUpgrade,
+    ws: WsUpgrade,
     endpoint: Endpoint,
     first: Option<Bytes>,
 ) -> Response {
@@ -180,14 +251,14 @@ pub enum Framing {
 
 /// A WebSocket as the driver sees it.
 pub struct WsWire {
-    ws: HttpWebSocket,
+    ws: Socket,
     framing: Framing,
     /// Why reading stopped, for the close handshake (None: the client sent a close frame).
     ended: Option<yawc::WebSocketError>,
 }
 
 impl WsWire {
-    pub fn new(ws: HttpWebSocket, framing: Framing) -> Self {
+    pub fn new(ws: Socket, framing: Framing) -> Self {
         Self {
             ws,
             framing,
@@ -313,7 +384,7 @@ impl Wire for WsWire {
 /// unless the library queued one already; then the queued frames are flushed and what the
 /// client still sends is read up to its close frame, so the socket ends without a reset.
 /// Bounded by [`CLOSE_TIMEOUT`] on a client that does not read.
-async fn finish(socket: &mut HttpWebSocket, error: Option<yawc::WebSocketError>) {
+async fn finish(socket: &mut Socket, error: Option<yawc::WebSocketError>) {
     use futures_util::FutureExt;
     use yawc::WebSocketError as E;
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -369,5 +440,23 @@ mod tests {
             .collect();
         assert_eq!(&join_lines(q).unwrap()[..], b"{\"a\":1}\n{}\n{\"b\":2}");
         assert!(join_lines(VecDeque::new()).is_none());
+    }
+
+    #[test]
+    fn agreed_extensions_keep_the_window_yawc_chose() {
+        for same in [
+            "permessage-deflate",
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+            "permessage-deflate; server_max_window_bits=12; client_max_window_bits=9",
+            "permessage-deflate; client_max_window_bits",
+        ] {
+            assert_eq!(agreed_extensions(same), same);
+        }
+        assert_eq!(
+            agreed_extensions(
+                "permessage-deflate; server_max_window_bits; client_no_context_takeover"
+            ),
+            "permessage-deflate; server_max_window_bits=9; client_no_context_takeover"
+        );
     }
 }

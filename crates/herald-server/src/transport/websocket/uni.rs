@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use herald_core::conn::{Codec, Mode};
 
-use super::{Endpoint, Framing, serve_session};
+use super::{Endpoint, Framing, WsUpgrade, serve_session};
 use crate::http::Peer;
 use crate::state::AppState;
 use crate::transport::stream::ConnectQuery;
@@ -18,7 +18,7 @@ pub async fn handle(
     peer: Peer,
     headers: axum::http::HeaderMap,
     Query(q): Query<ConnectQuery>,
-    ws: yawc::IncomingUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     let early = match q.cf_connect() {
         Some(text) => {
