@@ -135,19 +135,12 @@ impl Session {
         }
     }
 
-    /// Names the transport and gives the client's HTTP request headers (only those some
-    /// proxy forwards are kept).
-    pub fn set_client_context(
-        &mut self,
-        transport: &'static str,
-        headers: impl IntoIterator<Item = (String, String)>,
-    ) {
+    /// Names the transport and gives the client's HTTP request headers that some proxy
+    /// forwards (the transport keeps only those: `Node::forwards_header`); each proxy
+    /// request then sends the ones its own `http_headers` lists.
+    pub fn set_client_context(&mut self, transport: &'static str, headers: Vec<(String, String)>) {
         self.transport = transport;
-        let node = &self.node;
-        self.headers = headers
-            .into_iter()
-            .filter(|(k, _)| node.forwards_header(k))
-            .collect();
+        self.headers = headers;
     }
 
     /// What every proxy request says about this client.
