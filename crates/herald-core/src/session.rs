@@ -1402,7 +1402,7 @@ fn settle_stream(
     if p.recovering {
         let history = std::mem::take(&mut p.history);
         let live_pubs: Vec<_> = live.iter().map(|m| m.publication.clone()).collect();
-        let (merged, contiguous) = recovery::merge(history, live_pubs, p.after, |x| x.offset);
+        let (mut merged, contiguous) = recovery::merge(history, live_pubs, p.after, |x| x.offset);
         if contiguous {
             p.result.offset = merged.last().map_or(top, |x| x.offset).max(top);
             p.result.recovered = true;
@@ -1410,7 +1410,28 @@ fn settle_stream(
             // Publications in the reply are whole: the next live one is too.
             return (Vec::new(), p.result.offset, 0);
         }
-        // A hole between history and live: say so rather than hide it.
+        let whole_through = (p.after + 1..)
+            .zip(&merged)
+            .take_while(|(expected, x)| x.offset == *expected)
+            .last()
+            .map_or(p.after, |(o, _)| o);
+        if whole_through >= top {
+            // History is whole up to its top; the hole is in the live feed after it (a
+            // message lost on its way to this node, e.g. while the broker moved). Nothing is
+            // lost: the client gets the run up to the hole and is told to resubscribe,
+            // recovering the rest from history.
+            merged.retain(|x| x.offset <= whole_through);
+            p.result.offset = whole_through;
+            p.result.recovered = true;
+            p.result.publications = merged;
+            conn.control(Control::Unsubscribe {
+                channel: p.channel.clone(),
+                code: codes::unsubscribe::INSUFFICIENT_STATE.0,
+                reason: codes::unsubscribe::INSUFFICIENT_STATE.1.to_string(),
+            });
+            return (Vec::new(), whole_through, 0);
+        }
+        // History itself misses publications the client did not get: say so.
         p.result.recovered = false;
     }
     let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
@@ -1653,5 +1674,82 @@ mod tests {
         assert_eq!(node.hub.stats().subscriptions, 0);
         assert_eq!(node.hub.stats().clients, 0);
         assert!(node.engine.presence("ch").await.unwrap().is_empty());
+    }
+
+    fn publication(offset: u64) -> herald_protocol::client::Publication {
+        herald_protocol::client::Publication {
+            data: herald_protocol::json::raw_from_str("1").unwrap(),
+            info: None,
+            offset,
+            tags: Default::default(),
+            time: 0,
+            binary: false,
+            delta: false,
+        }
+    }
+
+    /// A recovery reading history through `top` while live delivery brought `live`.
+    fn recovering(after: u64, top: u64, live: &[u64]) -> (Prepared, Vec<Arc<PubMessage>>) {
+        let p = Prepared {
+            channel: "ch".into(),
+            result: SubscribeResult {
+                offset: top,
+                epoch: "e".into(),
+                positioned: true,
+                recoverable: true,
+                was_recovering: true,
+                ..Default::default()
+            },
+            history: (after + 1..=top).map(publication).collect(),
+            recovering: true,
+            after,
+            sub: Sub {
+                presence: false,
+                join_leave: false,
+                chan_info: None,
+                expire_at: None,
+                proxy_expiry: false,
+            },
+        };
+        let live = live
+            .iter()
+            .map(|&o| {
+                Arc::new(PubMessage::new(
+                    Arc::from("ch"),
+                    publication(o),
+                    Instant::now(),
+                ))
+            })
+            .collect();
+        (p, live)
+    }
+
+    #[test]
+    fn a_hole_in_the_live_feed_after_whole_history_is_recovered_not_reported_lost() {
+        let conn = ConnHandle::new(Arc::from("c"), 1 << 20);
+        // History has 6..=10; 11 never arrived live, 12 and 13 did.
+        let (mut p, live) = recovering(5, 10, &[9, 10, 12, 13]);
+        let (frames, through, _) = settle_stream(&mut p, live, &conn);
+        assert!(p.result.recovered, "nothing is lost: history is whole");
+        let got: Vec<u64> = p.result.publications.iter().map(|x| x.offset).collect();
+        assert_eq!(got, (6..=10).collect::<Vec<_>>());
+        assert_eq!(through, 10);
+        assert!(frames.is_empty(), "nothing after the hole is delivered");
+        // The client is told to resubscribe and recovers 11 onwards from history.
+        let controls = conn.drain().controls;
+        assert!(
+            matches!(&controls[..], [Control::Unsubscribe { channel, code: 2500, .. }] if channel == "ch"),
+            "{controls:?}"
+        );
+    }
+
+    #[test]
+    fn a_hole_in_history_is_reported() {
+        let conn = ConnHandle::new(Arc::from("c"), 1 << 20);
+        let (mut p, live) = recovering(5, 10, &[11]);
+        p.history.retain(|x| x.offset != 7);
+        let (_, _, _) = settle_stream(&mut p, live, &conn);
+        assert!(!p.result.recovered);
+        assert!(conn.drain().controls.is_empty());
     }
 }

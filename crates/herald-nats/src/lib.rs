@@ -41,6 +41,9 @@ use wire::ControlMessage;
 const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
 /// Publishes racing on one channel retry this many times before giving up.
 const MAX_PUBLISH_ATTEMPTS: usize = 64;
+/// Channels whose last appended message this node remembers (beyond it the memory is
+/// cleared and the next publish of each channel reads the position again).
+const MAX_CACHED_POSITIONS: usize = 16_384;
 
 fn unavailable(e: impl std::fmt::Display) -> EngineError {
     EngineError::Unavailable(e.to_string())
@@ -121,6 +124,8 @@ struct Shared {
     handler: Arc<dyn BrokerHandler>,
     node_id: String,
     client: async_nats::Client,
+    /// The history stream, to learn a channel's position when its live feed (re)starts.
+    history: jetstream::stream::Stream,
     live: Mutex<HashMap<String, LiveState>>,
     peers: Mutex<HashMap<String, (Instant, NodeInfo)>>,
     pending_channels: Surveys,
@@ -213,6 +218,50 @@ impl Shared {
         self.live.lock().remove(channel);
     }
 
+    /// Starts gap detection of a channel's live feed at the stream's current position.
+    ///
+    /// In a NATS cluster a new subscription reaches the other servers asynchronously: the
+    /// stream leader may republish a message before it knows this node listens, and that
+    /// message is lost on the way. Without a known position the next message that does
+    /// arrive would be taken as the start of the feed and the loss would go unnoticed; with
+    /// it, the next message shows the gap and subscribers recover. `reset` replaces what
+    /// this node saw before (after a reconnect, when its subscribers recover from here on).
+    async fn seed_live(&self, channel: &str, reset: bool) {
+        if !reset && self.live.lock().contains_key(channel) {
+            return;
+        }
+        let meta = match self.last(&self.history_subject(channel)).await {
+            Ok(Some(meta)) if meta.offset > 0 => meta,
+            Ok(_) => return,
+            Err(e) => {
+                // Keep what this node saw: a gap then shows at the next message instead.
+                tracing::debug!(channel, error = %e, "live position unknown");
+                return;
+            }
+        };
+        let mut live = self.live.lock();
+        let st = live.entry(channel.to_string()).or_default();
+        if reset || st.offset == 0 || st.epoch != meta.epoch {
+            st.epoch = meta.epoch;
+            st.offset = meta.offset;
+        } else if meta.offset > st.offset && st.epoch == meta.epoch {
+            // Messages up to `meta.offset` are in history, which the subscriber that
+            // triggered this reads next; anything after it must arrive live.
+            st.offset = meta.offset;
+        }
+    }
+
+    /// The channel's last message in the history stream, from the stream leader.
+    async fn last(&self, subject: &str) -> Result<Option<Meta>, EngineError> {
+        match self.history.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Meta::parse(m.sequence, Some(&m.headers))
+                .map(Some)
+                .ok_or_else(|| internal("history message without Herald headers")),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// After a reconnect anything may have been missed: every local subscriber of the
     /// channels this node receives resubscribes and recovers from its own position.
     async fn on_reconnected(&self) {
@@ -222,7 +271,9 @@ impl Shared {
         let channels: Vec<String> = self.subscribed.lock().await.keys().cloned().collect();
         tracing::info!(channels = channels.len(), "nats reconnected");
         for ch in channels {
-            self.forget_live(&ch);
+            // Seeded before subscribers are told, so every position they recover to is at
+            // or after it and a message lost after it shows as a gap.
+            self.seed_live(&ch, true).await;
             self.handler.on_insufficient_state(&ch);
         }
     }
@@ -308,6 +359,10 @@ pub struct NatsEngine {
     presence: jetstream::stream::Stream,
     /// Presence entries of this node's clients, refreshed before the stream drops them.
     local_presence: Arc<Mutex<HashMap<(String, String), ClientInfo>>>,
+    /// The last message this node appended per channel. A publish appends right after it
+    /// in one round trip; JetStream refuses the append when another message came in
+    /// between (or the stream was lost), and only then is the position read again.
+    appended: Mutex<HashMap<String, Meta>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -410,6 +465,7 @@ impl NatsEngine {
             handler,
             node_id,
             client: client.clone(),
+            history: history.clone(),
             live: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             pending_channels: Mutex::new(HashMap::new()),
@@ -477,19 +533,13 @@ impl NatsEngine {
             history,
             presence,
             local_presence,
+            appended: Mutex::new(HashMap::new()),
             tasks: vec![control_task, events_task, refresher],
         })
     }
 
-    /// The channel's last message in the history stream, from the stream leader.
     async fn last(&self, subject: &str) -> Result<Option<Meta>, EngineError> {
-        match self.history.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => Meta::parse(m.sequence, Some(&m.headers))
-                .map(Some)
-                .ok_or_else(|| internal("history message without Herald headers")),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.shared.last(subject).await
     }
 
     async fn message(&self, seq: u64) -> Result<Option<(Meta, Bytes)>, EngineError> {
@@ -577,8 +627,15 @@ impl Engine for NatsEngine {
                 .idempotency_key
                 .as_ref()
                 .map(|k| format!("{}:{k}", wire::token(channel)));
+            let mut cached = self.appended.lock().remove(channel);
             for _ in 0..MAX_PUBLISH_ATTEMPTS {
-                let (last, live) = self.position(&subject).await?;
+                let (last, live) = match cached.take() {
+                    Some(m) => {
+                        let live = Some(m.clone()).filter(|m| now_ms() < m.meta_expires);
+                        (Some(m), live)
+                    }
+                    None => self.position(&subject).await?,
+                };
                 let (offset, epoch) = match &live {
                     Some(m) => (
                         m.offset
@@ -601,6 +658,17 @@ impl Engine for NatsEngine {
                 let size = u64::try_from(opts.history_size).unwrap_or(u64::MAX);
                 h.insert(wire::SIZE, size.to_string().as_str());
                 h.insert(wire::PUBLISHED, now.to_string().as_str());
+                let appended = Meta {
+                    seq: 0,
+                    offset,
+                    epoch: epoch.clone(),
+                    prev,
+                    expires,
+                    meta_expires: meta,
+                    size,
+                    published: now,
+                    marker: false,
+                };
                 match self
                     .append(&subject, last.as_ref(), h, json.clone(), msg_id.clone())
                     .await?
@@ -616,7 +684,20 @@ impl Engine for NatsEngine {
                             epoch: meta.epoch,
                         });
                     }
-                    Ok(_) => return Ok(StreamPosition { offset, epoch }),
+                    Ok(ack) => {
+                        let mut positions = self.appended.lock();
+                        if positions.len() >= MAX_CACHED_POSITIONS {
+                            positions.clear();
+                        }
+                        positions.insert(
+                            channel.to_string(),
+                            Meta {
+                                seq: ack.sequence,
+                                ..appended
+                            },
+                        );
+                        return Ok(StreamPosition { offset, epoch });
+                    }
                     // Another publish took this offset: read the new last and retry.
                     Err(_) => tokio::task::yield_now().await,
                 }
@@ -666,7 +747,9 @@ impl Engine for NatsEngine {
             tokio::time::timeout(self.shared.cfg.request_timeout, self.shared.client.flush())
                 .await
                 .map_err(|_| unavailable("nats flush timed out"))?
-                .map_err(unavailable)
+                .map_err(unavailable)?;
+            self.shared.seed_live(channel, false).await;
+            Ok(())
         })
     }
 
