@@ -1,6 +1,9 @@
 use clap::Parser;
 use herald_server::cli::{self, Cli, Command};
 
+// `--features system-allocator` keeps the C allocator, which heap profilers (heaptrack,
+// massif) intercept; mimalloc allocates on its own and hides from them.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

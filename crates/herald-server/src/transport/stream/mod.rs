@@ -258,33 +258,35 @@ fn open(
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+    let codec = match framing {
+        Framing::Binary => Codec::Protobuf,
+        Framing::Lines | Framing::Sse => Codec::Json,
+    };
+    let name = transport_name(mode, framing);
+    let (conn, mut session) = super::connection(&state, mode, codec, name, forwarded);
+    // Bidirectional streams take later commands on `/emulation`, routed by a token that
+    // the connect reply names as the session.
+    let route = (mode == Mode::Bidirectional).then(|| {
+        let r = emulation::register(&state.node.id, &conn);
+        session.set_session_id(r.token().to_string());
+        r
+    });
+    let wire = StreamWire { tx, framing, route };
+    let transport = state.node.metrics.transport(name);
+    // Built here rather than inside the task: the task then holds only the driver's future,
+    // not the state it was built from (idle memory per connection).
+    let connection = driver::drive(
+        conn,
+        session,
+        wire,
+        Some(first),
+        transport,
+        state.node.metrics.clone(),
+        peer,
+    );
     tokio::spawn(async move {
         let _guard = guard;
-        let codec = match framing {
-            Framing::Binary => Codec::Protobuf,
-            Framing::Lines | Framing::Sse => Codec::Json,
-        };
-        let name = transport_name(mode, framing);
-        let (conn, mut session) = super::connection(&state, mode, codec, name, forwarded);
-        // Bidirectional streams take later commands on `/emulation`, routed by a token that
-        // the connect reply names as the session.
-        let route = (mode == Mode::Bidirectional).then(|| {
-            let r = emulation::register(&state.node.id, &conn);
-            session.set_session_id(r.token().to_string());
-            r
-        });
-        let wire = StreamWire { tx, framing, route };
-        let transport = state.node.metrics.transport(name);
-        driver::drive(
-            conn,
-            session,
-            wire,
-            Some(first),
-            transport,
-            state.node.metrics.clone(),
-            peer,
-        )
-        .await;
+        connection.await;
     });
     let stream = futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)
