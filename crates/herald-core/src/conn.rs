@@ -10,6 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use herald_protocol::Disconnect;
 use herald_protocol::client::Publication;
+use herald_protocol::codes::unsubscribe;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -373,7 +374,24 @@ impl ConnHandle {
                     .position(|(c, _)| &**c == channel)
             {
                 let offset = msg.publication.offset;
-                if offset != 0 && offset <= st.delivered_through[i].1 {
+                let through = st.delivered_through[i].1;
+                if offset != 0 && offset <= through {
+                    return;
+                }
+                if offset != 0 && offset > through.saturating_add(1) {
+                    // The live stream is ahead of the reply: publications in between reached
+                    // this node before the subscription joined, yet were not in the history
+                    // it read (a cluster engine's history can lag its live feed, e.g. while a
+                    // broker's stream leader moves). Skipping them would be silent loss: hold
+                    // the channel back and have the client resubscribe and recover them.
+                    st.delivered_through[i].1 = u64::MAX;
+                    st.controls.push(Control::Unsubscribe {
+                        channel: channel.to_string(),
+                        code: unsubscribe::INSUFFICIENT_STATE.0,
+                        reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
+                    });
+                    drop(st);
+                    self.notify.notify_one();
                     return;
                 }
                 // The live stream has caught up with the reply: no more filtering.
@@ -639,5 +657,48 @@ mod tests {
             .map(|b| String::from_utf8_lossy(b).to_string())
             .collect();
         assert_eq!(got, ["p9", "reply", "p1", "p2", "p3"]);
+    }
+
+    fn settled_through(c: &ConnHandle, through: u64) {
+        c.start_buffering("ch");
+        c.complete_buffering(&["ch"], |_| {
+            (
+                vec![Bytes::from_static(b"reply")],
+                vec![Settled {
+                    through,
+                    delta_last: None,
+                }],
+            )
+        });
+        c.drain();
+    }
+
+    #[test]
+    fn live_ahead_of_the_reply_resubscribes_instead_of_skipping() {
+        let c = ConnHandle::new(Arc::from("c"), 1 << 20);
+        settled_through(&c, 10);
+        // 11 never came live: 12 would hide it.
+        c.deliver("ch", &msg(12));
+        c.deliver("ch", &msg(13));
+        let d = c.drain();
+        assert!(d.frames.is_empty(), "nothing after the hole is delivered");
+        assert!(
+            matches!(&d.controls[..], [Control::Unsubscribe { channel, code: 2500, .. }] if channel == "ch"),
+            "{:?}",
+            d.controls
+        );
+    }
+
+    #[test]
+    fn live_following_the_reply_is_delivered() {
+        let c = ConnHandle::new(Arc::from("c"), 1 << 20);
+        settled_through(&c, 10);
+        c.deliver("ch", &msg(9));
+        c.deliver("ch", &msg(11));
+        c.deliver("ch", &msg(12));
+        let d = c.drain();
+        let got: Vec<_> = d.frames.iter().map(|b| b.to_vec()).collect();
+        assert_eq!(got, [b"p11".to_vec(), b"p12".to_vec()]);
+        assert!(d.controls.is_empty());
     }
 }
