@@ -221,6 +221,32 @@ pub enum Control {
     Commands(bytes::Bytes),
 }
 
+impl Control {
+    /// Tells the client to resubscribe to `channel` and recover from its own position
+    /// (unsubscribe push 2500): what this node delivered of the channel has a hole.
+    pub fn insufficient_state(channel: &str) -> Self {
+        Self::Unsubscribe {
+            channel: channel.to_string(),
+            code: unsubscribe::INSUFFICIENT_STATE.0,
+            reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
+        }
+    }
+}
+
+/// A publication of offset `offset` for unit tests.
+#[cfg(test)]
+pub(crate) fn test_publication(offset: u64) -> Publication {
+    Publication {
+        data: herald_protocol::json::raw_from_str("1").expect("valid JSON"),
+        info: None,
+        offset,
+        tags: Default::default(),
+        time: 0,
+        binary: false,
+        delta: false,
+    }
+}
+
 #[derive(Default)]
 struct Outbox {
     frames: VecDeque<Bytes>,
@@ -385,11 +411,7 @@ impl ConnHandle {
                     // broker's stream leader moves). Skipping them would be silent loss: hold
                     // the channel back and have the client resubscribe and recover them.
                     st.delivered_through[i].1 = u64::MAX;
-                    st.controls.push(Control::Unsubscribe {
-                        channel: channel.to_string(),
-                        code: unsubscribe::INSUFFICIENT_STATE.0,
-                        reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
-                    });
+                    st.controls.push(Control::insufficient_state(channel));
                     drop(st);
                     self.notify.notify_one();
                     return;
@@ -602,19 +624,7 @@ mod tests {
     use super::*;
 
     fn msg(offset: u64) -> Arc<PubMessage> {
-        let mut m = PubMessage::new(
-            Arc::from("ch"),
-            Publication {
-                data: herald_protocol::json::null(),
-                info: None,
-                offset,
-                tags: Default::default(),
-                time: 0,
-                binary: false,
-                delta: false,
-            },
-            Instant::now(),
-        );
+        let mut m = PubMessage::new(Arc::from("ch"), test_publication(offset), Instant::now());
         m.frame = Bytes::from(format!("p{offset}"));
         Arc::new(m)
     }

@@ -492,11 +492,7 @@ impl Hub {
             return;
         };
         for s in subs.iter() {
-            s.conn.control(Control::Unsubscribe {
-                channel: channel.to_string(),
-                code: unsubscribe::INSUFFICIENT_STATE.0,
-                reason: unsubscribe::INSUFFICIENT_STATE.1.to_string(),
-            });
+            s.conn.control(Control::insufficient_state(channel));
         }
     }
 }
@@ -600,17 +596,7 @@ mod tests {
         assert_eq!(join.info.unwrap().user, "u");
     }
 
-    fn publication(offset: u64) -> Publication {
-        Publication {
-            data: herald_protocol::json::raw_from_str("1").unwrap(),
-            info: None,
-            offset,
-            tags: Default::default(),
-            time: 0,
-            binary: false,
-            delta: false,
-        }
-    }
+    use crate::conn::test_publication as publication;
 
     fn conn(id: &str) -> Arc<ConnHandle> {
         Arc::new(ConnHandle::new(Arc::from(id), 1 << 20))

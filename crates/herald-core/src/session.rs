@@ -1410,25 +1410,22 @@ fn settle_stream(
             // Publications in the reply are whole: the next live one is too.
             return (Vec::new(), p.result.offset, 0);
         }
-        let whole_through = (p.after + 1..)
+        // How many of the merged publications follow the client's position without a hole.
+        let whole = (p.after.saturating_add(1)..)
             .zip(&merged)
             .take_while(|(expected, x)| x.offset == *expected)
-            .last()
-            .map_or(p.after, |(o, _)| o);
+            .count();
+        let whole_through = p.after.saturating_add(whole as u64);
         if whole_through >= top {
             // History is whole up to its top; the hole is in the live feed after it (a
             // message lost on its way to this node, e.g. while the broker moved). Nothing is
             // lost: the client gets the run up to the hole and is told to resubscribe,
             // recovering the rest from history.
-            merged.retain(|x| x.offset <= whole_through);
+            merged.truncate(whole);
             p.result.offset = whole_through;
             p.result.recovered = true;
             p.result.publications = merged;
-            conn.control(Control::Unsubscribe {
-                channel: p.channel.clone(),
-                code: codes::unsubscribe::INSUFFICIENT_STATE.0,
-                reason: codes::unsubscribe::INSUFFICIENT_STATE.1.to_string(),
-            });
+            conn.control(Control::insufficient_state(&p.channel));
             return (Vec::new(), whole_through, 0);
         }
         // History itself misses publications the client did not get: say so.
@@ -1676,17 +1673,7 @@ mod tests {
         assert!(node.engine.presence("ch").await.unwrap().is_empty());
     }
 
-    fn publication(offset: u64) -> herald_protocol::client::Publication {
-        herald_protocol::client::Publication {
-            data: herald_protocol::json::raw_from_str("1").unwrap(),
-            info: None,
-            offset,
-            tags: Default::default(),
-            time: 0,
-            binary: false,
-            delta: false,
-        }
-    }
+    use crate::conn::test_publication as publication;
 
     /// A recovery reading history through `top` while live delivery brought `live`.
     fn recovering(after: u64, top: u64, live: &[u64]) -> (Prepared, Vec<Arc<PubMessage>>) {

@@ -244,10 +244,10 @@ impl Shared {
         if reset || st.offset == 0 || st.epoch != meta.epoch {
             st.epoch = meta.epoch;
             st.offset = meta.offset;
-        } else if meta.offset > st.offset && st.epoch == meta.epoch {
+        } else {
             // Messages up to `meta.offset` are in history, which the subscriber that
             // triggered this reads next; anything after it must arrive live.
-            st.offset = meta.offset;
+            st.offset = st.offset.max(meta.offset);
         }
     }
 
@@ -581,10 +581,15 @@ impl NatsEngine {
     /// The channel's live position: (last message, position), where the message is None
     /// when the channel has no stored position or its position expired.
     async fn position(&self, subject: &str) -> Result<(Option<Meta>, Option<Meta>), EngineError> {
-        let last = self.last(subject).await?;
-        let live = last.clone().filter(|m| now_ms() < m.meta_expires);
-        Ok((last, live))
+        Ok(with_live(self.last(subject).await?))
     }
+}
+
+/// A channel's last message, and the same message as its live position unless the
+/// position expired.
+fn with_live(last: Option<Meta>) -> (Option<Meta>, Option<Meta>) {
+    let live = last.clone().filter(|m| now_ms() < m.meta_expires);
+    (last, live)
 }
 
 async fn add_presence(
@@ -630,10 +635,7 @@ impl Engine for NatsEngine {
             let mut cached = self.appended.lock().remove(channel);
             for _ in 0..MAX_PUBLISH_ATTEMPTS {
                 let (last, live) = match cached.take() {
-                    Some(m) => {
-                        let live = Some(m.clone()).filter(|m| now_ms() < m.meta_expires);
-                        (Some(m), live)
-                    }
+                    Some(m) => with_live(Some(m)),
                     None => self.position(&subject).await?,
                 };
                 let (offset, epoch) = match &live {
