@@ -102,6 +102,8 @@ pub struct Session {
     meta: Option<Raw>,
     /// The connect proxy set `expire_at`: the refresh proxy extends it.
     proxy_expiry: bool,
+    /// The transport checks the client is alive itself (MQTT keep-alive): no pong expected.
+    transport_keepalive: bool,
 }
 
 impl Session {
@@ -132,6 +134,7 @@ impl Session {
             headers: Vec::new(),
             meta: None,
             proxy_expiry: false,
+            transport_keepalive: false,
         }
     }
 
@@ -164,7 +167,13 @@ impl Session {
     /// Unidirectional clients cannot answer pings: they still get them as keep-alives, but
     /// no pong is expected and the connect result says `pong: false`.
     fn expects_pong(&self) -> bool {
-        self.conn.mode == Mode::Bidirectional
+        self.conn.mode == Mode::Bidirectional && !self.transport_keepalive
+    }
+
+    /// The transport keeps the client alive its own way (MQTT's PINGREQ within 1.5 times the
+    /// keep-alive): pings are still queued (the transport drops them) but no pong is awaited.
+    pub fn keepalive_by_transport(&mut self) {
+        self.transport_keepalive = true;
     }
 
     pub fn conn(&self) -> &Arc<ConnHandle> {

@@ -156,6 +156,113 @@ pub mod unsubscribe {
     pub const EXPIRED: (u32, &str) = (2501, "subscription expired");
 }
 
+/// MQTT reason codes for Herald's errors and disconnects: what an MQTT client is told where a
+/// Centrifugo client gets an error code or a close code.
+pub mod mqtt {
+    /// MQTT 5 reason codes used by Herald (MQTT 5.0 §2.4).
+    pub mod v5 {
+        pub const SUCCESS: u8 = 0x00;
+        pub const NO_SUBSCRIPTION_EXISTED: u8 = 0x11;
+        pub const UNSPECIFIED: u8 = 0x80;
+        pub const MALFORMED_PACKET: u8 = 0x81;
+        pub const PROTOCOL_ERROR: u8 = 0x82;
+        pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+        pub const UNSUPPORTED_PROTOCOL_VERSION: u8 = 0x84;
+        pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+        pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
+        pub const NOT_AUTHORIZED: u8 = 0x87;
+        pub const SERVER_UNAVAILABLE: u8 = 0x88;
+        pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+        pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
+        pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+        pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+        pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
+        pub const TOPIC_NAME_INVALID: u8 = 0x90;
+        pub const PACKET_TOO_LARGE: u8 = 0x95;
+        pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
+        pub const QUOTA_EXCEEDED: u8 = 0x97;
+        pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+        pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+        pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0x9E;
+        pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
+        pub const MAXIMUM_CONNECT_TIME: u8 = 0xA0;
+        pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
+    }
+
+    /// MQTT 3.1.1 CONNACK return codes (§3.2.2.3) and the SUBACK failure.
+    pub mod v3 {
+        pub const ACCEPTED: u8 = 0;
+        pub const UNACCEPTABLE_PROTOCOL_VERSION: u8 = 1;
+        pub const IDENTIFIER_REJECTED: u8 = 2;
+        pub const SERVER_UNAVAILABLE: u8 = 3;
+        pub const BAD_USER_NAME_OR_PASSWORD: u8 = 4;
+        pub const NOT_AUTHORIZED: u8 = 5;
+        pub const SUBACK_FAILURE: u8 = 0x80;
+    }
+
+    /// The reason of a DISCONNECT (MQTT 5) for a Herald disconnect code.
+    pub fn disconnect_v5(code: u16) -> u8 {
+        match code {
+            3000 => v5::SUCCESS,
+            3001 => v5::SERVER_SHUTTING_DOWN,
+            3005 => v5::MAXIMUM_CONNECT_TIME,
+            3008 | 3504 | 3505 => v5::QUOTA_EXCEEDED,
+            3011 | 3503 => v5::ADMINISTRATIVE_ACTION,
+            3012 => v5::KEEP_ALIVE_TIMEOUT,
+            3013 | 3509 => v5::MESSAGE_RATE_TOO_HIGH,
+            3500 | 3507 => v5::NOT_AUTHORIZED,
+            3501 => v5::MALFORMED_PACKET,
+            3502 => v5::PROTOCOL_ERROR,
+            _ => v5::UNSPECIFIED,
+        }
+    }
+
+    /// The CONNACK of a connect the session refused by closing: (MQTT 5 reason, MQTT 3.1.1
+    /// return code).
+    pub fn connack_for_disconnect(code: u16) -> (u8, u8) {
+        match code {
+            3500 | 3005 => (v5::BAD_USER_NAME_OR_PASSWORD, v3::BAD_USER_NAME_OR_PASSWORD),
+            3507 | 3503 => (v5::NOT_AUTHORIZED, v3::NOT_AUTHORIZED),
+            3504 => (v5::QUOTA_EXCEEDED, v3::SERVER_UNAVAILABLE),
+            3013 => (v5::CONNECTION_RATE_EXCEEDED, v3::SERVER_UNAVAILABLE),
+            3501 => (v5::MALFORMED_PACKET, v3::SERVER_UNAVAILABLE),
+            _ => (v5::SERVER_UNAVAILABLE, v3::SERVER_UNAVAILABLE),
+        }
+    }
+
+    /// The CONNACK of a connect answered with an error: (MQTT 5 reason, MQTT 3.1.1 code).
+    pub fn connack_for_error(code: u32) -> (u8, u8) {
+        match code {
+            101 | 109 => (v5::BAD_USER_NAME_OR_PASSWORD, v3::BAD_USER_NAME_OR_PASSWORD),
+            103 => (v5::NOT_AUTHORIZED, v3::NOT_AUTHORIZED),
+            106 => (v5::QUOTA_EXCEEDED, v3::SERVER_UNAVAILABLE),
+            111 => (v5::CONNECTION_RATE_EXCEEDED, v3::SERVER_UNAVAILABLE),
+            _ => (v5::SERVER_UNAVAILABLE, v3::SERVER_UNAVAILABLE),
+        }
+    }
+
+    /// The SUBACK reason (MQTT 5) of a subscribe answered with an error; MQTT 3.1.1 has only
+    /// [`v3::SUBACK_FAILURE`].
+    pub fn suback_v5(code: u32) -> u8 {
+        match code {
+            101 | 103 | 109 => v5::NOT_AUTHORIZED,
+            102 | 107 => v5::TOPIC_FILTER_INVALID,
+            106 | 111 => v5::QUOTA_EXCEEDED,
+            _ => v5::UNSPECIFIED,
+        }
+    }
+
+    /// The PUBACK / PUBREC reason (MQTT 5) of a publish answered with an error.
+    pub fn puback_v5(code: u32) -> u8 {
+        match code {
+            101 | 103 => v5::NOT_AUTHORIZED,
+            102 | 107 => v5::TOPIC_NAME_INVALID,
+            106 | 111 => v5::QUOTA_EXCEEDED,
+            _ => v5::UNSPECIFIED,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown_timeout = config.server.shutdown_timeout;
     let drain_duration = config.shutdown.drain_duration;
     let admin_page = !config.admin.password.is_empty();
+    let mqtt_tls = config.mqtt.tls;
     let server = crate::server::start(config).await?;
     // Tests and scripts read this line to learn the port.
     let scheme = if server.tls { "https" } else { "http" };
@@ -134,6 +135,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(a) = server.api_addr {
         println!("herald: api listening on {scheme}://{a}");
+    }
+    if let Some(a) = server.mqtt_addr {
+        let scheme = if mqtt_tls { "mqtts" } else { "mqtt" };
+        println!("herald: mqtt listening on {scheme}://{a}");
     }
     tracing::info!(addr = %server.addr, node = %server.node.name, "herald serving");
     if admin_page {

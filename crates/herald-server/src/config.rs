@@ -24,6 +24,8 @@ pub struct Config {
     pub channel: ChannelConfig,
     /// `[rpc.proxy]`: where `rpc` commands go.
     pub rpc: RpcConfig,
+    /// `[mqtt]`: the MQTT front end (off until `mqtt.listen` is set).
+    pub mqtt: MqttConfig,
     pub namespaces: Vec<NamespaceOptions>,
 }
 
@@ -39,6 +41,46 @@ pub struct ChannelConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
     pub proxy: herald_core::proxy::RpcProxy,
+}
+
+/// `[mqtt]`: MQTT 3.1.1 and 5.0 clients, over TCP and over WebSocket (`/mqtt`, subprotocol
+/// `mqtt`, on `server.listen`). See docs/mqtt.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the MQTT TCP listener, e.g. "0.0.0.0:1883"; "" turns MQTT off (TCP and
+    /// WebSocket). Default: "".
+    pub listen: String,
+    /// Speak TLS on `listen` with `server.tls_cert` / `server.tls_key` (reloaded with
+    /// them). Default: false.
+    pub tls: bool,
+    /// Serve MQTT over WebSocket at `/mqtt` on `server.listen` while MQTT is on.
+    /// Default: true.
+    pub websocket: bool,
+    /// Largest packet a client may send, in bytes (larger: disconnect, MQTT 5 reason 0x95);
+    /// announced in the MQTT 5 CONNACK. Default: 65536.
+    pub max_packet_size: usize,
+    /// QoS 1 deliveries a client may leave unacknowledged (MQTT 5 clients may ask for
+    /// fewer with Receive Maximum); more wait on the node. Default: 64.
+    pub max_inflight: u16,
+    /// Longest a persistent session (`clean_session = 0`, MQTT 5 session expiry) is kept
+    /// after its connection ends; 3.1.1 persistent sessions are kept this long.
+    /// Default: "2h".
+    #[serde(with = "herald_core::duration")]
+    pub session_expiry: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            tls: false,
+            websocket: true,
+            max_packet_size: 65_536,
+            max_inflight: 64,
+            session_expiry: Duration::from_secs(2 * 3600),
+        }
+    }
 }
 
 /// `[admin]`: the admin page and where the operations endpoints listen.
@@ -289,8 +331,44 @@ impl Config {
         })
     }
 
+    /// The MQTT TCP listener, when `mqtt.listen` is set.
+    pub fn mqtt_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.mqtt.listen.is_empty() {
+            return Ok(None);
+        }
+        self.mqtt.listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "mqtt.listen: {:?} is not an address like \"0.0.0.0:1883\"",
+                self.mqtt.listen
+            ))
+        })
+    }
+
+    fn validate_mqtt(&self) -> Result<(), ConfigError> {
+        self.mqtt_addr()?;
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size > crate::mqtt::packet::MAX_REMAINING {
+            return Err(ConfigError::Invalid(format!(
+                "mqtt.max_packet_size: must be between 64 and {}",
+                crate::mqtt::packet::MAX_REMAINING
+            )));
+        }
+        if m.max_inflight == 0 {
+            return Err(ConfigError::Invalid(
+                "mqtt.max_inflight: must be greater than 0".into(),
+            ));
+        }
+        if m.tls && self.server.tls_cert.is_empty() {
+            return Err(ConfigError::Invalid(
+                "mqtt.tls: needs server.tls_cert and server.tls_key".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.validate_mqtt()?;
         self.api_addr()?;
         validate_security(self).map_err(ConfigError::Invalid)?;
         self.admin_addr()?;

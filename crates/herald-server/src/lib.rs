@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod jwks;
+pub mod mqtt;
 pub mod ops;
 pub mod proxy;
 pub mod server;

@@ -21,6 +21,8 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
     /// The server API listener (`api.listen`), when configured apart from `addr`.
     pub api_addr: Option<SocketAddr>,
+    /// The MQTT listener (`mqtt.listen`), when MQTT is on.
+    pub mqtt_addr: Option<SocketAddr>,
     /// Whether the listeners speak TLS (`server.tls_cert`).
     pub tls: bool,
     pub node: Arc<Node>,
@@ -112,6 +114,11 @@ pub fn router(state: AppState) -> Router {
     } else {
         Router::new()
     };
+    let mqtt = if !state.config.mqtt.listen.is_empty() && state.config.mqtt.websocket {
+        Router::new().route("/mqtt", get(crate::mqtt::websocket))
+    } else {
+        Router::new()
+    };
     Router::new()
         .route(
             "/connection/websocket",
@@ -145,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/{method}", post(crate::api::handle))
         .merge(ops)
+        .merge(mqtt)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::http::gate::gate,
@@ -200,6 +208,18 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
+    let mqtt_listener = match config.mqtt_addr()? {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("mqtt.listen {a}: {e}"))?,
+        ),
+        None => None,
+    };
+    let mqtt_addr = match &mqtt_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let tls = match (
         config.server.tls_cert.as_str(),
         config.server.tls_key.as_str(),
@@ -230,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let drain_duration = config.shutdown.drain_duration;
     node.set_advertise_url(advertised_url(&config, addr, tls.is_some()));
     let state = AppState {
+        mqtt: Arc::new(crate::mqtt::Mqtt::new(&config.mqtt)),
         nodes_limiter: Arc::new(crate::arbiter::Limiter::new(config.server.nodes_rate_limit)),
         node: node.clone(),
         config: Arc::new(config),
@@ -244,6 +265,14 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         )
     });
     let api_app = api_listener.map(|l| (l, api_router(state.clone())));
+    let mqtt_app = mqtt_listener.map(|l| {
+        let tls = if state.config.mqtt.tls {
+            tls.clone()
+        } else {
+            None
+        };
+        (l, state.clone(), tls)
+    });
     let app = router(state);
     let task_node = node.clone();
     let task_ops = ops.clone();
@@ -261,6 +290,14 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 l,
                 app,
                 listen.clone(),
+                listening.clone(),
+            )));
+        }
+        if let Some((l, state, tls)) = mqtt_app {
+            listeners.push(tokio::spawn(crate::mqtt::listen(
+                l,
+                state,
+                tls,
                 listening.clone(),
             )));
         }
@@ -318,6 +355,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         addr,
         admin_addr,
         api_addr,
+        mqtt_addr,
         tls: tls.is_some(),
         node,
         ops,

@@ -56,6 +56,8 @@ pub struct AppState {
     pub ops: Arc<crate::ops::Ops>,
     /// The rate limit of `GET /connection/nodes`.
     pub nodes_limiter: Arc<crate::arbiter::Limiter>,
+    /// MQTT settings and persistent sessions.
+    pub mqtt: Arc<crate::mqtt::Mqtt>,
 }
 
 /// Resolves once `stop` is true (or its sender is gone): the node-wide stop signal every

@@ -517,6 +517,7 @@ async fn engine_failures_are_counted_and_fail_readiness() {
         })
     });
     let state = herald_server::state::AppState {
+        mqtt: Arc::new(herald_server::mqtt::Mqtt::new(&config.mqtt)),
         node,
         config: Arc::new(config),
         tracker: Default::default(),

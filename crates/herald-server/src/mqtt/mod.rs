@@ -1,0 +1,182 @@
+//! The MQTT front end: MQTT 3.1.1 and 5.0 devices on the same channels as every other
+//! client. A connection is an [`MqttWire`] (packets framed from TCP, TLS or WebSocket) and an
+//! [`MqttHandler`] (packets turned into client-protocol commands) over the one connection
+//! driver and a session like any other, so tokens, permissions, history, recovery, presence
+//! and metrics are those of every transport. docs/mqtt.md has the mapping.
+
+pub mod handler;
+pub mod link;
+pub mod packet;
+pub mod sessions;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
+use axum::response::Response;
+use herald_core::conn::{Codec, Mode};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use self::handler::MqttHandler;
+use self::link::Link;
+use self::packet::Version;
+use self::wire::{Carrier, MqttWire};
+use crate::config::MqttConfig;
+use crate::http::Peer;
+use crate::http::tls::Tls;
+use crate::state::AppState;
+use crate::transport::websocket::WsUpgrade;
+
+/// The WebSocket subprotocol of MQTT (MQTT 5.0 §6).
+pub const SUBPROTOCOL: &str = "mqtt";
+
+/// The transport label of MQTT connections in metrics, logs and proxy requests.
+pub const TRANSPORT: &str = "mqtt";
+
+/// What every MQTT connection of the node is held to.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_packet_size: usize,
+    pub max_inflight: u16,
+    pub session_expiry: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &MqttConfig) -> Self {
+        Self {
+            max_packet_size: c.max_packet_size,
+            max_inflight: c.max_inflight,
+            session_expiry: c.session_expiry,
+        }
+    }
+}
+
+/// The node's MQTT state: its settings and the persistent sessions.
+pub struct Mqtt {
+    pub settings: Arc<Settings>,
+    pub sessions: Arc<sessions::Sessions>,
+}
+
+impl Mqtt {
+    pub fn new(c: &MqttConfig) -> Self {
+        Self {
+            settings: Arc::new(Settings::from_config(c)),
+            sessions: Arc::default(),
+        }
+    }
+}
+
+/// One MQTT connection over `io`, to its end.
+pub fn serve<C: Carrier>(
+    state: &AppState,
+    io: C,
+    peer: Peer,
+) -> impl std::future::Future<Output = ()> + Send + use<C> {
+    let (conn, mut session) = crate::transport::connection(
+        state,
+        Mode::Bidirectional,
+        Codec::Protobuf,
+        TRANSPORT,
+        Vec::new(),
+    );
+    session.keepalive_by_transport();
+    let mqtt = &state.mqtt;
+    let link = Arc::new(Mutex::new(Link::new(
+        Version::V311,
+        mqtt.settings.max_inflight,
+    )));
+    let handler = MqttHandler::new(
+        session,
+        state.node.clone(),
+        link.clone(),
+        mqtt.sessions.clone(),
+        mqtt.settings.clone(),
+        Instant::now(),
+    );
+    let wire = MqttWire::new(io, link, conn.clone(), mqtt.settings.max_packet_size);
+    crate::transport::driver::drive(
+        conn,
+        handler,
+        wire,
+        None,
+        state.node.metrics.transport(TRANSPORT),
+        state.node.metrics.clone(),
+        peer,
+    )
+}
+
+/// Accepts MQTT clients on `listener` (TLS when `tls`) until `stop` turns true.
+pub async fn listen(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<Arc<Tls>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake_timeout = state.config.server.handshake_timeout;
+    loop {
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = crate::state::stopped(&mut stop) => return,
+        };
+        if state.node.is_draining() {
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let guard = state.tracker.enter();
+        let state = state.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let peer = Peer(Some(addr));
+            match tls {
+                None => serve(&state, wire::Stream(stream), peer).await,
+                Some(tls) => {
+                    let accept = tls.acceptor().accept(stream);
+                    match tokio::time::timeout(handshake_timeout, accept).await {
+                        Ok(Ok(s)) => serve(&state, wire::Stream(s), peer).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(addr = %addr, error = %e, "MQTT TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(addr = %addr, "MQTT TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `GET /mqtt`: MQTT over WebSocket (subprotocol `mqtt`).
+pub async fn websocket(
+    State(state): State<AppState>,
+    peer: Peer,
+    headers: HeaderMap,
+    ws: WsUpgrade,
+) -> Response {
+    let offered = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    let max = state.mqtt.settings.max_packet_size.saturating_add(8);
+    crate::transport::websocket::upgrade(
+        &state.clone(),
+        ws,
+        max,
+        offered.then_some(SUBPROTOCOL),
+        move |socket| serve(&state, wire::WebSocket(socket), peer),
+    )
+}

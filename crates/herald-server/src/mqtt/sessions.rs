@@ -1,0 +1,198 @@
+//! Persistent MQTT sessions (`clean_session = 0`, MQTT 5 session expiry): the channels a
+//! device subscribed and how far it got in each, kept on the node after it disconnects so
+//! that its next connection recovers what it missed from channel history. Also who holds a
+//! client id now, so a second connection with the same id takes the session over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use herald_core::conn::ConnHandle;
+use parking_lot::Mutex;
+
+use super::link::Sub;
+
+/// Sweeps expired sessions once per this many saves.
+const SWEEP_EVERY: u32 = 1024;
+
+struct Entry {
+    user: String,
+    subs: Vec<(String, Sub)>,
+    /// None while a connection holds it.
+    expires: Option<Instant>,
+    live: Weak<ConnHandle>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    saves: u32,
+}
+
+/// What a new connection finds under its client id.
+pub struct Claimed {
+    /// The stored subscriptions, when the session was kept for this user.
+    pub subs: Option<Vec<(String, Sub)>>,
+    /// The connection that held the id until now: it is taken over.
+    pub previous: Option<Arc<ConnHandle>>,
+}
+
+impl Sessions {
+    /// `conn` of `user` connects as `client_id`; `resume` when it asked to keep its session.
+    pub fn claim(
+        &self,
+        client_id: &str,
+        user: &str,
+        conn: &Arc<ConnHandle>,
+        resume: bool,
+        now: Instant,
+    ) -> Claimed {
+        let mut inner = self.inner.lock();
+        let old = inner.entries.remove(client_id);
+        let previous = old
+            .as_ref()
+            .and_then(|e| e.live.upgrade())
+            .filter(|c| !Arc::ptr_eq(c, conn));
+        let subs = old
+            .filter(|e| resume && e.user == user && e.expires.is_none_or(|at| now < at))
+            .map(|e| e.subs);
+        inner.entries.insert(
+            client_id.to_string(),
+            Entry {
+                user: user.to_string(),
+                subs: Vec::new(),
+                expires: None,
+                live: Arc::downgrade(conn),
+            },
+        );
+        Claimed { subs, previous }
+    }
+
+    /// The connection ends: its session is kept until `expires` (None: not kept). A
+    /// connection that was taken over leaves the session to its successor.
+    pub fn release(
+        &self,
+        client_id: &str,
+        conn: &Arc<ConnHandle>,
+        subs: Vec<(String, Sub)>,
+        expires: Option<Instant>,
+        now: Instant,
+    ) {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.entries.get_mut(client_id) else {
+            return;
+        };
+        if !std::ptr::eq(e.live.as_ptr(), Arc::as_ptr(conn)) {
+            return;
+        }
+        match expires {
+            Some(at) => {
+                e.subs = subs;
+                e.expires = Some(at);
+                e.live = Weak::new();
+            }
+            None => {
+                inner.entries.remove(client_id);
+            }
+        }
+        inner.saves = inner.saves.wrapping_add(1);
+        if inner.saves.is_multiple_of(SWEEP_EVERY) {
+            inner
+                .entries
+                .retain(|_, e| e.expires.is_none_or(|at| now < at));
+        }
+    }
+
+    /// Sessions kept or live (for tests and the admin page).
+    pub fn len(&self) -> usize {
+        self.inner.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn conn(id: &str) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle::new(Arc::from(id), 1 << 20))
+    }
+
+    fn sub(offset: u64) -> Sub {
+        Sub {
+            qos: 1,
+            epoch: "e".into(),
+            offset,
+            positioned: true,
+        }
+    }
+
+    #[test]
+    fn a_kept_session_is_resumed_by_its_user_only_before_it_expires() {
+        let s = Sessions::default();
+        let now = Instant::now();
+        let a = conn("a");
+        assert!(s.claim("dev", "u", &a, true, now).subs.is_none());
+        s.release(
+            "dev",
+            &a,
+            vec![("ch".into(), sub(5))],
+            Some(now + Duration::from_secs(60)),
+            now,
+        );
+        let b = conn("b");
+        let got = s.claim("dev", "u", &b, true, now).subs.expect("kept");
+        assert_eq!(got[0].1.offset, 5);
+        s.release(
+            "dev",
+            &b,
+            vec![("ch".into(), sub(6))],
+            Some(now + Duration::from_secs(60)),
+            now,
+        );
+        // Another user with the same client id does not get it.
+        assert!(
+            s.claim("dev", "other", &conn("c"), true, now)
+                .subs
+                .is_none()
+        );
+        let d = conn("d");
+        s.claim("dev", "u", &d, true, now);
+        s.release("dev", &d, vec![], Some(now + Duration::from_secs(1)), now);
+        assert!(
+            s.claim("dev", "u", &conn("e"), true, now + Duration::from_secs(2))
+                .subs
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_second_connection_takes_the_id_over() {
+        let s = Sessions::default();
+        let now = Instant::now();
+        let a = conn("a");
+        s.claim("dev", "u", &a, true, now);
+        let b = conn("b");
+        let c = s.claim("dev", "u", &b, true, now);
+        assert!(c.previous.is_some_and(|p| Arc::ptr_eq(&p, &a)));
+        // The old connection's end does not overwrite its successor's session.
+        s.release(
+            "dev",
+            &a,
+            vec![("x".into(), sub(1))],
+            Some(now + Duration::from_secs(9)),
+            now,
+        );
+        s.release("dev", &b, vec![], None, now);
+        assert!(s.is_empty());
+    }
+}
