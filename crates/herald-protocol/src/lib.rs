@@ -8,6 +8,7 @@ pub mod client;
 pub mod codes;
 pub mod delta;
 pub mod json;
+pub mod mqtt;
 pub mod proto;
 
 pub use codes::{Disconnect, ErrorCode, ProtocolError};

@@ -347,10 +347,10 @@ impl Config {
     fn validate_mqtt(&self) -> Result<(), ConfigError> {
         self.mqtt_addr()?;
         let m = &self.mqtt;
-        if m.max_packet_size < 64 || m.max_packet_size > crate::mqtt::packet::MAX_REMAINING {
+        if m.max_packet_size < 64 || m.max_packet_size > herald_protocol::mqtt::MAX_REMAINING {
             return Err(ConfigError::Invalid(format!(
                 "mqtt.max_packet_size: must be between 64 and {}",
-                crate::mqtt::packet::MAX_REMAINING
+                herald_protocol::mqtt::MAX_REMAINING
             )));
         }
         if m.max_inflight == 0 {

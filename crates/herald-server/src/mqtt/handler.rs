@@ -20,9 +20,9 @@ use parking_lot::Mutex;
 
 use super::Settings;
 use super::link::{Link, Pending, Sub};
-use super::packet::{ConnectIn, Filter, In, PacketError, Reader, Version, Will, Writer};
 use super::sessions::Sessions;
 use crate::transport::driver::Handler;
+use herald_protocol::mqtt::{ConnectIn, Filter, In, PacketError, Reader, Version, Will, Writer};
 
 /// The reason of the disconnect that closes a connection whose client id a newer
 /// connection took.

@@ -17,7 +17,7 @@ use herald_protocol::codes::mqtt::{self as codes, v5};
 use herald_protocol::codes::unsubscribe;
 use herald_protocol::proto::{self, Publication, Push, Reply};
 
-use super::packet::{Accepted, PacketError, Version, Writer};
+use herald_protocol::mqtt::{Accepted, PacketError, Version, Writer};
 
 /// Deliveries queued past the client's receive window before it counts as a slow consumer.
 const MAX_WAITING: usize = 10_000;

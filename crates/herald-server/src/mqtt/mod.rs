@@ -6,7 +6,6 @@
 
 pub mod handler;
 pub mod link;
-pub mod packet;
 pub mod sessions;
 pub mod wire;
 
@@ -24,13 +23,13 @@ use tokio::sync::watch;
 
 use self::handler::MqttHandler;
 use self::link::Link;
-use self::packet::Version;
 use self::wire::{Carrier, MqttWire};
 use crate::config::MqttConfig;
 use crate::http::Peer;
 use crate::http::tls::Tls;
 use crate::state::AppState;
 use crate::transport::websocket::WsUpgrade;
+use herald_protocol::mqtt::Version;
 
 /// The WebSocket subprotocol of MQTT (MQTT 5.0 §6).
 pub const SUBPROTOCOL: &str = "mqtt";

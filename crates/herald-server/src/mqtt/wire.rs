@@ -18,9 +18,9 @@ use yawc::{Frame, OpCode};
 
 use super::handler::TAKEN_OVER;
 use super::link::Link;
-use super::packet::frame_len;
 use crate::transport::driver::{Received, Wire};
 use crate::transport::websocket::Socket;
+use herald_protocol::mqtt::frame_len;
 
 /// Read buffer a connection starts with; it grows for larger packets.
 const READ_BUFFER: usize = 256;

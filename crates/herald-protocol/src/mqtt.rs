@@ -1,6 +1,7 @@
 //! MQTT packets as Herald reads and writes them, the same for MQTT 3.1.1 and 5.0: the
 //! `rmqtt-codec` crate parses and serialises the wire format; this module reduces its two
-//! packet families to the fields Herald acts on, and builds the packets it sends.
+//! packet families to the fields Herald acts on, and builds the packets it sends. What the
+//! packets mean to Herald (channels, QoS, sessions) is the MQTT front end's, in the server.
 
 use std::num::{NonZeroU16, NonZeroU32};
 
@@ -348,21 +349,22 @@ fn qos_of(q: u8) -> QoS {
 }
 
 impl Writer {
+    // Encoding fails only for a QoS > 0 publish without a packet id, which no method here
+    // builds; such a packet would be written as nothing.
     fn v3(self, p: v3::Packet) -> Bytes {
         let mut buf = BytesMut::new();
-        // Encoding fails only for a QoS > 0 publish without an id, which is never built.
-        if let Err(e) = v3::Codec::new(0).encode(p, &mut buf) {
-            tracing::error!(error = %e, "MQTT 3.1.1 packet not encoded");
+        match v3::Codec::new(0).encode(p, &mut buf) {
+            Ok(()) => buf.freeze(),
+            Err(_) => Bytes::new(),
         }
-        buf.freeze()
     }
 
     fn v5(self, p: v5::Packet) -> Bytes {
         let mut buf = BytesMut::new();
-        if let Err(e) = v5::Codec::new(0, 0).encode(p, &mut buf) {
-            tracing::error!(error = %e, "MQTT 5 packet not encoded");
+        match v5::Codec::new(0, 0).encode(p, &mut buf) {
+            Ok(()) => buf.freeze(),
+            Err(_) => Bytes::new(),
         }
-        buf.freeze()
     }
 
     pub fn connack_accepted(self, a: &Accepted) -> Bytes {
