@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::{Client, REDIS, WAIT, api, publish, redis_engine, require_redis, start_with, token};
 use herald_server::Server;
@@ -413,6 +414,109 @@ async fn hostile_packets_close_only_their_connection() {
             .unwrap_or_default()
             .contains("transport=\"mqtt\""),
         "MQTT connections are counted under transport=\"mqtt\""
+    );
+    s.shutdown().await;
+}
+
+/// Reads one packet: (first byte, body).
+async fn read_packet(t: &mut TcpStream) -> (u8, Vec<u8>) {
+    tokio::time::timeout(WAIT, async {
+        let first = t.read_u8().await.unwrap();
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = t.read_u8().await.unwrap();
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        t.read_exact(&mut body).await.unwrap();
+        (first, body)
+    })
+    .await
+    .expect("a packet in time")
+}
+
+/// A QoS 1 MQTT 5 PUBLISH: (packet id, DUP flag, payload).
+fn qos1_publish((first, body): (u8, Vec<u8>)) -> (u16, bool, Vec<u8>) {
+    assert_eq!(first & 0xf6, 0x32, "QoS 1 PUBLISH: {first:02x}");
+    let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let at = 2 + topic;
+    let id = u16::from_be_bytes([body[at], body[at + 1]]);
+    // Properties length (one byte here: none are sent), then the payload.
+    (id, first & 0x08 != 0, body[at + 3..].to_vec())
+}
+
+/// An MQTT 5 CONNECT that keeps its session (expiry 600 s) and takes 2 QoS 1 deliveries
+/// unacknowledged (Receive Maximum 2).
+fn connect_window(client: &str) -> Vec<u8> {
+    let mut body = utf8(b"MQTT");
+    body.extend([5, 0b1100_0000, 0, 30]);
+    body.extend([8, 0x11, 0, 0, 2, 0x58, 0x21, 0, 2]);
+    body.extend(utf8(client.as_bytes()));
+    body.extend(utf8(b"device"));
+    body.extend(utf8(token("win", 3600).as_bytes()));
+    packet(0x10, &body)
+}
+
+#[tokio::test]
+async fn qos1_window_and_redelivery_with_dup_after_a_reconnect() {
+    let s = node("").await;
+    let ch = channel("win");
+    let client = format!("win-{}", rand::random::<u32>());
+    let mut t = raw(&s).await;
+    t.write_all(&connect_window(&client)).await.unwrap();
+    let (first, body) = read_packet(&mut t).await;
+    assert_eq!(
+        (first, body[0], body[1]),
+        (0x20, 0, 0),
+        "CONNACK, no session yet"
+    );
+    let mut sub = vec![0, 1, 0];
+    sub.extend(utf8(ch.as_bytes()));
+    sub.push(1);
+    t.write_all(&packet(0x82, &sub)).await.unwrap();
+    assert_eq!(read_packet(&mut t).await.0, 0x90, "SUBACK");
+    for i in 1..=5 {
+        publish(&s, &ch, json!(i)).await.unwrap();
+    }
+    let (a, dup_a, pa) = qos1_publish(read_packet(&mut t).await);
+    let (_, _, pb) = qos1_publish(read_packet(&mut t).await);
+    assert_eq!(
+        (pa.as_slice(), pb.as_slice(), dup_a),
+        (&b"1"[..], &b"2"[..], false)
+    );
+    // The window is full: the third waits until one is acknowledged.
+    let mut one = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), t.read(&mut one)).await;
+    assert!(early.is_err(), "a third delivery past Receive Maximum 2");
+    t.write_all(&packet(0x40, &a.to_be_bytes())).await.unwrap();
+    let (_, _, pc) = qos1_publish(read_packet(&mut t).await);
+    assert_eq!(pc, b"3");
+    // Gone with 2 and 3 unacknowledged, 4 and 5 never sent.
+    drop(t);
+    let mut t = raw(&s).await;
+    t.write_all(&connect_window(&client)).await.unwrap();
+    let (first, body) = read_packet(&mut t).await;
+    assert_eq!(
+        (first, body[0], body[1]),
+        (0x20, 1, 0),
+        "CONNACK, session present"
+    );
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (id, dup, payload) = qos1_publish(read_packet(&mut t).await);
+        t.write_all(&packet(0x40, &id.to_be_bytes())).await.unwrap();
+        got.push((String::from_utf8(payload).unwrap(), dup));
+    }
+    let want: Vec<(String, bool)> = [("2", true), ("3", true), ("4", false), ("5", false)]
+        .map(|(p, d)| (p.into(), d))
+        .into();
+    assert_eq!(
+        got, want,
+        "unacknowledged again with DUP, then the rest, in order"
     );
     s.shutdown().await;
 }

@@ -308,6 +308,7 @@ impl MqttHandler {
             &client_id,
             self.session.user(),
             &self.conn,
+            &self.link,
             !c.clean,
             now.mono,
         );
@@ -342,8 +343,12 @@ impl MqttHandler {
             ..Default::default()
         };
         let mut retained = None;
+        let mut dup_through = 0;
         match resume {
             Some(s) if s.positioned && !s.epoch.is_empty() => {
+                if qos > 0 {
+                    dup_through = s.sent;
+                }
                 req.recover = true;
                 req.epoch = s.epoch;
                 req.offset = s.offset;
@@ -368,6 +373,7 @@ impl MqttHandler {
             channel,
             qos,
             retained,
+            dup_through,
         };
         let cmd = Command {
             subscribe: Some(req),

@@ -35,6 +35,8 @@ pub enum Pending {
         qos: u8,
         /// The offset of the channel's latest publication, delivered with the retain flag.
         retained: Option<u64>,
+        /// Publications through this offset were sent before (a resumed session): DUP.
+        dup_through: u64,
     },
     Publish {
         packet_id: Option<u16>,
@@ -53,8 +55,16 @@ pub struct Sub {
     /// Offset through which the channel was delivered; [`Link::positions`] lowers it below
     /// QoS 1 deliveries not yet acknowledged.
     pub offset: u64,
+    /// Offset through which the channel was written to the device: what a resumed session
+    /// sends again below it carries the DUP flag.
+    pub sent: u64,
     /// Whether the channel keeps a stream position (history on).
     pub positioned: bool,
+}
+
+/// Whether a delivery at `qos` is written now rather than queued for room in the window.
+fn qos_written(qos: u8, inflight: usize, receive_max: u16) -> bool {
+    qos == 0 || inflight < usize::from(receive_max)
 }
 
 /// A SUBACK or UNSUBACK waiting for its filters' replies.
@@ -84,7 +94,7 @@ pub struct Link {
     held: Vec<Bytes>,
     inflight: BTreeMap<u16, Inflight>,
     /// QoS 1 deliveries beyond the client's receive window.
-    waiting: VecDeque<(String, Publication)>,
+    waiting: VecDeque<(String, Publication, (bool, bool))>,
     next_packet_id: u16,
     pub receive_max: u16,
     pub connack_sent: bool,
@@ -263,11 +273,12 @@ impl Link {
                                     qos: 0,
                                     epoch: sub.epoch.clone(),
                                     offset: sub.offset,
+                                    sent: sub.offset,
                                     positioned: sub.positioned || sub.recoverable,
                                 },
                             );
                             for p in sub.publications {
-                                self.deliver(&channel, p, false, out, conn);
+                                self.deliver(&channel, p, (false, false), out, conn);
                             }
                         }
                     }
@@ -279,6 +290,7 @@ impl Link {
                 channel,
                 qos,
                 retained,
+                dup_through,
             } => match (error, reply.subscribe) {
                 (None, Some(result)) => {
                     let last = result.publications.last().map_or(0, |p| p.offset);
@@ -288,6 +300,7 @@ impl Link {
                             qos,
                             epoch: result.epoch.clone(),
                             offset: result.offset.max(last),
+                            sent: result.offset.max(last),
                             positioned: result.positioned || result.recoverable,
                         },
                     );
@@ -295,8 +308,8 @@ impl Link {
                         self.settle(packet_id, index, qos, out);
                     }
                     for p in result.publications {
-                        let retain = retained == Some(p.offset);
-                        self.deliver(&channel, p, retain, out, conn);
+                        let flags = (retained == Some(p.offset), p.offset <= dup_through);
+                        self.deliver(&channel, p, flags, out, conn);
                     }
                 }
                 (code, _) => {
@@ -341,7 +354,7 @@ impl Link {
 
     fn on_push(&mut self, push: Push, out: &mut Vec<Bytes>, conn: &ConnHandle) {
         if let Some(p) = push.r#pub {
-            self.deliver(&push.channel, p, false, out, conn);
+            self.deliver(&push.channel, p, (false, false), out, conn);
         } else if let Some(u) = push.unsubscribe {
             if u.code == unsubscribe::INSUFFICIENT_STATE.0 && self.subs.contains_key(&push.channel)
             {
@@ -359,23 +372,28 @@ impl Link {
                     qos: 0,
                     epoch: String::new(),
                     offset: s.offset,
+                    sent: s.offset,
                     positioned: s.positioned || s.recoverable,
                 },
             );
         }
     }
 
+    /// Writes a publication at the subscription's QoS; `(retain, dup)` are its flags.
     fn deliver(
         &mut self,
         channel: &str,
         p: Publication,
-        retain: bool,
+        (retain, dup): (bool, bool),
         out: &mut Vec<Bytes>,
         conn: &ConnHandle,
     ) {
         let qos = match self.subs.get_mut(channel) {
             Some(s) => {
                 s.offset = s.offset.max(p.offset);
+                if qos_written(s.qos, self.inflight.len(), self.receive_max) {
+                    s.sent = s.sent.max(p.offset);
+                }
                 s.qos
             }
             None => 0,
@@ -387,12 +405,13 @@ impl Link {
             self.emit(packet, out);
             return;
         }
-        if self.inflight.len() >= usize::from(self.receive_max) {
+        if !qos_written(qos, self.inflight.len(), self.receive_max) {
             if self.waiting.len() >= MAX_WAITING {
                 conn.close(Disconnect::SLOW.into());
                 return;
             }
-            self.waiting.push_back((channel.to_string(), p));
+            self.waiting
+                .push_back((channel.to_string(), p, (retain, dup)));
             return;
         }
         let id = self.packet_id();
@@ -405,7 +424,7 @@ impl Link {
         );
         let packet = self
             .writer
-            .publish(channel, Bytes::from(p.data), 1, Some(id), retain, false);
+            .publish(channel, Bytes::from(p.data), 1, Some(id), retain, dup);
         self.emit(packet, out);
     }
 
@@ -416,9 +435,9 @@ impl Link {
         }
         let mut out = Vec::new();
         while self.inflight.len() < usize::from(self.receive_max)
-            && let Some((channel, p)) = self.waiting.pop_front()
+            && let Some((channel, p, flags)) = self.waiting.pop_front()
         {
-            self.deliver(&channel, p, false, &mut out, conn);
+            self.deliver(&channel, p, flags, &mut out, conn);
         }
         for p in out {
             self.local(conn, p);
@@ -438,7 +457,7 @@ impl Link {
                 s.offset = s.offset.min(f.offset.saturating_sub(1));
             }
         }
-        for (channel, p) in &self.waiting {
+        for (channel, p, _) in &self.waiting {
             if let Some(s) = subs.get_mut(channel.as_str()) {
                 s.offset = s.offset.min(p.offset.saturating_sub(1));
             }

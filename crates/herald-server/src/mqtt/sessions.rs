@@ -10,7 +10,7 @@ use std::time::Instant;
 use herald_core::conn::ConnHandle;
 use parking_lot::Mutex;
 
-use super::link::Sub;
+use super::link::{Link, Sub};
 
 /// Sweeps expired sessions once per this many saves.
 const SWEEP_EVERY: u32 = 1024;
@@ -21,6 +21,8 @@ struct Entry {
     /// None while a connection holds it.
     expires: Option<Instant>,
     live: Weak<ConnHandle>,
+    /// The live connection's subscriptions, read when another connection takes over.
+    link: Weak<Mutex<Link>>,
 }
 
 #[derive(Default)]
@@ -43,12 +45,15 @@ pub struct Claimed {
 }
 
 impl Sessions {
-    /// `conn` of `user` connects as `client_id`; `resume` when it asked to keep its session.
+    /// `conn` of `user` (subscriptions in `link`) connects as `client_id`; `resume` when it
+    /// asked to keep its session. A connection still holding the id hands over where its
+    /// subscriptions are now.
     pub fn claim(
         &self,
         client_id: &str,
         user: &str,
         conn: &Arc<ConnHandle>,
+        link: &Arc<Mutex<Link>>,
         resume: bool,
         now: Instant,
     ) -> Claimed {
@@ -60,7 +65,10 @@ impl Sessions {
             .filter(|c| !Arc::ptr_eq(c, conn));
         let subs = old
             .filter(|e| resume && e.user == user && e.expires.is_none_or(|at| now < at))
-            .map(|e| e.subs);
+            .map(|e| match (&previous, e.link.upgrade()) {
+                (Some(_), Some(live)) => live.lock().positions(),
+                _ => e.subs,
+            });
         inner.entries.insert(
             client_id.to_string(),
             Entry {
@@ -68,6 +76,7 @@ impl Sessions {
                 subs: Vec::new(),
                 expires: None,
                 live: Arc::downgrade(conn),
+                link: Arc::downgrade(link),
             },
         );
         Claimed { subs, previous }
@@ -95,6 +104,7 @@ impl Sessions {
                 e.subs = subs;
                 e.expires = Some(at);
                 e.live = Weak::new();
+                e.link = Weak::new();
             }
             None => {
                 inner.entries.remove(client_id);
@@ -127,11 +137,16 @@ mod tests {
         Arc::new(ConnHandle::new(Arc::from(id), 1 << 20))
     }
 
+    fn link() -> Arc<Mutex<Link>> {
+        Arc::new(Mutex::new(Link::new(herald_protocol::mqtt::Version::V5, 8)))
+    }
+
     fn sub(offset: u64) -> Sub {
         Sub {
             qos: 1,
             epoch: "e".into(),
             offset,
+            sent: offset,
             positioned: true,
         }
     }
@@ -141,7 +156,7 @@ mod tests {
         let s = Sessions::default();
         let now = Instant::now();
         let a = conn("a");
-        assert!(s.claim("dev", "u", &a, true, now).subs.is_none());
+        assert!(s.claim("dev", "u", &a, &link(), true, now).subs.is_none());
         s.release(
             "dev",
             &a,
@@ -150,7 +165,10 @@ mod tests {
             now,
         );
         let b = conn("b");
-        let got = s.claim("dev", "u", &b, true, now).subs.expect("kept");
+        let got = s
+            .claim("dev", "u", &b, &link(), true, now)
+            .subs
+            .expect("kept");
         assert_eq!(got[0].1.offset, 5);
         s.release(
             "dev",
@@ -161,17 +179,24 @@ mod tests {
         );
         // Another user with the same client id does not get it.
         assert!(
-            s.claim("dev", "other", &conn("c"), true, now)
+            s.claim("dev", "other", &conn("c"), &link(), true, now)
                 .subs
                 .is_none()
         );
         let d = conn("d");
-        s.claim("dev", "u", &d, true, now);
+        s.claim("dev", "u", &d, &link(), true, now);
         s.release("dev", &d, vec![], Some(now + Duration::from_secs(1)), now);
         assert!(
-            s.claim("dev", "u", &conn("e"), true, now + Duration::from_secs(2))
-                .subs
-                .is_none()
+            s.claim(
+                "dev",
+                "u",
+                &conn("e"),
+                &link(),
+                true,
+                now + Duration::from_secs(2)
+            )
+            .subs
+            .is_none()
         );
     }
 
@@ -180,10 +205,15 @@ mod tests {
         let s = Sessions::default();
         let now = Instant::now();
         let a = conn("a");
-        s.claim("dev", "u", &a, true, now);
+        let a_link = link();
+        a_link.lock().subs.insert("ch".into(), sub(7));
+        s.claim("dev", "u", &a, &a_link, true, now);
         let b = conn("b");
-        let c = s.claim("dev", "u", &b, true, now);
+        let c = s.claim("dev", "u", &b, &link(), true, now);
         assert!(c.previous.is_some_and(|p| Arc::ptr_eq(&p, &a)));
+        // The live connection's subscriptions go to its successor, where they are now.
+        let got = c.subs.expect("handed over");
+        assert_eq!((got[0].0.as_str(), got[0].1.offset), ("ch", 7));
         // The old connection's end does not overwrite its successor's session.
         s.release(
             "dev",
