@@ -421,3 +421,44 @@ async def test_second_connection_with_the_same_id_takes_over(node, devices):
     await second.connected()
     rc = await get(first.disconnects, "takeover")
     assert rc.value == 0x8E, f"session taken over: {rc}"
+
+
+async def test_connect_proxy_authorises_a_device_without_a_token(start_server, devices):
+    from aiohttp import web
+
+    seen: List[dict] = []
+
+    async def connect(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if body.get("transport") != "mqtt":
+            return web.json_response({"error": {"code": 1000, "message": "mqtt only"}})
+        return web.json_response({"result": {"user": "proxied-device"}})
+
+    app = web.Application()
+    app.router.add_post("/connect", connect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        proxied = await start_server(
+            namespaces=NAMESPACES,
+            extra_toml=MQTT_TOML + f'\n[client.proxy.connect]\nenabled = true\nendpoint = "{base}/connect"\n',
+        )
+        dev = devices(await mqtt_port(proxied), mqtt.MQTTv5, "proxied-" + uid())
+        await dev.connected()
+        assert seen and seen[0]["transport"] == "mqtt", seen
+        ch = uid("proxied")
+        await dev.subscribe(ch, 0)
+        cent = AsyncClient(proxied.api_url, api_key=API_KEY, timeout=5)
+        try:
+            from cent import PresenceRequest
+
+            presence = await cent.presence(PresenceRequest(channel=ch))
+            assert [c.user for c in presence.presence.values()] == ["proxied-device"]
+        finally:
+            await cent.close()
+    finally:
+        await runner.cleanup()
