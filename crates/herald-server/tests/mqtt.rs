@@ -217,21 +217,21 @@ async fn mosquitto_refused_token_and_topic() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // A namespace that does not exist: SUBACK refuses it.
-    let out = mosquitto(
-        "mosquitto_sub",
-        &s,
-        "u",
-        &["-t", "nons:x", "-V", "mqttv5", "-W", "3"],
-    )
-    .output()
-    .await
-    .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("denied"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // A namespace that does not exist, a topic over client.channel_max_length: SUBACK
+    // refuses them.
+    let long = format!("dev:{}", "a".repeat(300));
+    for topic in ["nons:x", long.as_str()] {
+        let args = ["-t", topic, "-V", "mqttv5", "-W", "3"];
+        let out = mosquitto("mosquitto_sub", &s, "u", &args)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     s.shutdown().await;
 }
 
