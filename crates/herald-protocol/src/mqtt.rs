@@ -204,6 +204,25 @@ fn qos(q: QoS) -> u8 {
     q.value()
 }
 
+fn will(topic: &str, payload: Bytes, q: QoS) -> Will {
+    Will {
+        topic: topic.to_string(),
+        payload,
+        qos: qos(q),
+    }
+}
+
+/// A PUBLISH (one type in both versions; MQTT 5 properties are not used).
+fn publish_in(p: WirePublish) -> In {
+    In::Publish {
+        topic: p.topic.to_string(),
+        payload: p.payload,
+        qos: qos(p.qos),
+        packet_id: p.packet_id.map(NonZeroU16::get),
+        dup: p.dup,
+    }
+}
+
 fn from_v3(p: v3::Packet) -> In {
     use v3::Packet as P;
     match p {
@@ -216,19 +235,9 @@ fn from_v3(p: v3::Packet) -> In {
             receive_max: None,
             max_packet_size: None,
             auth_method: false,
-            will: c.last_will.map(|w| Will {
-                topic: w.topic.to_string(),
-                payload: w.message,
-                qos: qos(w.qos),
-            }),
+            will: c.last_will.map(|w| will(&w.topic, w.message, w.qos)),
         })),
-        P::Publish(p) => In::Publish {
-            topic: p.topic.to_string(),
-            payload: p.payload,
-            qos: qos(p.qos),
-            packet_id: p.packet_id.map(NonZeroU16::get),
-            dup: p.dup,
-        },
+        P::Publish(p) => publish_in(*p),
         P::PublishAck { packet_id } => In::PubAck(packet_id.get()),
         P::PublishReceived { packet_id } => In::PubRec(packet_id.get()),
         P::PublishRelease { packet_id } => In::PubRel(packet_id.get()),
@@ -277,19 +286,9 @@ fn from_v5(p: v5::Packet) -> In {
             receive_max: c.receive_max.map(NonZeroU16::get),
             max_packet_size: c.max_packet_size.map(NonZeroU32::get),
             auth_method: c.auth_method.is_some(),
-            will: c.last_will.map(|w| Will {
-                topic: w.topic.to_string(),
-                payload: w.message,
-                qos: qos(w.qos),
-            }),
+            will: c.last_will.map(|w| will(&w.topic, w.message, w.qos)),
         })),
-        P::Publish(p) => In::Publish {
-            topic: p.topic.to_string(),
-            payload: p.payload,
-            qos: qos(p.qos),
-            packet_id: p.packet_id.map(NonZeroU16::get),
-            dup: p.dup,
-        },
+        P::Publish(p) => publish_in(*p),
         P::PublishAck(a) => In::PubAck(a.packet_id.get()),
         P::PublishReceived(a) => In::PubRec(a.packet_id.get()),
         P::PublishRelease(a) => In::PubRel(a.packet_id.get()),

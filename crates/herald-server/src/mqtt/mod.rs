@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
 use axum::response::Response;
 use herald_core::conn::{Codec, Mode};
 use parking_lot::Mutex;
@@ -164,12 +163,7 @@ pub async fn websocket(
     headers: HeaderMap,
     ws: WsUpgrade,
 ) -> Response {
-    let offered = headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == SUBPROTOCOL);
+    let offered = crate::transport::websocket::offers_subprotocol(&headers, SUBPROTOCOL);
     let max = state.mqtt.settings.max_packet_size.saturating_add(8);
     crate::transport::websocket::upgrade(
         &state.clone(),

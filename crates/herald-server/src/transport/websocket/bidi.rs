@@ -5,7 +5,6 @@
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::http::header::SEC_WEBSOCKET_PROTOCOL;
 use axum::response::Response;
 use herald_core::conn::{Codec, Mode};
 use serde::Deserialize;
@@ -22,13 +21,7 @@ pub struct ProtocolQuery {
 
 /// The codec the client asked for, and the subprotocol to echo (only one it offered).
 pub fn negotiate(headers: &HeaderMap, q: &ProtocolQuery) -> (Codec, Option<&'static str>) {
-    let offered = headers
-        .get_all(SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == PROTOBUF_SUBPROTOCOL);
-    if offered {
+    if super::offers_subprotocol(headers, PROTOBUF_SUBPROTOCOL) {
         return (Codec::Protobuf, Some(PROTOBUF_SUBPROTOCOL));
     }
     let asked = [&q.cf_protocol, &q.format]

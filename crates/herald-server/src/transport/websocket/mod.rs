@@ -74,6 +74,16 @@ pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
     }
 }
 
+/// Whether the upgrade request offers `name` among its subprotocols.
+pub fn offers_subprotocol(headers: &axum::http::HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == name)
+}
+
 /// The WebSocket subprotocol of the Protobuf client protocol.
 pub const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
 
