@@ -19,9 +19,6 @@ use herald_protocol::proto::{self, Publication, Push, Reply};
 
 use herald_protocol::mqtt::{Accepted, PacketError, Version, Writer};
 
-/// Deliveries queued past the client's receive window before it counts as a slow consumer.
-const MAX_WAITING: usize = 10_000;
-
 /// A command sent to the session and what its reply becomes.
 #[derive(Debug)]
 pub enum Pending {
@@ -95,6 +92,9 @@ pub struct Link {
     inflight: BTreeMap<u16, Inflight>,
     /// QoS 1 deliveries beyond the client's receive window.
     waiting: VecDeque<(String, Publication, (bool, bool))>,
+    /// Payload bytes in `waiting`; past `max_waiting_bytes` the client is a slow consumer.
+    waiting_bytes: usize,
+    max_waiting_bytes: usize,
     next_packet_id: u16,
     pub receive_max: u16,
     pub connack_sent: bool,
@@ -113,7 +113,9 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(version: Version, receive_max: u16) -> Self {
+    /// `max_waiting_bytes`: what QoS 1 deliveries beyond the receive window may hold on the
+    /// node (the connection's `client.max_queue_bytes`).
+    pub fn new(version: Version, receive_max: u16, max_waiting_bytes: usize) -> Self {
         Self {
             writer: Writer(version),
             next_command: 0,
@@ -124,6 +126,8 @@ impl Link {
             held: Vec::new(),
             inflight: BTreeMap::new(),
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
+            max_waiting_bytes,
             next_packet_id: 0,
             receive_max: receive_max.max(1),
             connack_sent: false,
@@ -406,7 +410,11 @@ impl Link {
             return;
         }
         if !qos_written(qos, self.inflight.len(), self.receive_max) {
-            if self.waiting.len() >= MAX_WAITING {
+            self.waiting_bytes = self.waiting_bytes.saturating_add(p.data.len());
+            if self.waiting_bytes > self.max_waiting_bytes {
+                // Like any connection whose queue overflows: a slow consumer, closed.
+                self.waiting.clear();
+                self.waiting_bytes = 0;
                 conn.close(Disconnect::SLOW.into());
                 return;
             }
@@ -437,6 +445,7 @@ impl Link {
         while self.inflight.len() < usize::from(self.receive_max)
             && let Some((channel, p, flags)) = self.waiting.pop_front()
         {
+            self.waiting_bytes = self.waiting_bytes.saturating_sub(p.data.len());
             self.deliver(&channel, p, flags, &mut out, conn);
         }
         for p in out {
@@ -463,5 +472,76 @@ impl Link {
             }
         }
         subs.into_iter().map(|(c, s)| (c.to_string(), s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn publication(offset: u64, data: &[u8]) -> Publication {
+        Publication {
+            data: data.to_vec(),
+            offset,
+            ..Default::default()
+        }
+    }
+
+    fn qos1_link(window: u16, max_bytes: usize) -> (Link, ConnHandle) {
+        let mut link = Link::new(Version::V5, window, max_bytes);
+        link.subs.insert(
+            "ch".into(),
+            Sub {
+                qos: 1,
+                epoch: "e".into(),
+                offset: 0,
+                sent: 0,
+                positioned: true,
+            },
+        );
+        (link, ConnHandle::new(Arc::from("c"), 1 << 20))
+    }
+
+    #[test]
+    fn qos1_beyond_the_window_waits_and_counts_as_unacknowledged() {
+        let (mut link, conn) = qos1_link(1, 1 << 20);
+        let mut out = Vec::new();
+        for offset in 1..=3 {
+            link.deliver(
+                "ch",
+                publication(offset, b"x"),
+                (false, false),
+                &mut out,
+                &conn,
+            );
+        }
+        assert_eq!(out.len(), 1, "one in flight, two waiting");
+        let kept = link.positions();
+        assert_eq!(
+            kept[0].1.offset, 0,
+            "resumes before the first unacknowledged"
+        );
+        assert_eq!(kept[0].1.sent, 1, "only the first was written");
+        link.acked(1, &conn);
+        assert_eq!(link.positions()[0].1.offset, 1);
+        assert!(!conn.is_closing());
+    }
+
+    #[test]
+    fn waiting_past_the_queue_limit_is_a_slow_consumer() {
+        let (mut link, conn) = qos1_link(1, 100);
+        let mut out = Vec::new();
+        for offset in 1..=3 {
+            link.deliver(
+                "ch",
+                publication(offset, &[0; 60]),
+                (false, false),
+                &mut out,
+                &conn,
+            );
+        }
+        assert!(conn.is_slow(), "120 bytes waiting over a 100-byte limit");
     }
 }

@@ -87,6 +87,7 @@ pub fn serve<C: Carrier>(
     let link = Arc::new(Mutex::new(Link::new(
         Version::V311,
         mqtt.settings.max_inflight,
+        state.node.client.max_queue_bytes,
     )));
     let handler = MqttHandler::new(
         session,

@@ -138,7 +138,11 @@ mod tests {
     }
 
     fn link() -> Arc<Mutex<Link>> {
-        Arc::new(Mutex::new(Link::new(herald_protocol::mqtt::Version::V5, 8)))
+        Arc::new(Mutex::new(Link::new(
+            herald_protocol::mqtt::Version::V5,
+            8,
+            1 << 20,
+        )))
     }
 
     fn sub(offset: u64) -> Sub {
