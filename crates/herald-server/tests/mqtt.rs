@@ -521,6 +521,40 @@ async fn qos1_window_and_redelivery_with_dup_after_a_reconnect() {
     s.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_publish_flood_is_refused_then_disconnected() {
+    let s = node("command_rate = 1\ncommand_burst = 3\n").await;
+    let ch = channel("flood");
+    let mut t = connected(&s, 5).await;
+    let mut flood = Vec::new();
+    for id in 1..=10u16 {
+        let mut body = utf8(ch.as_bytes());
+        body.extend(id.to_be_bytes());
+        body.extend([0, b'1']);
+        flood.extend(packet(0x32, &body));
+    }
+    t.write_all(&flood).await.unwrap();
+    let mut reasons = Vec::new();
+    loop {
+        let (first, body) = read_packet(&mut t).await;
+        match first {
+            // PUBACK: a reason byte when it is not success.
+            0x40 => reasons.push(body.get(2).copied().unwrap_or(0)),
+            0xe0 => {
+                assert_eq!(body[0], 0x96, "DISCONNECT message rate too high");
+                break;
+            }
+            other => panic!("unexpected packet {other:02x}"),
+        }
+    }
+    // The connect took one of the 3; two publishes pass, the next are refused with
+    // "quota exceeded" until the refusals are a burst long.
+    assert_eq!(reasons[..2], [0, 0], "{reasons:02x?}");
+    assert!(reasons[2..].iter().all(|&r| r == 0x97), "{reasons:02x?}");
+    assert!(!reasons[2..].is_empty(), "{reasons:02x?}");
+    s.shutdown().await;
+}
+
 /// The reason of the DISCONNECT a closed MQTT 5 connection last got.
 async fn disconnect_reason(t: &mut TcpStream) -> u8 {
     let got = until_closed(t).await;
