@@ -238,7 +238,28 @@ impl Link {
                 }
             }
         }
+        self.release_idle();
         out
+    }
+
+    /// Frees the queues a quiet connection no longer uses: an idle device keeps only its
+    /// subscriptions (docs/performance.md, idle memory).
+    fn release_idle(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = HashMap::new();
+        }
+        if self.local.is_empty() && self.local.capacity() > 0 {
+            self.local = VecDeque::new();
+        }
+        if self.acks.is_empty() && self.acks.capacity() > 0 {
+            self.acks = VecDeque::new();
+        }
+        if self.held.is_empty() && self.held.capacity() > 0 {
+            self.held = Vec::new();
+        }
+        if self.waiting.is_empty() && self.waiting.capacity() > 0 {
+            self.waiting = VecDeque::new();
+        }
     }
 
     fn on_reply(&mut self, reply: Reply, out: &mut Vec<Bytes>, conn: &ConnHandle) {

@@ -154,7 +154,15 @@ impl<C: Carrier> Wire for MqttWire<C> {
                 return std::future::pending().await;
             }
             match frame_len(&self.buf, self.max_packet) {
-                Ok(Some(n)) => return Received::Message(self.buf.split_to(n).freeze()),
+                Ok(Some(n)) => {
+                    let packet = self.buf.split_to(n).freeze();
+                    if self.buf.is_empty() {
+                        // The packet alone keeps the allocation, freed once it is handled: an
+                        // idle connection holds no read buffer.
+                        self.buf = BytesMut::new();
+                    }
+                    return Received::Message(packet);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     // Handed to the handler as an empty message, which closes with the
