@@ -179,7 +179,14 @@ pub struct Settled {
     /// `Some` when the subscription negotiated delta: the id of the last publication queued
     /// to it (0: none), the base the next one may be patched against.
     pub delta_last: Option<u64>,
+    /// What reached this node live has a hole after `through`: the client is told to
+    /// resubscribe (2500) and gets nothing more of the channel until it has.
+    pub resubscribe: bool,
 }
+
+/// `delivered_through` of a channel held back: its client was told to resubscribe, and any
+/// publication sent before it has would move its position past the hole.
+const HELD: u64 = u64::MAX;
 
 /// How a connection's client encodes messages: JSON text, or length-prefixed Protobuf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -256,7 +263,8 @@ struct Outbox {
     buffering: Vec<(Arc<str>, Vec<Arc<PubMessage>>)>,
     /// (channel, offset): live publications of the channel at or below the offset were
     /// already sent in a subscribe reply, and are dropped. A cluster engine can show a
-    /// publication in history before its live copy reaches this node.
+    /// publication in history before its live copy reaches this node. [`HELD`]: none are
+    /// sent until the channel is subscribed again.
     delivered_through: Vec<(Arc<str>, u64)>,
     /// Channels whose subscription negotiated delta, and the id of the last publication
     /// queued in each (0: none yet).
@@ -401,7 +409,7 @@ impl ConnHandle {
             {
                 let offset = msg.publication.offset;
                 let through = st.delivered_through[i].1;
-                if offset != 0 && offset <= through {
+                if through == HELD || (offset != 0 && offset <= through) {
                     return;
                 }
                 if offset != 0 && offset > through.saturating_add(1) {
@@ -410,8 +418,7 @@ impl ConnHandle {
                     // it read (a cluster engine's history can lag its live feed, e.g. while a
                     // broker's stream leader moves). Skipping them would be silent loss: hold
                     // the channel back and have the client resubscribe and recover them.
-                    st.delivered_through[i].1 = u64::MAX;
-                    st.controls.push(Control::insufficient_state(channel));
+                    Self::hold_back(&mut st, channel);
                     drop(st);
                     self.notify.notify_one();
                     return;
@@ -496,8 +503,21 @@ impl ConnHandle {
         }
     }
 
+    /// Ends buffering of a subscription that failed. Until the channel is subscribed again
+    /// its publications are dropped: a broadcast already under way can still reach this
+    /// connection after it left the hub, and the client must not read a publication of a
+    /// subscription it was refused (it would take its offset as its position).
     pub fn cancel_buffering(&self, channel: &str) {
-        self.state.lock().buffering.retain(|(c, _)| &**c != channel);
+        let mut st = self.state.lock();
+        st.buffering.retain(|(c, _)| &**c != channel);
+        match st
+            .delivered_through
+            .iter_mut()
+            .find(|(c, _)| &**c == channel)
+        {
+            Some((_, through)) => *through = HELD,
+            None => st.delivered_through.push((Arc::from(channel), HELD)),
+        }
     }
 
     /// Ends buffering of `channels` atomically: `build` receives each channel's held-back
@@ -528,6 +548,9 @@ impl ConnHandle {
                 if let Some(last) = s.delta_last {
                     st.deltas.push((Arc::from(*ch), last));
                 }
+                if s.resubscribe {
+                    Self::hold_back(&mut st, ch);
+                }
             }
             for frame in frames {
                 if !self.push_locked(&mut st, frame) {
@@ -541,6 +564,28 @@ impl ConnHandle {
     pub fn control(&self, c: Control) {
         self.state.lock().controls.push(c);
         self.notify.notify_one();
+    }
+
+    /// Tells the client to resubscribe to `channel` and recover (2500), holding back every
+    /// publication of it until the client has: a live publication queued before the
+    /// unsubscribe push would move the client's position past what it missed.
+    pub fn insufficient_state(&self, channel: &str) {
+        Self::hold_back(&mut self.state.lock(), channel);
+        self.notify.notify_one();
+    }
+
+    /// Holds `channel` back and queues the 2500 control, once until it is subscribed again.
+    fn hold_back(st: &mut Outbox, channel: &str) {
+        match st
+            .delivered_through
+            .iter_mut()
+            .find(|(c, _)| &**c == channel)
+        {
+            Some((_, HELD)) => return,
+            Some((_, through)) => *through = HELD,
+            None => st.delivered_through.push((Arc::from(channel), HELD)),
+        }
+        st.controls.push(Control::insufficient_state(channel));
     }
 
     /// Asks the connection to close; the first reason wins.
@@ -652,7 +697,7 @@ mod tests {
                 v,
                 vec![Settled {
                     through: 1,
-                    delta_last: None,
+                    ..Default::default()
                 }],
             )
         });
@@ -676,7 +721,7 @@ mod tests {
                 vec![Bytes::from_static(b"reply")],
                 vec![Settled {
                     through,
-                    delta_last: None,
+                    ..Default::default()
                 }],
             )
         });
@@ -710,5 +755,46 @@ mod tests {
         let got: Vec<_> = d.frames.iter().map(|b| b.to_vec()).collect();
         assert_eq!(got, [b"p11".to_vec(), b"p12".to_vec()]);
         assert!(d.controls.is_empty());
+    }
+
+    #[test]
+    fn told_to_resubscribe_nothing_more_is_delivered_until_subscribed_again() {
+        let c = ConnHandle::new(Arc::from("c"), 1 << 20);
+        settled_through(&c, 10);
+        c.deliver("ch", &msg(11));
+        // The engine saw 12 missing: 13, which revealed it, and later ones must not reach the
+        // client before the unsubscribe push, or it would recover from past the hole.
+        c.insufficient_state("ch");
+        c.deliver("ch", &msg(13));
+        c.insufficient_state("ch");
+        c.deliver("ch", &msg(14));
+        let d = c.drain();
+        let got: Vec<_> = d.frames.iter().map(|b| b.to_vec()).collect();
+        assert_eq!(got, [b"p11".to_vec()]);
+        assert!(
+            matches!(&d.controls[..], [Control::Unsubscribe { channel, code: 2500, .. }] if channel == "ch"),
+            "{:?}",
+            d.controls
+        );
+        settled_through(&c, 14);
+        c.deliver("ch", &msg(15));
+        let got: Vec<_> = c.drain().frames.iter().map(|b| b.to_vec()).collect();
+        assert_eq!(got, [b"p15".to_vec()]);
+    }
+
+    #[test]
+    fn a_failed_subscribe_gets_no_publication() {
+        let c = ConnHandle::new(Arc::from("c"), 1 << 20);
+        c.start_buffering("ch");
+        c.deliver("ch", &msg(1));
+        c.cancel_buffering("ch");
+        // A broadcast that listed this connection before it left the hub.
+        c.deliver("ch", &msg(2));
+        let d = c.drain();
+        assert!(d.frames.is_empty() && d.controls.is_empty());
+        settled_through(&c, 2);
+        c.deliver("ch", &msg(3));
+        let got: Vec<_> = c.drain().frames.iter().map(|b| b.to_vec()).collect();
+        assert_eq!(got, [b"p3".to_vec()]);
     }
 }

@@ -486,13 +486,15 @@ impl Hub {
     }
 
     /// Tells every local subscriber of `channel` to resubscribe (unsubscribe push 2500); the
-    /// SDK resubscribes with recovery from its last offset.
+    /// SDK resubscribes with recovery from its last offset. Until it has, nothing more of
+    /// the channel reaches it: the publication that revealed the hole, delivered next,
+    /// would move its position past the hole.
     pub fn resubscribe_all(&self, channel: &str) {
         let Some(subs) = self.subscribers(channel, false) else {
             return;
         };
         for s in subs.iter() {
-            s.conn.control(Control::insufficient_state(channel));
+            s.conn.insufficient_state(channel);
         }
     }
 }

@@ -1372,7 +1372,19 @@ fn settle(
     live: Vec<Arc<PubMessage>>,
     conn: &ConnHandle,
 ) -> (Vec<Bytes>, Settled) {
-    let (frames, through, last) = settle_stream(p, live, conn);
+    let s = settle_stream(p, live, conn);
+    tracing::debug!(
+        client = %conn.id,
+        channel = %p.channel,
+        offset = p.result.offset,
+        recovering = p.recovering,
+        recovered = p.result.recovered,
+        publications = p.result.publications.len(),
+        live = s.frames.len(),
+        through = s.through,
+        resubscribe = s.resubscribe,
+        "subscribed"
+    );
     let delta = p.result.delta;
     if delta && conn.codec == Codec::Json {
         // With delta, a JSON client reads every publication's data as a string.
@@ -1381,19 +1393,29 @@ fn settle(
         }
     }
     let settled = Settled {
-        through,
-        delta_last: delta.then_some(last),
+        through: s.through,
+        delta_last: delta.then_some(s.last),
+        resubscribe: s.resubscribe,
     };
-    (frames, settled)
+    (s.frames, settled)
 }
 
-/// The live publications to queue after the reply, the offset reached and the id of the
-/// last publication queued (0: none).
-fn settle_stream(
-    p: &mut Prepared,
-    live: Vec<Arc<PubMessage>>,
-    conn: &ConnHandle,
-) -> (Vec<Bytes>, u64, u64) {
+/// How a subscription's stream continues after its reply.
+#[derive(Debug, Default)]
+struct Continuation {
+    /// Live publications to queue after the reply.
+    frames: Vec<Bytes>,
+    /// The offset the client has reached with them (0: not positioned).
+    through: u64,
+    /// The id of the last publication queued (0: none).
+    last: u64,
+    /// A hole follows `through`: the client is told to resubscribe.
+    resubscribe: bool,
+}
+
+/// How the stream continues after the reply. Runs while the connection's outbox is locked
+/// ([`ConnHandle::complete_buffering`]), so it must not queue on `conn` itself.
+fn settle_stream(p: &mut Prepared, live: Vec<Arc<PubMessage>>, conn: &ConnHandle) -> Continuation {
     let frames = |msgs: &[&Arc<PubMessage>]| -> (Vec<Bytes>, u64) {
         if p.result.delta {
             conn.delta_frames(msgs, 0)
@@ -1404,8 +1426,12 @@ fn settle_stream(
     };
     if !p.result.positioned {
         let all: Vec<&Arc<PubMessage>> = live.iter().collect();
-        let (f, last) = frames(&all);
-        return (f, 0, last);
+        let (frames, last) = frames(&all);
+        return Continuation {
+            frames,
+            last,
+            ..Default::default()
+        };
     }
     let top = p.result.offset;
     if p.recovering {
@@ -1417,7 +1443,10 @@ fn settle_stream(
             p.result.recovered = true;
             p.result.publications = merged;
             // Publications in the reply are whole: the next live one is too.
-            return (Vec::new(), p.result.offset, 0);
+            return Continuation {
+                through: p.result.offset,
+                ..Default::default()
+            };
         }
         // How many of the merged publications follow the client's position without a hole.
         let whole = (p.after.saturating_add(1)..)
@@ -1434,16 +1463,36 @@ fn settle_stream(
             p.result.offset = whole_through;
             p.result.recovered = true;
             p.result.publications = merged;
-            conn.control(Control::insufficient_state(&p.channel));
-            return (Vec::new(), whole_through, 0);
+            return Continuation {
+                through: whole_through,
+                resubscribe: true,
+                ..Default::default()
+            };
         }
         // History itself misses publications the client did not get: say so.
         p.result.recovered = false;
     }
-    let after: Vec<&Arc<PubMessage>> = live.iter().filter(|m| m.publication.offset > top).collect();
-    let through = after.last().map_or(top, |m| m.publication.offset).max(top);
-    let (f, last) = frames(&after);
-    (f, through, last)
+    // Live publications follow the reply only up to a hole: one after it would move the
+    // client's position past what it missed (history read behind the live feed).
+    let mut expected = top.saturating_add(1);
+    let mut resubscribe = false;
+    let mut after: Vec<&Arc<PubMessage>> = Vec::new();
+    for m in live.iter().filter(|m| m.publication.offset > top) {
+        if m.publication.offset != expected {
+            resubscribe = true;
+            break;
+        }
+        after.push(m);
+        expected = expected.saturating_add(1);
+    }
+    let through = after.last().map_or(top, |m| m.publication.offset);
+    let (frames, last) = frames(&after);
+    Continuation {
+        frames,
+        through,
+        last,
+        resubscribe,
+    }
 }
 
 /// A reply in the codec of a bidirectional client.
@@ -1720,32 +1769,101 @@ mod tests {
         (p, live)
     }
 
+    /// Settles `p` as a subscribe does: `live` arrives while it is buffered, and the reply is
+    /// settled inside the connection's outbox lock. On a thread, so that settling which
+    /// blocks on that lock fails the test instead of hanging it.
+    fn settle_buffered(
+        conn: &Arc<ConnHandle>,
+        mut p: Prepared,
+        live: Vec<Arc<PubMessage>>,
+    ) -> Prepared {
+        let conn = conn.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            conn.start_buffering("ch");
+            for m in &live {
+                conn.deliver("ch", m);
+            }
+            conn.complete_buffering(&["ch"], |mut held| {
+                let (frames, settled) = settle(&mut p, held.pop().unwrap_or_default(), &conn);
+                (frames, vec![settled])
+            });
+            let _ = tx.send(p);
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("settling a subscription blocked on its own connection")
+    }
+
+    /// Offsets of the publications queued on `conn`, and how many 2500 controls.
+    fn queued(conn: &ConnHandle) -> (Vec<u64>, usize) {
+        let d = conn.drain();
+        let offsets = d
+            .frames
+            .iter()
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_slice(f).expect("JSON push");
+                v["push"]["pub"]["offset"].as_u64().unwrap_or(0)
+            })
+            .collect();
+        let resubscribes = d
+            .controls
+            .iter()
+            .filter(|c| matches!(c, Control::Unsubscribe { code: 2500, .. }))
+            .count();
+        (offsets, resubscribes)
+    }
+
+    fn live_msgs(offsets: &[u64]) -> Vec<Arc<PubMessage>> {
+        offsets
+            .iter()
+            .map(|&o| {
+                Arc::new(PubMessage::new(
+                    Arc::from("ch"),
+                    publication(o),
+                    Instant::now(),
+                ))
+            })
+            .collect()
+    }
+
     #[test]
     fn a_hole_in_the_live_feed_after_whole_history_is_recovered_not_reported_lost() {
-        let conn = ConnHandle::new(Arc::from("c"), 1 << 20);
+        let conn = Arc::new(ConnHandle::new(Arc::from("c"), 1 << 20));
         // History has 6..=10; 11 never arrived live, 12 and 13 did.
-        let (mut p, live) = recovering(5, 10, &[9, 10, 12, 13]);
-        let (frames, through, _) = settle_stream(&mut p, live, &conn);
+        let (p, live) = recovering(5, 10, &[9, 10, 12, 13]);
+        let p = settle_buffered(&conn, p, live);
         assert!(p.result.recovered, "nothing is lost: history is whole");
         let got: Vec<u64> = p.result.publications.iter().map(|x| x.offset).collect();
         assert_eq!(got, (6..=10).collect::<Vec<_>>());
-        assert_eq!(through, 10);
-        assert!(frames.is_empty(), "nothing after the hole is delivered");
-        // The client is told to resubscribe and recovers 11 onwards from history.
-        let controls = conn.drain().controls;
-        assert!(
-            matches!(&controls[..], [Control::Unsubscribe { channel, code: 2500, .. }] if channel == "ch"),
-            "{controls:?}"
-        );
+        assert_eq!(p.result.offset, 10);
+        // The client is told to resubscribe and recovers 11 onwards from history; nothing
+        // after the hole reaches it meanwhile.
+        assert_eq!(queued(&conn), (vec![], 1));
+        conn.deliver("ch", &live_msgs(&[14])[0]);
+        assert_eq!(queued(&conn), (vec![], 0));
     }
 
     #[test]
     fn a_hole_in_history_is_reported() {
-        let conn = ConnHandle::new(Arc::from("c"), 1 << 20);
+        let conn = Arc::new(ConnHandle::new(Arc::from("c"), 1 << 20));
         let (mut p, live) = recovering(5, 10, &[11]);
         p.history.retain(|x| x.offset != 7);
-        let (_, _, _) = settle_stream(&mut p, live, &conn);
+        let p = settle_buffered(&conn, p, live);
         assert!(!p.result.recovered);
-        assert!(conn.drain().controls.is_empty());
+        assert_eq!(queued(&conn), (vec![11], 0));
+    }
+
+    #[test]
+    fn live_after_the_reply_stops_at_a_hole() {
+        let conn = Arc::new(ConnHandle::new(Arc::from("c"), 1 << 20));
+        // A new subscription positioned at 10 (history read behind the live feed): 11 came
+        // live, 12 did not, 13 did.
+        let (mut p, _) = recovering(10, 10, &[]);
+        p.recovering = false;
+        let p = settle_buffered(&conn, p, live_msgs(&[9, 10, 11, 13]));
+        assert_eq!(p.result.offset, 10);
+        assert_eq!(queued(&conn), (vec![11], 1));
+        conn.deliver("ch", &live_msgs(&[14])[0]);
+        assert_eq!(queued(&conn), (vec![], 0));
     }
 }

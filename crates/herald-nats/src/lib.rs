@@ -109,7 +109,8 @@ type Surveys = Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Vec<(Str
 enum Order {
     Next,
     Seen,
-    Gap,
+    /// Not the successor of the offset held (the payload; 0 when none was known).
+    Gap(u64),
 }
 
 /// Where the live feed of a channel is, as seen by this node (for gap detection).
@@ -117,6 +118,37 @@ enum Order {
 struct LiveState {
     epoch: String,
     offset: u64,
+    /// The feed (re)started while the stream could not say where it stood (no stream
+    /// leader): the next message may follow a hole this node cannot see.
+    unknown: bool,
+}
+
+impl LiveState {
+    /// Where `offset` stands against the last one seen; it becomes the last one seen.
+    fn next(&mut self, offset: u64, epoch: &str) -> Order {
+        if self.unknown {
+            self.unknown = false;
+            self.epoch = epoch.to_string();
+            self.offset = offset;
+            return Order::Gap(0);
+        }
+        if self.offset == 0 || self.epoch != epoch {
+            // First seen, or a new epoch (a new stream): the next offsets count from here.
+            self.epoch = epoch.to_string();
+            self.offset = offset;
+            return Order::Next;
+        }
+        if offset <= self.offset {
+            return Order::Seen;
+        }
+        let held = self.offset;
+        self.offset = offset;
+        if held.checked_add(1) == Some(offset) {
+            Order::Next
+        } else {
+            Order::Gap(held)
+        }
+    }
 }
 
 struct Shared {
@@ -181,10 +213,11 @@ impl Shared {
                         Order::Next => {}
                         // Already delivered here (a republish seen twice): drop it.
                         Order::Seen => return,
-                        Order::Gap => {
+                        Order::Gap(after) => {
                             tracing::warn!(
                                 channel,
                                 offset,
+                                after,
                                 "live feed gap: subscribers resubscribe"
                             );
                             self.handler.on_insufficient_state(channel);
@@ -198,20 +231,11 @@ impl Shared {
 
     /// Where `offset` stands against the last one seen on this node.
     fn in_order(&self, channel: &str, offset: u64, epoch: &str) -> Order {
-        let mut live = self.live.lock();
-        let st = live.entry(channel.to_string()).or_default();
-        if st.offset == 0 || st.epoch != epoch {
-            // First seen, or a new epoch (a new stream): the next offsets count from here.
-            st.epoch = epoch.to_string();
-            st.offset = offset;
-            return Order::Next;
-        }
-        if offset <= st.offset {
-            return Order::Seen;
-        }
-        let next = st.offset.checked_add(1) == Some(offset);
-        st.offset = offset;
-        if next { Order::Next } else { Order::Gap }
+        self.live
+            .lock()
+            .entry(channel.to_string())
+            .or_default()
+            .next(offset, epoch)
     }
 
     fn forget_live(&self, channel: &str) {
@@ -234,13 +258,30 @@ impl Shared {
             Ok(Some(meta)) if meta.offset > 0 => meta,
             Ok(_) => return,
             Err(e) => {
-                // Keep what this node saw: a gap then shows at the next message instead.
+                // Keep what this node saw: a gap then shows at the next message instead. If
+                // it saw nothing, the next message is not taken for the start of the feed
+                // (messages before it may have been lost on the way to this node, and
+                // subscribers may have read history before them): subscribers recover.
                 tracing::debug!(channel, error = %e, "live position unknown");
+                self.live
+                    .lock()
+                    .entry(channel.to_string())
+                    .or_insert_with(|| LiveState {
+                        unknown: true,
+                        ..Default::default()
+                    });
                 return;
             }
         };
         let mut live = self.live.lock();
         let st = live.entry(channel.to_string()).or_default();
+        tracing::debug!(
+            channel,
+            reset,
+            seen = st.offset,
+            stream = meta.offset,
+            "live position seeded"
+        );
         if reset || st.offset == 0 || st.epoch != meta.epoch {
             st.epoch = meta.epoch;
             st.offset = meta.offset;
@@ -737,10 +778,12 @@ impl Engine for NatsEngine {
                         .map_err(unavailable)?;
                     let shared = self.shared.clone();
                     let ch = channel.to_string();
+                    tracing::debug!(channel, "live feed subscribed");
                     let task = tokio::spawn(async move {
                         while let Some(msg) = sub.next().await {
                             shared.on_live_message(&ch, &msg);
                         }
+                        tracing::debug!(channel = ch, "live feed ended");
                     });
                     subs.insert(channel.to_string(), task);
                 }
@@ -813,6 +856,12 @@ impl Engine for NatsEngine {
                     marker: true,
                 };
             };
+            tracing::debug!(
+                channel,
+                top = top.offset,
+                since = ?query.since.as_ref().map(|p| p.offset),
+                "history position"
+            );
             let position = StreamPosition {
                 offset: top.offset,
                 epoch: top.epoch.clone(),
@@ -1059,4 +1108,35 @@ impl Engine for NatsEngine {
 /// How often the node should call [`Engine::heartbeat`].
 pub fn heartbeat_interval(cfg: &NatsConfig) -> Duration {
     cfg.node_heartbeat
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feed_started_without_a_known_position_does_not_trust_its_first_message() {
+        // The stream had no leader when the feed (re)started: 1000..1007 may have been
+        // republished before this node's subscription reached the new leader's server.
+        let mut st = LiveState {
+            unknown: true,
+            ..Default::default()
+        };
+        assert!(matches!(st.next(1008, "e"), Order::Gap(0)));
+        assert!(matches!(st.next(1009, "e"), Order::Next));
+        assert!(matches!(st.next(1009, "e"), Order::Seen));
+        assert!(matches!(st.next(1011, "e"), Order::Gap(1009)));
+    }
+
+    #[test]
+    fn a_seeded_feed_continues_from_the_stream_position() {
+        let mut st = LiveState {
+            epoch: "e".into(),
+            offset: 999,
+            unknown: false,
+        };
+        assert!(matches!(st.next(999, "e"), Order::Seen));
+        assert!(matches!(st.next(1000, "e"), Order::Next));
+        assert!(matches!(st.next(1008, "e"), Order::Gap(1000)));
+    }
 }

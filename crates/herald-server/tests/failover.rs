@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -23,6 +23,8 @@ const CHANNEL: &str = "big:failover";
 const SUBSCRIBERS: usize = 300;
 const RATE: u64 = 200;
 const SECONDS: u64 = 10;
+/// A subscriber that heard nothing for this long tries another node.
+const QUIET_LIMIT: Duration = Duration::from_secs(15);
 
 struct Node {
     child: Child,
@@ -49,40 +51,46 @@ fn spawn_node(dir: &std::path::Path, i: usize, prefix: &str, nats: bool) -> Node
 
 /// A `herald` process with `engine` (TOML of `[engine]` and its sub-table).
 fn spawn_node_with(dir: &std::path::Path, i: usize, engine: &str) -> Node {
-    try_spawn_node_with(dir, i, engine).expect("herald exited before listening")
+    try_spawn_node_with(dir, i, engine, "warn").expect("herald exited before listening")
 }
 
-/// Like [`spawn_node_with`]; None when the node exits before listening (e.g. its engine
-/// could not set up yet), with what it printed on stderr.
+/// Where node `i` writes its log.
+fn node_log(dir: &std::path::Path, i: usize) -> std::path::PathBuf {
+    dir.join(format!("node{i}.log"))
+}
+
+/// Like [`spawn_node_with`], logging at `log` (`HERALD_LOG`) to [`node_log`]; Err when the
+/// node exits before listening (e.g. its engine could not set up yet), with its log.
 fn try_spawn_node_with(
     dir: &std::path::Path,
     i: usize,
     engine: &str,
+    log: &str,
 ) -> std::result::Result<Node, String> {
     let cfg = common::config("").replace("[api]", &format!("{engine}[api]"));
     let path = dir.join(format!("node{i}.toml"));
     std::fs::write(&path, cfg).unwrap();
+    let log_path = node_log(dir, i);
+    // A file never blocks the node the way a full pipe would, and outlives a failed run.
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--config"])
         .arg(&path)
-        .env("HERALD_LOG", "warn")
+        .env("HERALD_LOG", log)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log_file)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    // Keep draining stderr so the node never blocks on a full pipe; keep the start of it.
-    let errors = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-        text
-    });
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
         let Some(Ok(line)) = lines.next() else {
             let _ = child.wait();
-            return Err(errors.join().unwrap_or_default());
+            return Err(std::fs::read_to_string(&log_path).unwrap_or_default());
         };
         if let Some(a) = line.strip_prefix("herald: listening on http://") {
             break a.to_string();
@@ -93,6 +101,83 @@ fn try_spawn_node_with(
     Ok(Node { child, addr })
 }
 
+/// The last `n` lines of node `i`'s log that mention any of `needles` (all lines when
+/// `needles` is empty).
+fn log_tail(dir: &std::path::Path, i: usize, needles: &[&str], n: usize) -> String {
+    let text = std::fs::read_to_string(node_log(dir, i)).unwrap_or_default();
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| needles.is_empty() || needles.iter().any(|w| l.contains(w)))
+        .collect();
+    hits[hits.len().saturating_sub(n)..].join("\n")
+}
+
+/// What a subscriber did last (node, client id, replies, resubscribe pushes), to tell
+/// what went wrong when it does not end whole.
+#[derive(Default)]
+struct Trace(std::collections::VecDeque<String>);
+
+impl Trace {
+    const KEEP: usize = 40;
+
+    fn note(&mut self, event: String) {
+        if self.0.len() == Self::KEEP {
+            self.0.pop_front();
+        }
+        self.0.push_back(format!("{} {event}", wall_clock()));
+    }
+
+    /// Client ids this subscriber had, most recent last.
+    fn clients(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .filter_map(|e| e.split("client ").nth(1))
+            .filter_map(|r| r.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// UTC time of day with milliseconds, as the nodes' logs print it.
+fn wall_clock() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+/// Why a subscriber did not end whole: its own account and the nodes it used.
+#[derive(Debug)]
+struct Stalled {
+    message: String,
+    trace: String,
+    clients: Vec<String>,
+}
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}\nlast events:\n{}", self.message, self.trace)
+    }
+}
+
+impl std::error::Error for Stalled {}
+
 /// A subscriber that knows every node: on a lost connection it moves to the next node and
 /// resubscribes with recovery from the last offset it has.
 async fn subscriber(
@@ -100,21 +185,33 @@ async fn subscriber(
     start: usize,
     total: Arc<AtomicU64>,
     killed_at: Arc<parking_lot_free::Cell>,
-) -> Result<(Vec<u64>, Option<Duration>)> {
+) -> Result<(Vec<u64>, Option<Duration>, Trace)> {
     let token = common::token("sub", 3600);
     let mut offsets: Vec<u64> = Vec::new();
     let mut epoch = String::new();
     let mut idx = start;
     let mut whole_after_kill = None;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut trace = Trace::default();
+    let stalled = |message: String, trace: &Trace| Stalled {
+        message,
+        trace: trace.to_string(),
+        clients: trace.clients(),
+    };
     'reconnect: loop {
         if Instant::now() > deadline {
-            bail!(
-                "subscriber {start} not whole after 60s: {} offsets",
-                offsets.len()
-            );
+            let last = offsets.last().copied().unwrap_or(0);
+            return Err(stalled(
+                format!(
+                    "subscriber {start} not whole after 60s: {} offsets, last {last}",
+                    offsets.len()
+                ),
+                &trace,
+            )
+            .into());
         }
-        let url = format!("ws://{}/connection/websocket", addrs[idx % addrs.len()]);
+        let node = idx % addrs.len();
+        let url = format!("ws://{}/connection/websocket", addrs[node]);
         let Ok(Ok((ws, _))) = tokio::time::timeout(
             Duration::from_secs(2),
             tokio_tungstenite::connect_async(url),
@@ -137,25 +234,35 @@ async fn subscriber(
             json!({"id":1,"connect":{"token": token}}),
             json!({"id":2,"subscribe": sub})
         );
+        trace.note(format!(
+            "node {node}: subscribe from {:?} (have {})",
+            offsets.last(),
+            offsets.len()
+        ));
         if tx.send(Message::text(frame)).await.is_err() {
             idx += 1;
             continue;
         }
         let mut silent = Duration::ZERO;
+        let mut live_noted = false;
         loop {
             let msg = match tokio::time::timeout(Duration::from_millis(250), rx.next()).await {
                 Ok(Some(Ok(m))) => m,
                 // Quiet: done if the last offset became known meanwhile, else keep waiting
-                // up to 5 s before trying another node.
-                Err(_) if silent < Duration::from_secs(5) => {
+                // before trying another node. A healthy node is quiet while NATS elects a
+                // new stream leader (publishes are refused meanwhile, several seconds):
+                // leaving it then would make the subscriber recover more than
+                // `recovery_max_publication_limit` publications later.
+                Err(_) if silent < QUIET_LIMIT => {
                     silent += Duration::from_millis(250);
                     let total = total.load(Ordering::Relaxed);
                     if total > 0 && offsets.last().copied() == Some(total) {
-                        return Ok((offsets, whole_after_kill));
+                        return Ok((offsets, whole_after_kill, trace));
                     }
                     continue;
                 }
                 _ => {
+                    trace.note(format!("node {node}: silent or closed, next node"));
                     idx += 1;
                     continue 'reconnect;
                 }
@@ -163,6 +270,7 @@ async fn subscriber(
             silent = Duration::ZERO;
             let Message::Text(text) = msg else {
                 if let Message::Close(_) = msg {
+                    trace.note(format!("node {node}: closed {msg:?}"));
                     idx += 1;
                     continue 'reconnect;
                 }
@@ -172,15 +280,31 @@ async fn subscriber(
                 let v: Value = serde_json::from_str(line).context("bad json")?;
                 if v == json!({}) {
                     let _ = tx.send(Message::text("{}")).await;
+                } else if v["id"] == 1 {
+                    trace.note(format!("node {node}: client {}", v["connect"]["client"]));
                 } else if v["id"] == 2 {
                     let r = &v["subscribe"];
+                    let pubs = r["publications"].as_array().map_or(0, Vec::len);
+                    trace.note(format!(
+                        "node {node}: reply recovered={} offset={} epoch={} publications={pubs} ({}..{}) error={}",
+                        r["recovered"],
+                        r["offset"],
+                        r["epoch"],
+                        r["publications"][0]["offset"],
+                        r["publications"][pubs.saturating_sub(1)]["offset"],
+                        v["error"],
+                    ));
                     if r.is_null() {
                         // Refused (e.g. the engine was busy): try again on another node.
                         idx += 1;
                         continue 'reconnect;
                     }
                     if recovering && r["recovered"] != true {
-                        bail!("subscriber {start}: recovery failed: {v}");
+                        return Err(stalled(
+                            format!("subscriber {start}: recovery failed: {v}"),
+                            &trace,
+                        )
+                        .into());
                     }
                     epoch = r["epoch"].as_str().unwrap_or_default().to_string();
                     for p in r["publications"].as_array().cloned().unwrap_or_default() {
@@ -195,16 +319,25 @@ async fn subscriber(
                 } else if v["push"]["channel"] == CHANNEL
                     && let Some(o) = v["push"]["pub"]["offset"].as_u64()
                 {
+                    if !live_noted {
+                        live_noted = true;
+                        trace.note(format!("node {node}: first live {o}"));
+                    }
                     offsets.push(o);
                 } else if v["push"]["channel"] == CHANNEL && v["push"].get("unsubscribe").is_some()
                 {
+                    trace.note(format!(
+                        "node {node}: unsubscribe push {} after {:?}",
+                        v["push"]["unsubscribe"],
+                        offsets.last()
+                    ));
                     // Told to resubscribe (2500): recover on a fresh connection.
                     continue 'reconnect;
                 }
             }
             let total = total.load(Ordering::Relaxed);
             if total > 0 && offsets.last().copied() == Some(total) {
-                return Ok((offsets, whole_after_kill));
+                return Ok((offsets, whole_after_kill, trace));
             }
         }
     }
@@ -305,7 +438,7 @@ async fn kill_one_node_under_load(nats: bool) {
     let mut slowest = Duration::ZERO;
     let mut moved = 0;
     for s in subs {
-        let (offsets, whole) = tokio::time::timeout(Duration::from_secs(60), s)
+        let (offsets, whole, _) = tokio::time::timeout(Duration::from_secs(60), s)
             .await
             .unwrap()
             .unwrap()
@@ -438,13 +571,33 @@ fn js_request(port: u16, subject: &str) -> Option<Value> {
     }
 }
 
+/// The nodes' log in the stream-leader-kill test: enough to follow one channel's live feed
+/// and one client's subscriptions.
+const NATS_FAILOVER_LOG: &str = "warn,herald_nats=debug,herald_core=debug";
+
+/// A failed subscriber's account, and what the nodes logged about its clients and the
+/// NATS engine (the logs stay in `dir`).
+fn stalled_report(e: &anyhow::Error, dir: &std::path::Path, nodes: usize) -> String {
+    let mut out = format!("{e:#}\nnode logs in {}\n", dir.display());
+    let clients: Vec<&str> = e
+        .downcast_ref::<Stalled>()
+        .map(|s| s.clients.iter().map(|c| c.trim_matches('"')).collect())
+        .unwrap_or_default();
+    for i in 0..nodes {
+        out.push_str(&format!(
+            "--- node {i}, its clients:\n{}\n--- node {i}, engine:\n{}\n",
+            log_tail(dir, i, &clients, 20),
+            log_tail(dir, i, &["herald_nats"], 30),
+        ));
+    }
+    out
+}
+
 /// A 3-server NATS cluster, R3 streams, 3 Herald nodes, 300 subscribers, a publisher at
 /// 200 msg/s; the history stream's leader is SIGKILLed midway. Publishes during the
 /// election may be refused; every acknowledged one must reach every subscriber exactly
 /// once, in order (subscribers see a gapless offset sequence containing every acked one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: in about 1 run of 7 a subscriber makes no progress past the kill \
-            for 60 s (see docs/cluster.md). Run with --run-ignored"]
 async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     let dir = std::env::temp_dir().join(format!("herald-nats-fo-{}", herald_core::node::new_id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -495,7 +648,7 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     let mut nodes: Vec<Node> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while nodes.len() < 3 {
-        match try_spawn_node_with(&dir, nodes.len(), &engine) {
+        match try_spawn_node_with(&dir, nodes.len(), &engine, NATS_FAILOVER_LOG) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 assert!(
@@ -598,16 +751,31 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     let mut slowest = Duration::ZERO;
     let mut moved = 0;
     for s in subs {
-        let (offsets, whole) = tokio::time::timeout(Duration::from_secs(90), s)
+        let outcome = tokio::time::timeout(Duration::from_secs(90), s)
             .await
             .unwrap()
-            .unwrap()
             .unwrap();
-        assert_eq!(
-            offsets,
-            (1..=end).collect::<Vec<_>>(),
-            "lost, duplicated or reordered"
-        );
+        let (offsets, whole, trace) = match outcome {
+            Ok(o) => o,
+            Err(e) => panic!("{}", stalled_report(&e, &dir, nodes.len())),
+        };
+        if offsets != (1..=end).collect::<Vec<_>>() {
+            let at = (1..=end)
+                .zip(&offsets)
+                .position(|(want, got)| want != *got)
+                .unwrap_or(offsets.len());
+            let around = &offsets[at.saturating_sub(3)..(at + 3).min(offsets.len())];
+            let e = anyhow::Error::new(Stalled {
+                message: format!(
+                    "lost, duplicated or reordered: {} offsets for 1..={end}, first wrong at \
+                     index {at}: ...{around:?}...",
+                    offsets.len()
+                ),
+                trace: trace.to_string(),
+                clients: trace.clients(),
+            });
+            panic!("{}", stalled_report(&e, &dir, nodes.len()));
+        }
         if let Some(w) = whole {
             moved += 1;
             slowest = slowest.max(w);
