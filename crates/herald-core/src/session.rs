@@ -1756,17 +1756,7 @@ mod tests {
                 proxy_expiry: false,
             },
         };
-        let live = live
-            .iter()
-            .map(|&o| {
-                Arc::new(PubMessage::new(
-                    Arc::from("ch"),
-                    publication(o),
-                    Instant::now(),
-                ))
-            })
-            .collect();
-        (p, live)
+        (p, live_msgs(live))
     }
 
     /// Settles `p` as a subscribe does: `live` arrives while it is buffered, and the reply is

@@ -335,6 +335,14 @@ pub struct Accepted {
 #[derive(Debug, Clone, Copy)]
 pub struct Writer(pub Version);
 
+/// MQTT 5 reason codes as the codec's enum, `otherwise` for a code it does not know.
+fn reasons<T: TryFrom<u8> + Copy>(codes: &[u8], otherwise: T) -> Vec<T> {
+    codes
+        .iter()
+        .map(|&c| T::try_from(c).unwrap_or(otherwise))
+        .collect()
+}
+
 fn nz(id: u16) -> NonZeroU16 {
     NonZeroU16::new(id).unwrap_or(NonZeroU16::MIN)
 }
@@ -485,13 +493,7 @@ impl Writer {
                 packet_id: nz(packet_id),
                 properties: Vec::new(),
                 reason_string: None,
-                status: codes
-                    .iter()
-                    .map(|&c| {
-                        v5::SubscribeAckReason::try_from(c)
-                            .unwrap_or(v5::SubscribeAckReason::UnspecifiedError)
-                    })
-                    .collect(),
+                status: reasons(codes, v5::SubscribeAckReason::UnspecifiedError),
             })),
         }
     }
@@ -505,13 +507,7 @@ impl Writer {
                 packet_id: nz(packet_id),
                 properties: Vec::new(),
                 reason_string: None,
-                status: codes
-                    .iter()
-                    .map(|&c| {
-                        v5::UnsubscribeAckReason::try_from(c)
-                            .unwrap_or(v5::UnsubscribeAckReason::Success)
-                    })
-                    .collect(),
+                status: reasons(codes, v5::UnsubscribeAckReason::Success),
             })),
         }
     }
