@@ -808,6 +808,9 @@ impl Session {
                 offset: p.offset,
                 epoch: p.epoch.clone(),
             });
+            // A client further behind than a recovery may return costs the engine no reads
+            // (NATS reads one message per request): it gets the position only.
+            q.whole_within = Some(self.node.client.recovery_max_publication_limit);
         } else {
             q.limit = Some(0);
         }

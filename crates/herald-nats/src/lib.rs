@@ -873,7 +873,17 @@ impl Engine for NatsEngine {
                 .as_ref()
                 .map_or(0, |p| p.offset)
                 .max(top.offset.saturating_sub(top.size));
-            if query.limit != Some(0) && !top.marker && now_ms() < top.expires && top.offset > since
+            // A recovery that cannot be whole reads nothing: too many missed, or some of them
+            // already beyond history_size.
+            let asked = query.since.as_ref().map_or(0, |p| p.offset);
+            let too_many = query
+                .whole_within
+                .is_some_and(|m| top.offset.saturating_sub(since) > m as u64 || asked < since);
+            if query.limit != Some(0)
+                && !too_many
+                && !top.marker
+                && now_ms() < top.expires
+                && top.offset > since
             {
                 // Walk back from the last message until `since` (or the start of the epoch,
                 // or what the stream already dropped).

@@ -178,6 +178,24 @@ async fn offsets_history_live_and_idempotency() {
         .expect("history");
     let offs: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offs, vec![5, 4]);
+    // A recovery that cannot be whole reads nothing: more missed than it may return, or
+    // missed publications already beyond history_size (3: offsets 1 and 2 are gone).
+    let recovery = |offset, within| HistoryQuery {
+        since: Some(StreamPosition {
+            offset,
+            epoch: epoch.clone(),
+        }),
+        whole_within: Some(within),
+        ..query()
+    };
+    let h = a.history(ch, recovery(3, 2)).await.expect("history");
+    let offs: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offs, vec![4, 5], "2 missed, 2 allowed");
+    let h = a.history(ch, recovery(2, 2)).await.expect("history");
+    assert!(h.publications.is_empty(), "3 missed, 2 allowed");
+    assert_eq!(h.position.offset, 5);
+    let h = a.history(ch, recovery(1, 10)).await.expect("history");
+    assert!(h.publications.is_empty(), "offset 2 is beyond history_size");
     // Idempotent publish: the second one returns the first one's position, delivers nothing.
     let mut o = opts(3);
     o.idempotency_key = Some("k1".into());

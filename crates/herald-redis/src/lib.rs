@@ -503,7 +503,12 @@ impl Engine for RedisEngine {
                 Some(p) => format!("(0-{}", p.offset),
                 None => "-".to_string(),
             };
-            let count: i64 = match query.limit {
+            // With `whole_within`, one more than it is enough to know the run is too long.
+            let limit = match (query.limit, query.whole_within) {
+                (Some(l), Some(w)) => Some(l.min(w.saturating_add(1))),
+                (l, w) => l.or(w.map(|w| w.saturating_add(1))),
+            };
+            let count: i64 = match limit {
                 None => -1,
                 Some(n) => n as i64,
             };
@@ -520,7 +525,10 @@ impl Engine for RedisEngine {
                 .await
                 .map_err(err)?;
             let position = position(&reply)?;
-            let publications = reply.get(2).map(entries).unwrap_or_default();
+            let mut publications = reply.get(2).map(entries).unwrap_or_default();
+            if query.whole_within.is_some_and(|w| publications.len() > w) {
+                publications.clear();
+            }
             Ok(HistoryResult {
                 publications,
                 position,

@@ -375,6 +375,62 @@ async fn recover_from_empty_epoch_returns_the_whole_history() {
     s.shutdown().await;
 }
 
+/// `client.recovery_max_publication_limit` missed publications are recovered; one more is
+/// not (the client goes on from the top, `recovered: false`).
+#[tokio::test]
+async fn recovery_up_to_the_limit_and_not_past_it() {
+    let s = start("recovery_max_publication_limit = 3\n").await;
+    for i in 0..5 {
+        publish(&s, "limit", json!(i)).await.unwrap();
+    }
+    let (mut c, r) = Client::connect(&s, "l").await.unwrap();
+    assert!(r["connect"].is_object(), "{r}");
+    let epoch = {
+        let h = api(&s, "history", json!({"channel": "limit", "limit": 0}))
+            .await
+            .unwrap();
+        h["result"]["epoch"].as_str().unwrap().to_string()
+    };
+    let r = c
+        .call(
+            2,
+            "subscribe",
+            json!({"channel": "limit", "recover": true, "epoch": epoch, "offset": 2}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    assert_eq!(
+        r["subscribe"]["publications"].as_array().map(Vec::len),
+        Some(3)
+    );
+    let r = c
+        .call(
+            3,
+            "subscribe",
+            json!({"channel": "limit2", "recover": true, "epoch": "", "offset": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["subscribe"]["recovered"], true, "an empty stream: {r}");
+    c.call(4, "unsubscribe", json!({"channel": "limit"}))
+        .await
+        .unwrap();
+    let r = c
+        .call(
+            5,
+            "subscribe",
+            json!({"channel": "limit", "recover": true, "epoch": epoch, "offset": 1}),
+        )
+        .await
+        .unwrap();
+    // `recovered: false` is left out of the JSON, like every false field.
+    assert_ne!(r["subscribe"]["recovered"], true, "4 missed, limit 3: {r}");
+    assert!(r["subscribe"]["publications"].is_null(), "{r}");
+    assert_eq!(r["subscribe"]["offset"], 5, "goes on from the top: {r}");
+    s.shutdown().await;
+}
+
 /// Flag bit 2 asks for error 112 instead of `recovered: false`; other bits are ignored.
 #[tokio::test]
 async fn reject_unrecovered_flag_gets_112() {

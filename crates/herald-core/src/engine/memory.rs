@@ -351,6 +351,14 @@ impl MemoryEngine {
                 epoch: s.epoch.clone(),
             };
             let after = q.since.as_ref().map_or(0, |p| p.offset);
+            if q.whole_within
+                .is_some_and(|m| s.top.saturating_sub(after) > m as u64)
+            {
+                return HistoryResult {
+                    publications: Vec::new(),
+                    position,
+                };
+            }
             let mut pubs: Vec<Publication> = s
                 .pubs
                 .iter()
@@ -548,6 +556,30 @@ mod tests {
         );
         let offs: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offs, [5, 4]);
+    }
+
+    #[test]
+    fn more_than_whole_within_after_since_gives_the_position_only() {
+        let e = MemoryEngine::new(Arc::new(Hub::new()));
+        for i in 1..=5 {
+            e.do_publish("ch", publication(i), &opts(10), Instant::now());
+        }
+        let since = |offset| {
+            Some(StreamPosition {
+                offset,
+                epoch: String::new(),
+            })
+        };
+        let q = |offset| HistoryQuery {
+            since: since(offset),
+            whole_within: Some(3),
+            ..Default::default()
+        };
+        let h = e.do_history("ch", &q(2), Instant::now());
+        assert_eq!(h.publications.len(), 3, "3 follow offset 2: all of them");
+        let h = e.do_history("ch", &q(1), Instant::now());
+        assert!(h.publications.is_empty(), "4 follow offset 1: none");
+        assert_eq!(h.position.offset, 5);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct HistoryQuery {
     pub since: Option<StreamPosition>,
     /// None: all; Some(0): only the stream position.
     pub limit: Option<usize>,
+    /// When more than this many publications follow `since`, only the stream position: the
+    /// caller (a recovery) has no use for part of them, and the engine reads none.
+    pub whole_within: Option<usize>,
     pub reverse: bool,
     pub meta_ttl: Duration,
 }
