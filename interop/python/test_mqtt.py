@@ -462,3 +462,34 @@ async def test_connect_proxy_authorises_a_device_without_a_token(start_server, d
             await cent.close()
     finally:
         await runner.cleanup()
+
+
+async def test_qos2_from_a_311_device_is_published_once(node, api, clients, devices):
+    port = await mqtt_port(node)
+    ch = uid("qos2")
+    browser = await clients.connected(node.ws_url, user="web")
+    sub = await subscribed(browser, ch)
+    dev = devices(port, mqtt.MQTTv311, "q2-" + uid(), mint_token("q2"))
+    await dev.connected()
+    # paho completes PUBREC / PUBREL / PUBCOMP before wait_for_publish returns.
+    dev.client.publish(ch, b'{"exactly":"once"}', qos=2).wait_for_publish(5)
+    got = await sub.rec.wait_count("publication", 1)
+    assert got[0].pub.data == {"exactly": "once"}
+    dev.client.publish(ch, b'{"n":2}', qos=2).wait_for_publish(5)
+    got = await sub.rec.wait_count("publication", 2)
+    assert [g.pub.data for g in got] == [{"exactly": "once"}, {"n": 2}]
+
+
+async def test_retain_handling_2_skips_the_retained_message(node, api, devices):
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    port = await mqtt_port(node)
+    ch = uid("rh")
+    await api.publish(PublishRequest(channel=ch, data={"old": True}))
+    dev = devices(port, mqtt.MQTTv5, "rh-" + uid(), mint_token("rh"))
+    await dev.connected()
+    dev.client.subscribe(ch, options=SubscribeOptions(qos=1, retainHandling=2))
+    await get(dev.subacks, "SUBACK")
+    await api.publish(PublishRequest(channel=ch, data={"new": True}))
+    m = await get(dev.messages, "live message")
+    assert (json.loads(m.payload), m.retain) == ({"new": True}, False), "no retained first"
