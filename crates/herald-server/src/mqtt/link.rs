@@ -59,6 +59,19 @@ pub struct Sub {
     pub positioned: bool,
 }
 
+impl Sub {
+    /// A subscription delivered and written through `offset`.
+    pub fn new(qos: u8, epoch: String, offset: u64, positioned: bool) -> Self {
+        Self {
+            qos,
+            epoch,
+            offset,
+            sent: offset,
+            positioned,
+        }
+    }
+}
+
 /// Whether a delivery at `qos` is written now rather than queued for room in the window.
 fn qos_written(qos: u8, inflight: usize, receive_max: u16) -> bool {
     qos == 0 || inflight < usize::from(receive_max)
@@ -292,16 +305,10 @@ impl Link {
                     // Server-side subscriptions of the token deliver at QoS 0.
                     if let Some(result) = reply.connect {
                         for (channel, sub) in result.subs {
-                            self.subs.insert(
-                                channel.clone(),
-                                Sub {
-                                    qos: 0,
-                                    epoch: sub.epoch.clone(),
-                                    offset: sub.offset,
-                                    sent: sub.offset,
-                                    positioned: sub.positioned || sub.recoverable,
-                                },
-                            );
+                            let positioned = sub.positioned || sub.recoverable;
+                            let at = sub.offset;
+                            self.subs
+                                .insert(channel.clone(), Sub::new(0, sub.epoch, at, positioned));
                             for p in sub.publications {
                                 self.deliver(&channel, p, (false, false), out, conn);
                             }
@@ -318,16 +325,16 @@ impl Link {
                 dup_through,
             } => match (error, reply.subscribe) {
                 (None, Some(result)) => {
-                    let last = result.publications.last().map_or(0, |p| p.offset);
+                    // Written so far: up to just before the reply's publications, which
+                    // `deliver` counts as they are written (some may wait for the window).
+                    let before = match result.publications.first() {
+                        Some(p) => p.offset.saturating_sub(1),
+                        None => result.offset,
+                    };
+                    let positioned = result.positioned || result.recoverable;
                     self.subs.insert(
                         channel.clone(),
-                        Sub {
-                            qos,
-                            epoch: result.epoch.clone(),
-                            offset: result.offset.max(last),
-                            sent: result.offset.max(last),
-                            positioned: result.positioned || result.recoverable,
-                        },
+                        Sub::new(qos, result.epoch.clone(), before, positioned),
                     );
                     if packet_id != 0 {
                         self.settle(packet_id, index, qos, out);
@@ -391,15 +398,10 @@ impl Link {
             }
         } else if let Some(s) = push.subscribe {
             // A subscription made by the server API: QoS 0.
+            let positioned = s.positioned || s.recoverable;
             self.subs.insert(
                 push.channel,
-                Sub {
-                    qos: 0,
-                    epoch: String::new(),
-                    offset: s.offset,
-                    sent: s.offset,
-                    positioned: s.positioned || s.recoverable,
-                },
+                Sub::new(0, String::new(), s.offset, positioned),
             );
         }
     }
@@ -512,16 +514,8 @@ mod tests {
 
     fn qos1_link(window: u16, max_bytes: usize) -> (Link, ConnHandle) {
         let mut link = Link::new(Version::V5, window, max_bytes);
-        link.subs.insert(
-            "ch".into(),
-            Sub {
-                qos: 1,
-                epoch: "e".into(),
-                offset: 0,
-                sent: 0,
-                positioned: true,
-            },
-        );
+        link.subs
+            .insert("ch".into(), Sub::new(1, "e".into(), 0, true));
         (link, ConnHandle::new(Arc::from("c"), 1 << 20))
     }
 

@@ -146,13 +146,7 @@ mod tests {
     }
 
     fn sub(offset: u64) -> Sub {
-        Sub {
-            qos: 1,
-            epoch: "e".into(),
-            offset,
-            sent: offset,
-            positioned: true,
-        }
+        Sub::new(1, "e".into(), offset, true)
     }
 
     #[test]
