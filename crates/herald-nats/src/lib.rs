@@ -13,6 +13,8 @@
 //! - stream `P_presence`, subjects `P.p.T.<client>`: one message per present client, dropped
 //!   by the stream after `presence_ttl` unless its node refreshes it.
 //! - subject `P.control`: node heartbeats, server API commands, channel surveys.
+//! - subject `P.sync`: never answered; a request to it is a round trip that proves the
+//!   server holds this node's subscriptions (see `Shared::sync`).
 
 pub mod config;
 pub mod wire;
@@ -21,8 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_core::engine::{
@@ -187,6 +189,23 @@ impl Shared {
         format!("{}.control", self.cfg.prefix)
     }
 
+    /// Returns once the server has processed everything this node sent before, its
+    /// subscriptions included. `flush` only empties the socket buffer: a subscription can
+    /// still be on its way while another node's message, sent on another connection, is
+    /// matched without it. A request nobody answers comes back as "no responders" from the
+    /// server itself, after what preceded it on this connection.
+    async fn sync(&self) -> Result<(), EngineError> {
+        let probe = self
+            .client
+            .request(format!("{}.sync", self.cfg.prefix), Bytes::new());
+        match tokio::time::timeout(self.cfg.request_timeout, probe).await {
+            Err(_) => Err(unavailable("nats round trip timed out")),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+        }
+    }
+
     /// A message of a channel's live feed: checked for continuity, then handed to the hub.
     fn on_live_message(&self, channel: &str, msg: &async_nats::Message) {
         let headers = msg.headers.as_ref();
@@ -308,7 +327,9 @@ impl Shared {
     async fn on_reconnected(&self) {
         // The client resends its subscriptions on reconnect; the round trip makes sure the
         // server has them before subscribers read history.
-        let _ = self.client.flush().await;
+        if let Err(e) = self.sync().await {
+            tracing::warn!(error = %e, "nats round trip after reconnect failed");
+        }
         let channels: Vec<String> = self.subscribed.lock().await.keys().cloned().collect();
         tracing::info!(channels = channels.len(), "nats reconnected");
         for ch in channels {
@@ -517,7 +538,7 @@ impl NatsEngine {
             .subscribe(shared.control_subject())
             .await
             .map_err(unavailable)?;
-        client.flush().await.map_err(unavailable)?;
+        shared.sync().await?;
         let control_task = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -788,11 +809,8 @@ impl Engine for NatsEngine {
                     subs.insert(channel.to_string(), task);
                 }
             }
-            // The server has the subscription once it answered the ping behind it.
-            tokio::time::timeout(self.shared.cfg.request_timeout, self.shared.client.flush())
-                .await
-                .map_err(|_| unavailable("nats flush timed out"))?
-                .map_err(unavailable)?;
+            // Messages other nodes publish from here on reach this node.
+            self.shared.sync().await?;
             self.shared.seed_live(channel, false).await;
             Ok(())
         })

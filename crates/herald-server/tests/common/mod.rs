@@ -68,6 +68,10 @@ pub async fn start(extra: &str) -> Server {
 }
 
 pub async fn start_with(toml: &str) -> Server {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let cfg = Config::from_toml(toml).expect("test config");
     herald_server::start(cfg).await.expect("server starts")
 }
