@@ -6,8 +6,7 @@
 //! token, also set as an `HttpOnly`, `SameSite=Strict` cookie; the JSON endpoints accept the
 //! cookie or `Authorization: Bearer <token>`.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,65 +14,17 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use herald_protocol::json::Raw;
-use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::state::AppState;
+use crate::state::{AppState, SESSION_TTL};
+pub use crate::state::{Sessions, constant_time_eq};
 
 const PAGE: &str = include_str!("admin.html");
 const COOKIE: &str = "herald_admin";
-/// How long a login lasts.
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Channels listed under "top channels".
 const TOP_CHANNELS: usize = 10;
-
-/// Logged-in admin sessions: token → expiry.
-#[derive(Default)]
-pub struct Sessions {
-    tokens: Mutex<HashMap<String, Instant>>,
-}
-
-impl Sessions {
-    fn create(&self) -> String {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        let token: String = (0..32)
-            .map(|_| format!("{:02x}", rng.random::<u8>()))
-            .collect();
-        let now = Instant::now();
-        let mut tokens = self.tokens.lock();
-        tokens.retain(|_, exp| *exp > now);
-        tokens.insert(token.clone(), now + SESSION_TTL);
-        token
-    }
-
-    fn valid(&self, token: &str) -> bool {
-        let now = Instant::now();
-        // Compared without early exit; the map lookup itself is by hash of the whole token.
-        self.tokens
-            .lock()
-            .iter()
-            .any(|(t, exp)| *exp > now && constant_time_eq(t.as_bytes(), token.as_bytes()))
-    }
-
-    fn remove(&self, token: &str) {
-        self.tokens.lock().remove(token);
-    }
-}
-
-/// Equal in time that depends only on the longer input's length, not on where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len().max(b.len());
-    let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..n {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
-}
 
 /// The admin routes, or none when `admin.password` is empty.
 pub fn routes(config: &Config) -> Router<AppState> {

@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use crate::state::AppState;
+pub use crate::state::Limiter;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct AdvertisedNode {
@@ -74,25 +75,6 @@ pub async fn nodes(State(state): State<AppState>) -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// A token bucket shared by the requests of one node.
-pub struct Limiter(Option<parking_lot::Mutex<herald_core::ratelimit::CommandBucket>>);
-
-impl Limiter {
-    /// `rate` per second, bursts of `rate`; 0: no limit.
-    pub fn new(rate: u32) -> Self {
-        Self(herald_core::ratelimit::CommandBucket::new(rate, rate).map(parking_lot::Mutex::new))
-    }
-
-    pub fn allow(&self) -> bool {
-        match &self.0 {
-            None => true,
-            Some(b) => {
-                b.lock().take(std::time::Instant::now()) == herald_core::ratelimit::Verdict::Allow
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -11,67 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use herald_core::metrics::{self, Metrics};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::state::AppState;
 
-/// Where a node is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Serving,
-    /// Readiness fails, new connections are refused, clients are disconnected over
-    /// `shutdown.drain_duration`.
-    Draining,
-    /// Asked to stop again while draining: the remaining clients go now.
-    Hurry,
-}
-
-/// What the operations endpoints share: the metrics exporter, the drain switch, admin sessions.
-pub struct Ops {
-    pub prometheus: PrometheusHandle,
-    phase: watch::Sender<Phase>,
-    pub admin: crate::admin::Sessions,
-}
-
-impl Ops {
-    pub fn new(prometheus: PrometheusHandle) -> Self {
-        Self {
-            prometheus,
-            phase: watch::Sender::new(Phase::Serving),
-            admin: crate::admin::Sessions::default(),
-        }
-    }
-
-    /// Asks the node to drain and stop (SIGTERM, `POST /api/drain`, the admin page). True when
-    /// this call started it.
-    pub fn drain(&self) -> bool {
-        self.phase.send_if_modified(|p| {
-            let start = *p == Phase::Serving;
-            if start {
-                *p = Phase::Draining;
-            }
-            start
-        })
-    }
-
-    /// Cuts a drain short: the remaining clients are disconnected at once.
-    pub fn hurry(&self) {
-        self.phase.send_if_modified(|p| {
-            let changed = *p != Phase::Hurry;
-            *p = Phase::Hurry;
-            changed
-        });
-    }
-
-    pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
-    }
-
-    pub fn watch(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
-    }
-}
+pub use crate::state::{Ops, Phase};
 
 /// A Prometheus recorder of its own for one node (several nodes in one process, as in tests,
 /// never mix their figures) and the node's handles registered in it.

@@ -12,9 +12,6 @@ use common::*;
 use herald_server::Server;
 use serde_json::{Value, json};
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-const NATS: &str = "nats://127.0.0.1:4222";
-
 fn prefix() -> String {
     format!("herald-test-{}", herald_core::node::new_id())
 }
@@ -22,12 +19,7 @@ fn prefix() -> String {
 fn redis_config(prefix: &str, url: &str) -> String {
     config("presence_ttl_unused = 0")
         .replace("presence_ttl_unused = 0", "")
-        .replace(
-            "[api]",
-            &format!(
-                "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{url}\"\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\ncommand_timeout = \"1s\"\n[api]"
-            ),
-        )
+        .replace("[api]", &format!("{}[api]", redis_engine(prefix, url)))
 }
 
 fn nats_config(prefix: &str, url: &str) -> String {
@@ -93,69 +85,6 @@ async fn cluster(engine: &Engine, n: usize) -> (Vec<Server>, String) {
         nodes.push(start_with(&engine.config()).await);
     }
     (nodes, engine.prefix.clone())
-}
-
-/// Fails with a clear message when the Redis these tests need is not running.
-async fn require_redis(url: &str) {
-    let addr = url.trim_start_matches("redis://");
-    if tokio::net::TcpStream::connect(addr).await.is_err() {
-        panic!(
-            "cluster tests need Redis at {url} (start it: redis-server --port 6379 --daemonize yes)"
-        );
-    }
-}
-
-/// Fails with a clear message when the NATS these tests need is not running.
-async fn require_nats(url: &str) {
-    let addr = url.trim_start_matches("nats://");
-    if tokio::net::TcpStream::connect(addr).await.is_err() {
-        panic!(
-            "cluster tests need nats-server with JetStream at {url} (start it: nats-server -js -a 127.0.0.1 -p 4222)"
-        );
-    }
-}
-
-/// Drops the JetStream streams a test created (plain NATS protocol, best effort), so runs
-/// leave nothing behind on the shared server.
-fn delete_nats_streams(url: &str, prefix: &str) {
-    use std::io::{BufRead, Write};
-    let Ok(stream) = std::net::TcpStream::connect(url.trim_start_matches("nats://")) else {
-        return;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    let _ = reader.read_line(&mut line); // INFO
-    let mut w = stream;
-    let mut cmds = String::from("CONNECT {\"verbose\":false}\r\n");
-    for s in ["history", "presence"] {
-        cmds.push_str(&format!("PUB $JS.API.STREAM.DELETE.{prefix}_{s} 0\r\n\r\n"));
-    }
-    cmds.push_str("PING\r\n");
-    let _ = w.write_all(cmds.as_bytes());
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(n) if n > 0 && !line.starts_with("PONG") => continue,
-            _ => break,
-        }
-    }
-}
-
-/// Waits until `check` passes, polling (bounded).
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn node_count(s: &Server) -> usize {
@@ -399,14 +328,6 @@ impl Drop for Restart {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn_redis(port: u16) -> std::process::Child {

@@ -998,12 +998,7 @@ async fn slow_stream_reader_is_disconnected_others_unaffected() {
 /// stream through the engine.
 #[tokio::test]
 async fn emulation_is_routed_to_the_node_holding_the_stream() {
-    if tokio::net::TcpStream::connect("127.0.0.1:6379")
-        .await
-        .is_err()
-    {
-        panic!("this test needs Redis at 127.0.0.1:6379");
-    }
+    require_redis(REDIS).await;
     let prefix = format!("herald-test-{}", herald_core::node::new_id());
     let cfg = config("").replace(
         "[api]",

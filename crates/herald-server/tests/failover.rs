@@ -465,32 +465,7 @@ async fn kill_one_node_under_load(nats: bool) {
     );
     let _ = std::fs::remove_dir_all(&dir);
     if nats {
-        delete_nats_streams(&prefix);
-    }
-}
-
-/// Drops the JetStream streams the NATS run created (plain NATS protocol, best effort).
-fn delete_nats_streams(prefix: &str) {
-    use std::io::{BufRead, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect("127.0.0.1:4222") else {
-        return;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    let _ = reader.read_line(&mut line); // INFO
-    let mut cmds = String::from("CONNECT {\"verbose\":false}\r\n");
-    for s in ["history", "presence"] {
-        cmds.push_str(&format!("PUB $JS.API.STREAM.DELETE.{prefix}_{s} 0\r\n\r\n"));
-    }
-    cmds.push_str("PING\r\n");
-    let _ = stream.write_all(cmds.as_bytes());
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(n) if n > 0 && !line.starts_with("PONG") => continue,
-            _ => break,
-        }
+        common::delete_nats_streams(common::NATS, &prefix);
     }
 }
 
@@ -510,14 +485,6 @@ async fn http_to(addr: &str, method: &str, body: Value) -> Result<(u16, Value)> 
     let status = text.split_whitespace().nth(1).unwrap_or("0").parse()?;
     let json = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("null"))?;
     Ok((status, json))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One member of a 3-server NATS cluster with JetStream, on its own ports and store.
@@ -601,8 +568,8 @@ fn stalled_report(e: &anyhow::Error, dir: &std::path::Path, nodes: usize) -> Str
 async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     let dir = std::env::temp_dir().join(format!("herald-nats-fo-{}", herald_core::node::new_id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+    let routes: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
     let mut brokers: Vec<Option<Child>> = (0..3)
         .map(|i| Some(spawn_nats_member(&dir, i, &ports, &routes)))
         .collect();

@@ -7,6 +7,7 @@
 pub mod handler;
 pub mod link;
 pub mod sessions;
+pub mod settings;
 pub mod wire;
 
 use std::sync::Arc;
@@ -20,10 +21,11 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use self::settings::{Mqtt, Settings};
+
 use self::handler::MqttHandler;
 use self::link::Link;
 use self::wire::{Carrier, MqttWire};
-use crate::config::MqttConfig;
 use crate::http::Peer;
 use crate::http::tls::Tls;
 use crate::state::AppState;
@@ -35,39 +37,6 @@ pub const SUBPROTOCOL: &str = "mqtt";
 
 /// The transport label of MQTT connections in metrics, logs and proxy requests.
 pub const TRANSPORT: &str = "mqtt";
-
-/// What every MQTT connection of the node is held to.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub max_packet_size: usize,
-    pub max_inflight: u16,
-    pub session_expiry: Duration,
-}
-
-impl Settings {
-    pub fn from_config(c: &MqttConfig) -> Self {
-        Self {
-            max_packet_size: c.max_packet_size,
-            max_inflight: c.max_inflight,
-            session_expiry: c.session_expiry,
-        }
-    }
-}
-
-/// The node's MQTT state: its settings and the persistent sessions.
-pub struct Mqtt {
-    pub settings: Arc<Settings>,
-    pub sessions: Arc<sessions::Sessions>,
-}
-
-impl Mqtt {
-    pub fn new(c: &MqttConfig) -> Self {
-        Self {
-            settings: Arc::new(Settings::from_config(c)),
-            sessions: Arc::default(),
-        }
-    }
-}
 
 /// One MQTT connection over `io`, to its end.
 pub fn serve<C: Carrier>(

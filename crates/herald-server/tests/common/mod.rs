@@ -336,6 +336,55 @@ pub fn redis_engine(prefix: &str, url: &str) -> String {
     )
 }
 
+/// The NATS (with JetStream) the cluster tests use.
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+/// Fails with a clear message when the NATS these tests need is not running.
+pub async fn require_nats(url: &str) {
+    let addr = url.trim_start_matches("nats://");
+    if tokio::net::TcpStream::connect(addr).await.is_err() {
+        panic!(
+            "this test needs nats-server with JetStream at {url} (start it: nats-server -js -a 127.0.0.1 -p 4222)"
+        );
+    }
+}
+
+/// Drops the JetStream streams a test created (plain NATS protocol, best effort), so runs
+/// leave nothing behind on the shared server.
+pub fn delete_nats_streams(url: &str, prefix: &str) {
+    use std::io::{BufRead, Write};
+    let Ok(stream) = std::net::TcpStream::connect(url.trim_start_matches("nats://")) else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    let _ = reader.read_line(&mut line); // INFO
+    let mut w = stream;
+    let mut cmds = String::from("CONNECT {\"verbose\":false}\r\n");
+    for s in ["history", "presence"] {
+        cmds.push_str(&format!("PUB $JS.API.STREAM.DELETE.{prefix}_{s} 0\r\n\r\n"));
+    }
+    cmds.push_str("PING\r\n");
+    let _ = w.write_all(cmds.as_bytes());
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(n) if n > 0 && !line.starts_with("PONG") => continue,
+            _ => break,
+        }
+    }
+}
+
+/// A port free on 127.0.0.1 now (for a child server to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The mask key of the raw WebSocket frames tests write.
 pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
