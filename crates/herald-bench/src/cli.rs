@@ -84,7 +84,9 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value = "json")]
     pub protocol: Protocol,
     /// WebSocket URL of the server (loopback only), e.g.
-    /// ws://127.0.0.1:8000/connection/websocket. For nchan, the subscriber location
+    /// ws://127.0.0.1:8000/connection/websocket; a comma-separated list for a cluster
+    /// (connection i goes to the (i mod n)-th URL; the server API defaults to the first).
+    /// For nchan, the subscriber location
     /// that the channel name is appended to (ws://127.0.0.1:8090/sub; a bare
     /// ws://host:port means /sub).
     #[arg(long)]
@@ -104,9 +106,10 @@ pub struct CommonArgs {
     /// A ready-made connection token shared by every connection (herald).
     #[arg(long, conflicts_with = "token_secret")]
     pub token: Option<String>,
-    /// Server process id: report its RSS (and CPU) from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Server process id(s), comma-separated for a cluster: report their RSS and CPU
+    /// (summed) from /proc.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Give up on a connection attempt after this many seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,

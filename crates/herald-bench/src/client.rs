@@ -32,7 +32,8 @@ const MQTT_KEEP_ALIVE_S: u16 = 60;
 pub struct ConnCtx {
     pub target: Target,
     pub protocol: Protocol,
-    pub endpoint: Endpoint,
+    /// The server's nodes; a connection uses `endpoints[index % len]`.
+    pub endpoints: Vec<Endpoint>,
     pub recorder: Arc<Mutex<Recorder>>,
     pub connect_timeout: Duration,
 }
@@ -91,20 +92,20 @@ pub async fn run_connection(ctx: Arc<ConnCtx>, spec: ConnSpec, mut stop: watch::
 }
 
 async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
+    let endpoint = &ctx.endpoints[(spec.index % ctx.endpoints.len() as u64) as usize];
     match ctx.target {
         Target::Herald if ctx.protocol == Protocol::Protobuf => {
-            let mut ws =
-                ws_connect(&ctx.endpoint, spec.src, Some(herald_proto::SUBPROTOCOL)).await?;
+            let mut ws = ws_connect(endpoint, spec.src, Some(herald_proto::SUBPROTOCOL)).await?;
             herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
             Ok(Session::HeraldProtobuf(ws))
         }
         Target::Herald => {
-            let mut ws = ws_connect(&ctx.endpoint, spec.src, None).await?;
+            let mut ws = ws_connect(endpoint, spec.src, None).await?;
             herald_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
             Ok(Session::Herald(ws))
         }
         Target::Nats => {
-            let mut ws = ws_connect(&ctx.endpoint, spec.src, None).await?;
+            let mut ws = ws_connect(endpoint, spec.src, None).await?;
             let mut carry = Vec::new();
             nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Info(_))).await?;
             let mut out = Vec::with_capacity(256);
@@ -117,7 +118,7 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
             Ok(Session::Nats(ws, carry))
         }
         Target::Mqtt => {
-            let mut ws = ws_connect(&ctx.endpoint, spec.src, Some("mqtt")).await?;
+            let mut ws = ws_connect(endpoint, spec.src, Some("mqtt")).await?;
             let mut out = Vec::with_capacity(128);
             let client_id = format!("hb-{}-{}", std::process::id(), spec.index);
             mqtt::encode_connect(&mut out, &client_id, MQTT_KEEP_ALIVE_S);
@@ -130,8 +131,8 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
         Target::Nchan => {
             // The URL lives only for the handshake; nchan subscribes the connection
             // before it answers 101.
-            let url = nchan::subscriber_url(&ctx.endpoint, &spec.channel)?;
-            let ws = ws_connect_url(ctx.endpoint.addr, &url, spec.src, None).await?;
+            let url = nchan::subscriber_url(endpoint, &spec.channel)?;
+            let ws = ws_connect_url(endpoint.addr, &url, spec.src, None).await?;
             Ok(Session::Nchan(ws))
         }
     }

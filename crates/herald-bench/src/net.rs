@@ -54,6 +54,24 @@ pub fn loopback_endpoint(url: &str, schemes: &[&str]) -> Result<Endpoint, BenchE
     })
 }
 
+/// A comma-separated list of server URLs (the nodes of a cluster), each checked as by
+/// [`loopback_endpoint`]. Connection `i` goes to the `i mod n`-th.
+pub fn loopback_endpoints(urls: &str, schemes: &[&str]) -> Result<Vec<Endpoint>, BenchError> {
+    let list = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| loopback_endpoint(u, schemes))
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() {
+        return Err(BenchError::BadUrl {
+            url: urls.to_string(),
+            reason: "no URL".into(),
+        });
+    }
+    Ok(list)
+}
+
 /// Returns the address for a loopback host name or literal, `None` otherwise.
 pub fn parse_loopback_host(host: &str) -> Option<IpAddr> {
     if host.eq_ignore_ascii_case("localhost") {
@@ -137,6 +155,23 @@ pub fn raise_nofile_limit() -> Result<u64, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_list_names_every_node_in_order() {
+        let list = loopback_endpoints(
+            "ws://127.0.0.1:8000/connection/websocket, ws://127.0.0.1:8001/connection/websocket,",
+            &["ws"],
+        )
+        .unwrap();
+        let ports: Vec<u16> = list.iter().map(|e| e.addr.port()).collect();
+        assert_eq!(ports, [8000, 8001]);
+        assert!(loopback_endpoints(" , ", &["ws"]).is_err());
+        // One bad member refuses the whole list.
+        assert!(matches!(
+            loopback_endpoints("ws://127.0.0.1:1/,ws://10.0.0.1:1/", &["ws"]),
+            Err(BenchError::NotLoopback(_))
+        ));
+    }
 
     #[test]
     fn accepts_only_loopback_urls() {

@@ -95,7 +95,8 @@ pub struct Report {
     /// latency for the connect scenario.
     pub latency_ms: Percentiles,
 
-    pub server_pid: Option<u32>,
+    /// The server processes measured (one per node).
+    pub server_pids: Vec<u32>,
     pub server_rss_before_bytes: Option<u64>,
     pub server_rss_loaded_bytes: Option<u64>,
     pub rss_per_connection_bytes: Option<f64>,

@@ -11,7 +11,7 @@ use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Protocol, Target};
 use crate::error::BenchError;
 use crate::fleet::{Fleet, ShardState};
 use crate::nchan;
-use crate::net::{loopback_endpoint, parse_source_ips, raise_nofile_limit};
+use crate::net::{loopback_endpoint, loopback_endpoints, parse_source_ips, raise_nofile_limit};
 use crate::payload::now_ns;
 use crate::progress;
 use crate::publisher::{PubConfig, run_publisher};
@@ -44,18 +44,18 @@ fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), BenchError> {
 struct Meter {
     wall: Instant,
     cpu: f64,
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
     server_rss_before: Option<u64>,
     load_start: Option<f64>,
 }
 
 impl Meter {
-    fn start(server_pid: Option<u32>) -> Self {
+    fn start(server_pid: Vec<u32>) -> Self {
         Meter {
             wall: Instant::now(),
             cpu: sysinfo::self_cpu_seconds(),
+            server_rss_before: sysinfo::total_rss_bytes(&server_pid),
             server_pid,
-            server_rss_before: server_pid.and_then(sysinfo::rss_bytes),
             load_start: sysinfo::load_average(),
         }
     }
@@ -116,12 +116,15 @@ fn check_target_options(c: &CommonArgs, fanout: Option<&FanoutArgs>) -> Result<(
         )));
     }
     if c.target == Target::Nchan {
-        nchan::location(
-            &loopback_endpoint(&c.url, &["ws"])?,
-            nchan::DEFAULT_SUB_PATH,
-        )?;
+        nchan::location(&first_endpoint(&c.url)?, nchan::DEFAULT_SUB_PATH)?;
     }
     Ok(())
+}
+
+/// The first of `--url`'s nodes: the server API and the publisher go there.
+fn first_endpoint(urls: &str) -> Result<crate::net::Endpoint, BenchError> {
+    let mut list = loopback_endpoints(urls, &["ws"])?;
+    Ok(list.swap_remove(0))
 }
 
 fn prepare(
@@ -131,7 +134,7 @@ fn prepare(
     channels: Vec<String>,
     max_runtime_s: f64,
 ) -> Result<Vec<Job>, BenchError> {
-    loopback_endpoint(&c.url, &["ws"])?;
+    loopback_endpoints(&c.url, &["ws"])?;
     if connections == 0 || connections > MAX_CONNECTIONS {
         return Err(bad(format!(
             "connections must be within 1..={MAX_CONNECTIONS}"
@@ -285,7 +288,7 @@ fn base_report(
         out_of_order: m.counts.out_of_order,
         invalid: m.invalid,
         bytes_received: m.counts.bytes_received,
-        server_pid: meter.server_pid,
+        server_pids: meter.server_pid.clone(),
         server_rss_before_bytes: meter.server_rss_before,
         generator_cpu_percent: if wall_s > 0.0 {
             cpu / wall_s * 100.0
@@ -346,8 +349,8 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
         vec![args.channel.clone()],
         max_runtime,
     )?;
-    let meter = Meter::start(c.server_pid);
-    let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let meter = Meter::start(c.server_pid.clone());
+    let server_cpu0 = sysinfo::total_cpu_seconds(&c.server_pid);
     let in_process = jobs.len() == 1;
     let mut fleet = Fleet::start(jobs)?;
 
@@ -369,7 +372,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     // Let the server settle (lazy allocations, timers) before reading its RSS.
     let settle_until = Instant::now() + Duration::from_secs(1);
     fleet.wait_until(settle_until, |_| {}, |_| false).await;
-    let rss_loaded = c.server_pid.and_then(sysinfo::rss_bytes);
+    let rss_loaded = sysinfo::total_rss_bytes(&c.server_pid);
 
     let hold = progress::bar(args.duration.ceil() as u64, "hold");
     let hold_start = Instant::now();
@@ -384,7 +387,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
         )
         .await;
     hold.finish_and_clear();
-    let server_cpu1 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let server_cpu1 = sysinfo::total_cpu_seconds(&c.server_pid);
     let run_s = meter.wall.elapsed().as_secs_f64();
 
     let shards = fleet.finish(Duration::from_secs(30)).await;
@@ -424,7 +427,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     if args.payload > MAX_PAYLOAD {
         return Err(bad(format!("--payload must be at most {MAX_PAYLOAD}")));
     }
-    let ws = loopback_endpoint(&c.url, &["ws"])?;
+    let ws = first_endpoint(&c.url)?;
     let api = match c.target {
         Target::Herald => {
             if args.api_key.is_none() {
@@ -459,7 +462,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         channels.clone(),
         max_runtime,
     )?;
-    let meter = Meter::start(c.server_pid);
+    let meter = Meter::start(c.server_pid.clone());
     let in_process = jobs.len() == 1;
     let mut fleet = Fleet::start(jobs)?;
 
@@ -491,8 +494,8 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
             m.errors, m.failures
         )));
     }
-    let rss_loaded = c.server_pid.and_then(sysinfo::rss_bytes);
-    let server_cpu0 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let rss_loaded = sysinfo::total_rss_bytes(&c.server_pid);
+    let server_cpu0 = sysinfo::total_cpu_seconds(&c.server_pid);
     let gen_cpu0 = generator_cpu(&fleet, in_process);
     let publish_start = Instant::now();
     let publish_start_ns = now_ns();
@@ -543,7 +546,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     fleet
         .wait_until(drain_until, |_| {}, |f| f.totals().delivered >= expected)
         .await;
-    let server_cpu1 = c.server_pid.and_then(sysinfo::cpu_seconds);
+    let server_cpu1 = sysinfo::total_cpu_seconds(&c.server_pid);
     let publish_window = publish_start.elapsed().as_secs_f64();
     let gen_cpu_window = generator_cpu(&fleet, in_process) - gen_cpu0;
 

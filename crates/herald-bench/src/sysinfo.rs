@@ -15,6 +15,22 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 }
 
 /// The 1-minute load average: how busy the machine was around a run.
+/// RSS of several processes summed; `None` when the list is empty or one is gone.
+pub fn total_rss_bytes(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_bytes(p)).sum()
+}
+
+/// CPU seconds of several processes summed; `None` when the list is empty or one is gone.
+pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?

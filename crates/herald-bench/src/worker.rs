@@ -17,7 +17,7 @@ use crate::cli::{Protocol, Target};
 use crate::client::{ConnCtx, ConnSpec, run_connection};
 use crate::error::BenchError;
 use crate::herald::make_token;
-use crate::net::loopback_endpoint;
+use crate::net::loopback_endpoints;
 use crate::stats::{HistData, Interval, Recorder};
 use crate::sysinfo;
 
@@ -148,7 +148,7 @@ pub async fn run_worker(
     stop: watch::Receiver<bool>,
 ) -> Result<WorkerResult, BenchError> {
     let cpu_start = sysinfo::self_cpu_seconds();
-    let endpoint = loopback_endpoint(&job.url, &["ws"])?;
+    let endpoints = loopback_endpoints(&job.url, &["ws"])?;
     if job.source_ips.iter().any(|ip| !ip.is_loopback()) {
         return Err(BenchError::NotLoopback("source address".into()));
     }
@@ -164,7 +164,7 @@ pub async fn run_worker(
     let ctx = Arc::new(ConnCtx {
         target: job.target,
         protocol: job.protocol,
-        endpoint,
+        endpoints,
         recorder: recorder.clone(),
         connect_timeout: Duration::from_secs_f64(job.connect_timeout_s.clamp(0.1, 600.0)),
     });

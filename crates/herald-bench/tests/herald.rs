@@ -49,8 +49,12 @@ fn herald_binary() -> PathBuf {
 
 /// Starts Herald on a free port; returns the server and its WebSocket URL.
 fn start_herald(dir: &TempDir) -> (Server, String) {
-    let conf = dir.path().join("herald.toml");
-    std::fs::write(&conf, CONFIG).expect("write herald.toml");
+    start_herald_with(dir, "herald.toml", CONFIG)
+}
+
+fn start_herald_with(dir: &TempDir, file: &str, config: &str) -> (Server, String) {
+    let conf = dir.path().join(file);
+    std::fs::write(&conf, config).expect("write herald config");
     let mut child = Command::new(herald_binary())
         .arg("serve")
         .arg("--config")
@@ -116,6 +120,69 @@ fn fanout_against_herald_sharded_over_two_processes() {
     assert_eq!(u(&r, "expected"), 120 * 40);
     assert_eq!(u(&r, "publish_errors"), 0, "{r}");
     drop(server);
+}
+
+/// A two-node cluster on Redis: the bench spreads subscribers over both URLs, publishes
+/// through the first node, and sums both nodes' memory.
+#[test]
+fn fanout_against_a_two_node_redis_cluster() {
+    let redis =
+        std::env::var("HERALD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let hostport = redis.trim_start_matches("redis://").trim_end_matches('/');
+    assert!(
+        std::net::TcpStream::connect(hostport).is_ok(),
+        "this test needs Redis at {redis} (set HERALD_TEST_REDIS to another redis:// address)"
+    );
+    let dir = TempDir::new("herald-cluster");
+    let prefix = format!("bench-two-{}", std::process::id());
+    let config = CONFIG.replace(
+        "[engine]\ntype = \"memory\"",
+        &format!(
+            "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{redis}\"\nprefix = \"{prefix}\""
+        ),
+    );
+    assert_ne!(config, CONFIG, "the engine section was not replaced");
+    let (a, url_a) = start_herald_with(&dir, "a.toml", &config);
+    let (b, url_b) = start_herald_with(&dir, "b.toml", &config);
+    let urls = format!("{url_a},{url_b}");
+    let pids = format!("{},{}", a.pid(), b.pid());
+    let r = bench_json(
+        &[
+            "fanout",
+            "--target",
+            "herald",
+            "--url",
+            &urls,
+            "--token-secret",
+            "bench-secret",
+            "--api-key",
+            "bench-key",
+            "--subscribers",
+            "100",
+            "--channels",
+            "2",
+            "--publish-rate",
+            "40",
+            "--payload",
+            "64",
+            "--duration",
+            "2",
+            "--server-pid",
+            &pids,
+        ],
+        &dir,
+    );
+    // Half the subscribers sit on the node the publisher does not talk to: without the
+    // cluster (or with every connection on one URL) they would count as lost.
+    assert_clean_fanout(&r, 100);
+    assert_eq!(u(&r, "expected"), 100 * 40);
+    assert_eq!(
+        r["server_pids"],
+        serde_json::json!([a.pid(), b.pid()]),
+        "{r}"
+    );
+    assert!(r["server_rss_loaded_bytes"].as_u64().is_some(), "{r}");
+    drop((a, b));
 }
 
 #[test]
