@@ -172,9 +172,51 @@ struct HttpConn {
     /// Channel of each request in flight, in order (HTTP/1.1 answers in order).
     fifo: Arc<Mutex<VecDeque<u32>>>,
     reader: JoinHandle<()>,
+    last_write: Instant,
+}
+
+/// A kept-alive API connection idle this long is replaced before the next request:
+/// servers close idle keep-alive connections (Herald after `server.handshake_timeout`,
+/// 10 s by default), and a request written as the close arrives would be lost.
+const API_IDLE_REOPEN: Duration = Duration::from_secs(4);
+
+impl HttpConn {
+    async fn open(
+        api: &Endpoint,
+        accept: Accept,
+        pipeline: u32,
+        results: &Arc<Mutex<HttpResults>>,
+    ) -> Result<Self, BenchError> {
+        let tcp = connect_tcp(api.addr, None).await?;
+        let (r, w) = tcp.into_split();
+        let slots = Arc::new(Semaphore::new(pipeline as usize));
+        let fifo = Arc::new(Mutex::new(VecDeque::new()));
+        let reader = tokio::spawn(http_reader(
+            r,
+            accept,
+            slots.clone(),
+            fifo.clone(),
+            results.clone(),
+        ));
+        Ok(HttpConn {
+            writer: w,
+            slots,
+            fifo,
+            reader,
+            last_write: Instant::now(),
+        })
+    }
+
+    /// Requests written that will never be answered.
+    fn abandon(self) -> u64 {
+        self.reader.abort();
+        self.fifo.lock().len() as u64
+    }
 }
 
 struct HttpPool {
+    api: Endpoint,
+    accept: Accept,
     conns: Vec<HttpConn>,
     results: Arc<Mutex<HttpResults>>,
     /// Request head per channel, up to and including `Content-Length: `.
@@ -203,30 +245,14 @@ impl HttpPool {
             ok: vec![0; cfg.channels.len()],
             ..Default::default()
         }));
-        let mut conns = Vec::new();
         let n = cfg
             .api_connections
             .clamp(1, 64)
             .min(cfg.channels.len().max(1) as u32);
         let pipeline = cfg.pipeline.clamp(1, 4096);
+        let mut conns = Vec::new();
         for _ in 0..n {
-            let tcp = connect_tcp(api.addr, None).await?;
-            let (r, w) = tcp.into_split();
-            let slots = Arc::new(Semaphore::new(pipeline as usize));
-            let fifo = Arc::new(Mutex::new(VecDeque::new()));
-            let reader = tokio::spawn(http_reader(
-                r,
-                accept,
-                slots.clone(),
-                fifo.clone(),
-                results.clone(),
-            ));
-            conns.push(HttpConn {
-                writer: w,
-                slots,
-                fifo,
-                reader,
-            });
+            conns.push(HttpConn::open(api, accept, pipeline, &results).await?);
         }
         let (heads, prefixes, suffix): (Vec<Vec<u8>>, Vec<Vec<u8>>, &'static [u8]) = match kind {
             HttpKind::Herald(key) => {
@@ -259,6 +285,8 @@ impl HttpPool {
             }
         };
         Ok(HttpPool {
+            api: api.clone(),
+            accept,
             conns,
             results,
             heads,
@@ -273,7 +301,25 @@ impl HttpPool {
     async fn send(&mut self, items: &[(u32, u64)], cfg: &PubConfig) -> Result<(), BenchError> {
         let n = self.conns.len();
         // Channel c always goes over connection c % n so its publications stay in order.
-        for (ci, conn) in self.conns.iter_mut().enumerate() {
+        for ci in 0..n {
+            let stale = {
+                let conn = &self.conns[ci];
+                conn.slots.is_closed()
+                    || (conn.fifo.lock().is_empty() && conn.last_write.elapsed() >= API_IDLE_REOPEN)
+            };
+            if stale {
+                let fresh =
+                    HttpConn::open(&self.api, self.accept, self.pipeline, &self.results).await?;
+                let unanswered = std::mem::replace(&mut self.conns[ci], fresh).abandon();
+                if unanswered > 0 {
+                    let mut res = self.results.lock();
+                    res.errors += unanswered;
+                    *res.kinds
+                        .entry("API connection closed with requests in flight".into())
+                        .or_insert(0) += unanswered;
+                }
+            }
+            let conn = &mut self.conns[ci];
             let mine: Vec<(u32, u64)> = items
                 .iter()
                 .copied()
@@ -304,6 +350,7 @@ impl HttpPool {
                     }
                 }
                 conn.writer.write_all(&self.buf).await?;
+                conn.last_write = Instant::now();
             }
         }
         Ok(())
@@ -322,9 +369,7 @@ impl HttpPool {
         let elapsed = start.elapsed();
         let mut unanswered = 0;
         for conn in self.conns {
-            conn.reader.abort();
-            unanswered += conn.fifo.lock().len() as u64;
-            drop(conn.writer);
+            unanswered += conn.abandon();
         }
         let r = std::mem::take(&mut *self.results.lock());
         let mut kinds = r.kinds;
@@ -738,6 +783,68 @@ mod tests {
             );
         }
         assert!(parse_response(b"garbage\r\n\r\n", Accept::Herald).is_err());
+    }
+
+    /// A server that answers one request per connection and closes it (as servers do
+    /// with idle keep-alive connections): every publication still goes out, each on a
+    /// fresh connection, none counted as an error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closed_api_connection_is_reopened() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    // Read until the head and its Content-Length body are in.
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        let mut headers = [httparse::EMPTY_HEADER; 16];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(head)) = req.parse(&buf) {
+                            let len = req
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                                .unwrap_or(0usize);
+                            if buf.len() >= head + len {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 13\r\n\r\n{\"result\":{}}")
+                        .await;
+                });
+            }
+        });
+        let api = crate::net::loopback_endpoint(&format!("http://{addr}/api"), &["http"]).unwrap();
+        let cfg = PubConfig {
+            target: Target::Herald,
+            ws: api.clone(),
+            api: Some(api),
+            api_key: Some("k".into()),
+            channels: vec!["c".into()],
+            rate: 2.0,
+            duration: Duration::from_millis(1500),
+            payload: 64,
+            api_connections: 1,
+            pipeline: 4,
+        };
+        let sent = AtomicU64::new(0);
+        let out = run_publisher(&cfg, &sent).await.unwrap();
+        assert_eq!(out.attempted, 3);
+        assert_eq!(out.published, vec![3], "{:?}", out.error_kinds);
+        assert_eq!(out.errors, 0, "{:?}", out.error_kinds);
+        assert_eq!(accepted.load(Ordering::Relaxed), 3);
     }
 
     #[test]
