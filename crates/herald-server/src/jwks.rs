@@ -227,7 +227,7 @@ pub async fn start(jwks: Arc<Jwks>, mut stop: watch::Receiver<bool>) -> Result<(
         let every = jwks.refresh_interval();
         loop {
             tokio::select! {
-                _ = crate::state::stopped(&mut stop) => return,
+                _ = crate::stop::stopped(&mut stop) => return,
                 _ = tokio::time::sleep(every) => {}
             }
             match jwks.refresh().await {

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod proxy;
 pub mod server;
 pub mod state;
+pub mod stop;
 pub mod transport;
 
 pub use config::Config;

@@ -190,8 +190,4 @@ pub struct AppState {
     pub mqtt: Arc<crate::mqtt::settings::Mqtt>,
 }
 
-/// Resolves once `stop` is true (or its sender is gone): the node-wide stop signal every
-/// background task (listeners, certificate reload, key refresh) watches.
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
+pub use crate::stop::stopped;

@@ -64,7 +64,7 @@ pub async fn serve(
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
-            _ = crate::state::stopped(&mut stop) => break,
+            _ = crate::stop::stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -141,7 +141,7 @@ async fn http<IO>(
                 tracing::debug!(error = %e, "HTTP connection ended");
             }
         }
-        _ = crate::state::stopped(&mut stop) => {
+        _ = crate::stop::stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }

@@ -130,7 +130,7 @@ impl Tls {
                 #[cfg(not(unix))]
                 let hangup = std::future::pending::<()>();
                 tokio::select! {
-                    _ = crate::state::stopped(&mut stop) => return,
+                    _ = crate::stop::stopped(&mut stop) => return,
                     _ = tick.tick() => {}
                     _ = hangup => tracing::info!("SIGHUP: reloading the TLS certificate"),
                 }

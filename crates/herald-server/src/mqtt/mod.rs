@@ -97,7 +97,7 @@ pub async fn listen(
                     continue;
                 }
             },
-            _ = crate::state::stopped(&mut stop) => return,
+            _ = crate::stop::stopped(&mut stop) => return,
         };
         if state.node.is_draining() {
             continue;
