@@ -76,12 +76,7 @@ fn redis_config(prefix: &str, drain: &str) -> String {
 
 #[tokio::test]
 async fn cluster_lists_live_nodes_least_loaded_first_without_draining_or_dead_ones() {
-    let addr = REDIS.trim_start_matches("redis://");
-    if tokio::net::TcpStream::connect(addr).await.is_err() {
-        panic!(
-            "arbiter cluster test needs Redis at {REDIS} (redis-server --port 6379 --daemonize yes)"
-        );
-    }
+    require_redis(REDIS).await;
     let prefix = format!("herald-arbiter-{}", herald_core::node::new_id());
     let busy = start_with(&redis_config(&prefix, "0s")).await;
     let idle = start_with(&redis_config(&prefix, "0s")).await;

@@ -363,23 +363,13 @@ mod parking_lot_free {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_one_node_under_load_nothing_lost() {
-    if tokio::net::TcpStream::connect("127.0.0.1:6379")
-        .await
-        .is_err()
-    {
-        panic!("the failover test needs Redis at 127.0.0.1:6379");
-    }
+    common::require_redis(common::REDIS).await;
     kill_one_node_under_load(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_one_node_under_load_nothing_lost_nats() {
-    if tokio::net::TcpStream::connect("127.0.0.1:4222")
-        .await
-        .is_err()
-    {
-        panic!("the failover test needs nats-server with JetStream at 127.0.0.1:4222");
-    }
+    common::require_nats(common::NATS).await;
     kill_one_node_under_load(true).await;
 }
 
