@@ -173,6 +173,12 @@ pub struct FanoutArgs {
     /// ends as soon as everything has arrived); later deliveries count as lost.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
+    /// Pushes per second, while publishing, to the personal channels (`#bench-<i>`) of
+    /// distinct randomly picked users (herald with --token-secret, whose connection i is
+    /// user bench-<i>; the server must subscribe users to their personal channel,
+    /// client.subscribe_to_user_personal_channel). 0: none.
+    #[arg(long, default_value_t = 0.0)]
+    pub personal_rate: f64,
     /// Subscriber connection rate during the ramp (per second).
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,

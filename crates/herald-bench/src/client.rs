@@ -342,6 +342,8 @@ struct Delivery<'a> {
     recorder: &'a Mutex<Recorder>,
     channel_idx: u32,
     tracker: SeqTracker,
+    /// Pushes on the connection's personal channel: their own sequence.
+    personal: SeqTracker,
 }
 
 impl Delivery<'_> {
@@ -358,6 +360,10 @@ impl Delivery<'_> {
                 let outcome = self.tracker.observe(st.s);
                 let latency_us = now.saturating_sub(st.t) / 1000;
                 rec.delivery(self.channel_idx as usize, outcome, now, latency_us);
+            }
+            Some(st) if st.c >= payload::PERSONAL_C => {
+                let outcome = self.personal.observe(st.s);
+                rec.personal(outcome, now.saturating_sub(st.t) / 1000);
             }
             Some(_) => {
                 rec.invalid += 1;
@@ -381,6 +387,7 @@ async fn serve(
         recorder: &ctx.recorder,
         channel_idx: spec.channel_idx,
         tracker: SeqTracker::default(),
+        personal: SeqTracker::default(),
     };
     match session {
         Session::Herald(mut ws) => loop {

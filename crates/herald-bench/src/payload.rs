@@ -20,6 +20,10 @@ pub struct Stamp {
     pub c: u32,
 }
 
+/// Channel indices from here up mark a push to a subscriber's personal channel (the
+/// `k`-th user the personal publisher picked), not one of the shared channels.
+pub const PERSONAL_C: u32 = 1 << 31;
+
 /// Wall-clock nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
     SystemTime::now()

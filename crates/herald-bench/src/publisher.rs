@@ -39,6 +39,9 @@ pub struct PubConfig {
     /// Herald server API key.
     pub api_key: Option<String>,
     pub channels: Vec<String>,
+    /// Added to a channel's index in the payload (`payload::PERSONAL_C` for personal
+    /// channels, so subscribers tell them from the shared ones).
+    pub channel_base: u32,
     pub rate: f64,
     pub duration: Duration,
     pub payload: usize,
@@ -134,8 +137,9 @@ pub async fn run_publisher(
     Ok(out)
 }
 
-fn encode_payload(buf: &mut Vec<u8>, c: u32, s: u64, t: u64, size: usize) {
-    payload::encode(buf, &Stamp { t, s, c }, size);
+fn encode_payload(buf: &mut Vec<u8>, c: u32, s: u64, t: u64, cfg: &PubConfig) {
+    let c = c.saturating_add(cfg.channel_base);
+    payload::encode(buf, &Stamp { t, s, c }, cfg.payload);
 }
 
 // ---------------------------------------------------------------- HTTP publishers
@@ -340,7 +344,7 @@ impl HttpPool {
                     for &(c, s) in chunk {
                         self.body.clear();
                         self.body.extend_from_slice(&self.prefixes[c as usize]);
-                        encode_payload(&mut self.body, c, s, t, cfg.payload);
+                        encode_payload(&mut self.body, c, s, t, cfg);
                         self.body.extend_from_slice(self.suffix);
                         self.buf.extend_from_slice(&self.heads[c as usize]);
                         self.buf
@@ -676,7 +680,7 @@ impl WsPub {
         self.buf.clear();
         for &(c, s) in items {
             self.scratch.clear();
-            encode_payload(&mut self.scratch, c, s, t, cfg.payload);
+            encode_payload(&mut self.scratch, c, s, t, cfg);
             let topic = &cfg.channels[c as usize];
             if cfg.target == Target::Nats {
                 nats::encode_pub(&mut self.buf, topic, &self.scratch);
@@ -833,6 +837,7 @@ mod tests {
             api: Some(api),
             api_key: Some("k".into()),
             channels: vec!["c".into()],
+            channel_base: 0,
             rate: 2.0,
             duration: Duration::from_millis(1500),
             payload: 64,

@@ -95,6 +95,15 @@ pub struct Report {
     /// latency for the connect scenario.
     pub latency_ms: Percentiles,
 
+    /// Pushes to personal channels (`--personal-rate`): the distinct users picked, what
+    /// the server accepted, unique deliveries, loss, duplicates and latency.
+    pub personal_users: Option<u64>,
+    pub personal_published: Option<u64>,
+    pub personal_delivered: Option<u64>,
+    pub personal_lost: Option<u64>,
+    pub personal_duplicated: Option<u64>,
+    pub personal_latency_ms: Option<Percentiles>,
+
     /// The server processes measured (one per node).
     pub server_pids: Vec<u32>,
     pub server_rss_before_bytes: Option<u64>,
@@ -203,6 +212,22 @@ impl Report {
                     "{:.2} / {:.2} / {:.2} / {:.2} / {:.2} ms",
                     l.p50, l.p90, l.p99, l.p999, l.max
                 ),
+            );
+        }
+        if let (Some(p), Some(l)) = (self.personal_published, &self.personal_latency_ms) {
+            row(
+                "personal pushes: users / published / delivered / lost / duplicated",
+                format!(
+                    "{} / {p} / {} / {} / {}",
+                    self.personal_users.unwrap_or(0),
+                    self.personal_delivered.unwrap_or(0),
+                    self.personal_lost.unwrap_or(0),
+                    self.personal_duplicated.unwrap_or(0)
+                ),
+            );
+            row(
+                "personal push latency p50 / p99 / max",
+                format!("{:.2} / {:.2} / {:.2} ms", l.p50, l.p99, l.max),
             );
         }
         if let (Some(b), Some(l)) = (self.server_rss_before_bytes, self.server_rss_loaded_bytes) {

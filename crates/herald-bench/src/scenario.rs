@@ -12,7 +12,7 @@ use crate::error::BenchError;
 use crate::fleet::{Fleet, ShardState};
 use crate::nchan;
 use crate::net::{loopback_endpoint, loopback_endpoints, parse_source_ips, raise_nofile_limit};
-use crate::payload::now_ns;
+use crate::payload::{PERSONAL_C, now_ns};
 use crate::progress;
 use crate::publisher::{PubConfig, run_publisher};
 use crate::report::{Report, series_points};
@@ -189,6 +189,8 @@ struct Merged {
     invalid: u64,
     connect_latency: Option<Histogram<u64>>,
     latency: Option<Histogram<u64>>,
+    personal_duplicated: u64,
+    personal_latency: Option<Histogram<u64>>,
     subs_per_channel: Vec<u64>,
     unique_per_channel: Vec<u64>,
     first_attempt_ns: u64,
@@ -206,6 +208,7 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
     let mut m = Merged {
         connect_latency: Some(new_histogram()),
         latency: Some(new_histogram()),
+        personal_latency: Some(new_histogram()),
         ..Default::default()
     };
     for (i, s) in shards.into_iter().enumerate() {
@@ -224,6 +227,10 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
         if let Some(h) = m.latency.as_mut() {
             r.latency.merge_into(h);
         }
+        if let Some(h) = m.personal_latency.as_mut() {
+            r.personal_latency.merge_into(h);
+        }
+        m.personal_duplicated += r.personal_duplicated;
         add_vec(&mut m.subs_per_channel, &r.subs_per_channel);
         add_vec(&mut m.unique_per_channel, &r.unique_per_channel);
         if r.first_attempt_ns > 0
@@ -305,6 +312,23 @@ fn base_report(
         connect_series: series_points(m.connect_series.iter().map(Vec::as_slice)),
         ..Default::default()
     }
+}
+
+/// `want` distinct user indices below `n` (all of them when `want >= n`), in random order
+/// (xorshift seeded by the caller; a partial Fisher–Yates shuffle).
+fn pick_users(n: u64, want: u64, seed: u64) -> Vec<u64> {
+    let mut all: Vec<u64> = (0..n).collect();
+    let k = want.min(n) as usize;
+    let mut x = seed | 1;
+    for i in 0..k {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = i + (x % (all.len() - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    all.truncate(k);
+    all
 }
 
 fn rss_per_connection(before: Option<u64>, loaded: Option<u64>, established: u64) -> Option<f64> {
@@ -421,6 +445,14 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     }
     check_range("drain", args.drain, 0.0, 600.0)?;
     check_range("publish-rate", args.publish_rate, 0.01, MAX_RATE)?;
+    if args.personal_rate != 0.0 {
+        check_range("personal-rate", args.personal_rate, 0.01, MAX_RATE)?;
+        if c.target != Target::Herald || c.token_secret.is_none() {
+            return Err(bad(
+                "--personal-rate needs --target herald and --token-secret (users bench-<i>)",
+            ));
+        }
+    }
     if args.channels == 0 || args.channels > MAX_CHANNELS {
         return Err(bad(format!("--channels must be within 1..={MAX_CHANNELS}")));
     }
@@ -508,16 +540,41 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
             .then(|| args.api_key.clone())
             .flatten(),
         channels,
+        channel_base: 0,
         rate: args.publish_rate,
         duration: Duration::from_secs_f64(args.duration),
         payload: args.payload,
         api_connections: args.api_connections,
         pipeline: args.pipeline,
     };
+    // Personal pushes: distinct users, each getting its own sequence from 1.
+    let personal_cfg = (args.personal_rate > 0.0).then(|| {
+        let pushes = (args.personal_rate * args.duration).round().max(1.0) as u64;
+        let users = pick_users(args.subscribers, pushes, now_ns());
+        PubConfig {
+            target: c.target,
+            ws: cfg.ws.clone(),
+            api: cfg.api.clone(),
+            api_key: cfg.api_key.clone(),
+            channels: users.iter().map(|u| format!("#bench-{u}")).collect(),
+            channel_base: PERSONAL_C,
+            rate: args.personal_rate,
+            duration: cfg.duration,
+            payload: args.payload,
+            api_connections: args.api_connections,
+            pipeline: args.pipeline,
+        }
+    });
     let sent = AtomicU64::new(0);
+    let personal_sent = AtomicU64::new(0);
     let run_bar = progress::bar(args.duration.ceil() as u64, "publish");
-    let outcome = {
-        let publisher = run_publisher(&cfg, &sent);
+    let (outcome, personal) = {
+        let publisher = futures_util::future::join(run_publisher(&cfg, &sent), async {
+            match &personal_cfg {
+                Some(p) => Some(run_publisher(p, &personal_sent).await),
+                None => None,
+            }
+        });
         tokio::pin!(publisher);
         loop {
             tokio::select! {
@@ -534,17 +591,25 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         }
     };
     run_bar.finish_and_clear();
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
+    let (outcome, personal) = match (outcome, personal.transpose()) {
+        (Ok(o), Ok(p)) => (o, p),
+        (Err(e), _) | (_, Err(e)) => {
             fleet.finish(Duration::from_secs(10)).await;
             return Err(e);
         }
     };
     let expected = account(&subs_per_channel, &outcome.published, &[]).expected;
+    let personal_expected: u64 = personal.as_ref().map_or(0, |p| p.published.iter().sum());
     let drain_until = Instant::now() + Duration::from_secs_f64(args.drain);
     fleet
-        .wait_until(drain_until, |_| {}, |f| f.totals().delivered >= expected)
+        .wait_until(
+            drain_until,
+            |_| {},
+            |f| {
+                let t = f.totals();
+                t.delivered >= expected && t.personal_delivered >= personal_expected
+            },
+        )
         .await;
     let server_cpu1 = sysinfo::total_cpu_seconds(&c.server_pid);
     let publish_window = publish_start.elapsed().as_secs_f64();
@@ -605,5 +670,43 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
     for (k, v) in outcome.error_kinds {
         *r.errors.entry(format!("publisher: {k}")).or_insert(0) += v;
     }
+    if let (Some(p), Some(pc)) = (personal, &personal_cfg) {
+        let delivered = m.counts.personal_delivered;
+        r.personal_users = Some(pc.channels.len() as u64);
+        r.personal_published = Some(personal_expected);
+        r.personal_delivered = Some(delivered);
+        r.personal_lost = Some(personal_expected.saturating_sub(delivered));
+        r.personal_duplicated = Some(m.personal_duplicated);
+        r.personal_latency_ms = Some(
+            m.personal_latency
+                .as_ref()
+                .map(Percentiles::from_histogram)
+                .unwrap_or_default(),
+        );
+        for (k, v) in p.error_kinds {
+            *r.errors
+                .entry(format!("personal publisher: {k}"))
+                .or_insert(0) += v;
+        }
+    }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picked_users_are_distinct_and_in_range() {
+        let users = pick_users(1000, 300, 42);
+        assert_eq!(users.len(), 300);
+        let set: std::collections::BTreeSet<u64> = users.iter().copied().collect();
+        assert_eq!(set.len(), 300);
+        assert!(users.iter().all(|&u| u < 1000));
+        // Asking for more than there are gives everyone once.
+        let mut all = pick_users(5, 9, 7);
+        all.sort_unstable();
+        assert_eq!(all, [0, 1, 2, 3, 4]);
+        assert!(pick_users(0, 3, 1).is_empty());
+    }
 }

@@ -228,6 +228,10 @@ pub struct Recorder {
     pub bytes_received: u64,
     pub latency: Histogram<u64>,
     pub series: Series,
+    /// Publications on personal channels (unique ones), duplicates of them, latency.
+    pub personal_delivered: u64,
+    pub personal_duplicated: u64,
+    pub personal_latency: Histogram<u64>,
     pub subs_per_channel: Vec<u64>,
     pub unique_per_channel: Vec<u64>,
     pub errors: BTreeMap<String, u64>,
@@ -252,6 +256,9 @@ impl Recorder {
             bytes_received: 0,
             latency: new_histogram(),
             series: Series::new(epoch_ns, max_seconds),
+            personal_delivered: 0,
+            personal_duplicated: 0,
+            personal_latency: new_histogram(),
             subs_per_channel: vec![0; channels],
             unique_per_channel: vec![0; channels],
             errors: BTreeMap::new(),
@@ -291,6 +298,16 @@ impl Recorder {
         } else {
             *self.errors.entry("other".to_string()).or_insert(0) += 1;
         }
+    }
+
+    /// A publication on the connection's personal channel.
+    pub fn personal(&mut self, outcome: SeqOutcome, latency_us: u64) {
+        if outcome == SeqOutcome::Duplicate {
+            self.personal_duplicated += 1;
+            return;
+        }
+        self.personal_delivered += 1;
+        record(&mut self.personal_latency, latency_us);
     }
 
     pub fn delivery(&mut self, channel: usize, outcome: SeqOutcome, at_ns: u64, latency_us: u64) {

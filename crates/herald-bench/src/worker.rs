@@ -59,6 +59,9 @@ pub struct Counts {
     /// WebSocket payload bytes subscribers received after subscribing.
     #[serde(default)]
     pub bytes_received: u64,
+    /// Unique publications received on personal channels.
+    #[serde(default)]
+    pub personal_delivered: u64,
     /// CPU the shard's process has used since the shard started, in milliseconds.
     pub cpu_ms: u64,
 }
@@ -81,6 +84,7 @@ impl Counts {
             duplicated: r.duplicated,
             out_of_order: r.out_of_order,
             bytes_received: r.bytes_received,
+            personal_delivered: r.personal_delivered,
             cpu_ms: 0,
         }
     }
@@ -94,6 +98,7 @@ impl Counts {
         self.duplicated += o.duplicated;
         self.out_of_order += o.out_of_order;
         self.bytes_received += o.bytes_received;
+        self.personal_delivered += o.personal_delivered;
         self.cpu_ms += o.cpu_ms;
     }
 }
@@ -107,6 +112,10 @@ pub struct WorkerResult {
     pub connect_series: Vec<Interval>,
     pub latency: HistData,
     pub series: Vec<Interval>,
+    #[serde(default)]
+    pub personal_duplicated: u64,
+    #[serde(default)]
+    pub personal_latency: HistData,
     pub subs_per_channel: Vec<u64>,
     pub unique_per_channel: Vec<u64>,
     pub first_attempt_ns: u64,
@@ -270,6 +279,8 @@ pub async fn run_worker(
         connect_series: r.connect_series.to_data(),
         latency: HistData::from_histogram(&r.latency),
         series: r.series.to_data(),
+        personal_duplicated: r.personal_duplicated,
+        personal_latency: HistData::from_histogram(&r.personal_latency),
         subs_per_channel: r.subs_per_channel.clone(),
         unique_per_channel: r.unique_per_channel.clone(),
         first_attempt_ns: r.first_attempt_ns,

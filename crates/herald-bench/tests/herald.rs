@@ -185,6 +185,66 @@ fn fanout_against_a_two_node_redis_cluster() {
     drop((a, b));
 }
 
+/// Pushes to personal channels of random users: counted apart from the shared channel,
+/// and counted as lost when the server does not subscribe users to their channel.
+#[test]
+fn personal_pushes_are_counted_per_user() {
+    let dir = TempDir::new("herald-personal");
+    let personal = CONFIG.replace(
+        "max_channels = 128\n",
+        "max_channels = 128\n[client.subscribe_to_user_personal_channel]\nenabled = true\n",
+    );
+    assert_ne!(personal, CONFIG);
+    let run = |url: &str| {
+        bench_json(
+            &[
+                "fanout",
+                "--target",
+                "herald",
+                "--url",
+                url,
+                "--token-secret",
+                "bench-secret",
+                "--api-key",
+                "bench-key",
+                "--subscribers",
+                "100",
+                "--publish-rate",
+                "10",
+                "--personal-rate",
+                "20",
+                "--duration",
+                "2",
+                "--drain",
+                "3",
+            ],
+            &dir,
+        )
+    };
+    let (server, url) = start_herald_with(&dir, "personal.toml", &personal);
+    let r = run(&url);
+    assert_clean_fanout(&r, 100);
+    assert_eq!(u(&r, "personal_users"), 40, "{r}");
+    assert_eq!(u(&r, "personal_published"), 40, "{r}");
+    assert_eq!(u(&r, "personal_delivered"), 40, "{r}");
+    assert_eq!(u(&r, "personal_lost"), 0, "{r}");
+    assert_eq!(u(&r, "personal_duplicated"), 0, "{r}");
+    assert!(
+        r["personal_latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0,
+        "{r}"
+    );
+    drop(server);
+
+    // Without personal channels nobody receives them: all lost, the shared channel unharmed.
+    let (server, url) = start_herald(&dir);
+    let r = run(&url);
+    assert_clean_fanout(&r, 100);
+    assert_eq!(u(&r, "personal_published"), 40, "{r}");
+    assert_eq!(u(&r, "personal_delivered"), 0, "{r}");
+    assert_eq!(u(&r, "personal_lost"), 40, "{r}");
+    drop(server);
+}
+
 #[test]
 fn connect_against_herald_and_token_failures() {
     let dir = TempDir::new("herald-connect");
