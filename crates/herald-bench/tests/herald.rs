@@ -83,22 +83,32 @@ fn start_herald_with(dir: &TempDir, file: &str, config: &str) -> (Server, String
     (server, format!("ws://{addr}/connection/websocket"))
 }
 
+/// `herald-bench fanout` against Herald with this file's token secret and API key, then
+/// `extra`.
+fn herald_fanout(url: &str, extra: &[&str], dir: &TempDir) -> serde_json::Value {
+    let mut args = vec![
+        "fanout",
+        "--target",
+        "herald",
+        "--url",
+        url,
+        "--token-secret",
+        "bench-secret",
+        "--api-key",
+        "bench-key",
+    ];
+    args.extend_from_slice(extra);
+    bench_json(&args, dir)
+}
+
 #[test]
 fn fanout_against_herald_sharded_over_two_processes() {
     let dir = TempDir::new("herald-fanout");
     let (server, url) = start_herald(&dir);
     let pid = server.pid().to_string();
-    let r = bench_json(
+    let r = herald_fanout(
+        &url,
         &[
-            "fanout",
-            "--target",
-            "herald",
-            "--url",
-            &url,
-            "--token-secret",
-            "bench-secret",
-            "--api-key",
-            "bench-key",
             "--subscribers",
             "120",
             "--channels",
@@ -146,17 +156,9 @@ fn fanout_against_a_two_node_redis_cluster() {
     let (b, url_b) = start_herald_with(&dir, "b.toml", &config);
     let urls = format!("{url_a},{url_b}");
     let pids = format!("{},{}", a.pid(), b.pid());
-    let r = bench_json(
+    let r = herald_fanout(
+        &urls,
         &[
-            "fanout",
-            "--target",
-            "herald",
-            "--url",
-            &urls,
-            "--token-secret",
-            "bench-secret",
-            "--api-key",
-            "bench-key",
             "--subscribers",
             "100",
             "--channels",
@@ -196,17 +198,9 @@ fn personal_pushes_are_counted_per_user() {
     );
     assert_ne!(personal, CONFIG);
     let run = |url: &str| {
-        bench_json(
+        herald_fanout(
+            url,
             &[
-                "fanout",
-                "--target",
-                "herald",
-                "--url",
-                url,
-                "--token-secret",
-                "bench-secret",
-                "--api-key",
-                "bench-key",
                 "--subscribers",
                 "100",
                 "--publish-rate",
