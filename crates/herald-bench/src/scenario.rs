@@ -44,18 +44,18 @@ fn check_range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), BenchError> {
 struct Meter {
     wall: Instant,
     cpu: f64,
-    server_pid: Vec<u32>,
+    server_pids: Vec<u32>,
     server_rss_before: Option<u64>,
     load_start: Option<f64>,
 }
 
 impl Meter {
-    fn start(server_pid: Vec<u32>) -> Self {
+    fn start(server_pids: Vec<u32>) -> Self {
         Meter {
             wall: Instant::now(),
             cpu: sysinfo::self_cpu_seconds(),
-            server_rss_before: sysinfo::total_rss_bytes(&server_pid),
-            server_pid,
+            server_rss_before: sysinfo::total_rss_bytes(&server_pids),
+            server_pids,
             load_start: sysinfo::load_average(),
         }
     }
@@ -295,7 +295,7 @@ fn base_report(
         out_of_order: m.counts.out_of_order,
         invalid: m.invalid,
         bytes_received: m.counts.bytes_received,
-        server_pids: meter.server_pid.clone(),
+        server_pids: meter.server_pids.clone(),
         server_rss_before_bytes: meter.server_rss_before,
         generator_cpu_percent: if wall_s > 0.0 {
             cpu / wall_s * 100.0

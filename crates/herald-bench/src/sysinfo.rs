@@ -14,7 +14,6 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The 1-minute load average: how busy the machine was around a run.
 /// RSS of several processes summed; `None` when the list is empty or one is gone.
 pub fn total_rss_bytes(pids: &[u32]) -> Option<u64> {
     if pids.is_empty() {
@@ -31,6 +30,7 @@ pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
 
+/// The 1-minute load average: how busy the machine was around a run.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?

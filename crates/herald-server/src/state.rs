@@ -189,5 +189,3 @@ pub struct AppState {
     /// MQTT settings and persistent sessions.
     pub mqtt: Arc<crate::mqtt::settings::Mqtt>,
 }
-
-pub use crate::stop::stopped;
