@@ -9,7 +9,9 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Client, REDIS, WAIT, api, publish, redis_engine, require_redis, start_with, token};
+use common::{
+    Client, REDIS, Scrape, WAIT, api, publish, redis_engine, require_redis, start_with, token,
+};
 use herald_server::Server;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -407,14 +409,13 @@ async fn hostile_packets_close_only_their_connection() {
     // The bystander never noticed.
     publish(&s, &ch, json!("still here")).await.unwrap();
     assert_eq!(bystander.message(&ch).await, "\"still here\"");
-    let (_, metrics) = common::http(&s, "GET", "/metrics", None, "").await.unwrap();
-    assert!(
-        metrics
-            .as_str()
-            .unwrap_or_default()
-            .contains("transport=\"mqtt\""),
-        "MQTT connections are counted under transport=\"mqtt\""
+    // Each refusal above is counted as a protocol error of the MQTT transport.
+    let m = Scrape::take(s.addr).await.unwrap();
+    let refused = m.get(
+        "herald_protocol_error_disconnects_total",
+        &[("transport", "mqtt"), ("code", "3501")],
     );
+    assert_eq!(refused, 8.0, "MQTT protocol errors counted: {m:?}");
     s.shutdown().await;
 }
 
@@ -552,7 +553,97 @@ async fn a_publish_flood_is_refused_then_disconnected() {
     assert_eq!(reasons[..2], [0, 0], "{reasons:02x?}");
     assert!(reasons[2..].iter().all(|&r| r == 0x97), "{reasons:02x?}");
     assert!(!reasons[2..].is_empty(), "{reasons:02x?}");
+    let m = Scrape::take(s.addr).await.unwrap();
+    assert_eq!(
+        m.get(
+            "herald_protocol_error_disconnects_total",
+            &[("transport", "mqtt"), ("code", "3013")],
+        ),
+        1.0,
+        "the flood's disconnect is counted: {m:?}"
+    );
     s.shutdown().await;
+}
+
+/// A QoS 2 PUBLISH (3.1.1 layout, or MQTT 5 with no properties) of `payload` to `topic`.
+fn qos2_publish(level: u8, topic: &str, id: u16, dup: bool, payload: &[u8]) -> Vec<u8> {
+    let mut body = utf8(topic.as_bytes());
+    body.extend(id.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(if dup { 0x3c } else { 0x34 }, &body)
+}
+
+/// How many publications the channel's history holds.
+async fn history_len(s: &Server, ch: &str) -> usize {
+    let h = api(s, "history", json!({"channel": ch, "limit": 100}))
+        .await
+        .unwrap();
+    h["result"]["publications"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn a_qos2_retransmission_before_pubrel_is_published_once() {
+    let s = node("").await;
+    let ch = channel("twice");
+    let mut t = connected(&s, 4).await;
+    t.write_all(&qos2_publish(4, &ch, 7, false, b"\"once\""))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut t).await, (0x50, vec![0, 7]), "PUBREC");
+    // The device did not see the PUBREC and sends it again, marked DUP.
+    t.write_all(&qos2_publish(4, &ch, 7, true, b"\"once\""))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut t).await,
+        (0x50, vec![0, 7]),
+        "PUBREC again"
+    );
+    t.write_all(&packet(0x62, &[0, 7])).await.unwrap();
+    assert_eq!(read_packet(&mut t).await, (0x70, vec![0, 7]), "PUBCOMP");
+    assert_eq!(history_len(&s, &ch).await, 1, "published once");
+    // After PUBREL the packet id is free: the same id is a new publication.
+    t.write_all(&qos2_publish(4, &ch, 7, false, b"\"again\""))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut t).await, (0x50, vec![0, 7]), "PUBREC");
+    assert_eq!(history_len(&s, &ch).await, 2, "a new publication");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn qos2_from_an_mqtt5_device_is_refused_with_0x9b() {
+    let s = node("").await;
+    let ch = channel("qos2");
+    let mut t = connected(&s, 5).await;
+    t.write_all(&qos2_publish(5, &ch, 1, false, b"1"))
+        .await
+        .unwrap();
+    assert_eq!(disconnect_reason(&mut t).await, 0x9b, "QoS not supported");
+    assert_eq!(history_len(&s, &ch).await, 0, "nothing published");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_node_refuses_new_devices_and_sends_its_own_away() {
+    let toml = common::config(MQTT).replace("drain_duration = \"0s\"", "drain_duration = \"2s\"");
+    let s = start_with(&toml).await;
+    let mut held = connected(&s, 5).await;
+    api(&s, "drain", json!({})).await.unwrap();
+    // A new device is refused, or closed before any CONNACK.
+    if let Ok(mut late) = TcpStream::connect(s.mqtt_addr.expect("mqtt")).await {
+        let _ = late.write_all(&connect(5, "late")).await;
+        let got = until_closed(&mut late).await;
+        assert!(got.is_empty(), "no CONNACK while draining: {got:02x?}");
+    }
+    // The one connected is told the server is going away (3001).
+    assert_eq!(disconnect_reason(&mut held).await, 0x8b);
+    tokio::time::timeout(Duration::from_secs(10), s.stopped())
+        .await
+        .expect("the node stops after draining");
 }
 
 /// The reason of the DISCONNECT a closed MQTT 5 connection last got.
@@ -614,7 +705,10 @@ async fn mqtt_over_tls() {
     );
     let s = start_with(&toml).await;
     let ch = channel("tls");
-    let ca = cert_path.to_string_lossy().to_string();
+    // The first certificate, kept apart: the files are replaced below.
+    let ca_path = dir.join("ca1.pem");
+    std::fs::write(&ca_path, cert.cert.pem()).unwrap();
+    let ca = ca_path.to_string_lossy().to_string();
     let mut sub = Sub::start(&s, "t", &["-t", &ch, "--cafile", &ca]).await;
     pub_ok(
         &s,
@@ -628,6 +722,46 @@ async fn mqtt_over_tls() {
     t.write_all(&connect(4, "plain")).await.unwrap();
     let got = until_closed(&mut t).await;
     assert!(got.first() != Some(&0x20), "a plain CONNECT got {got:02x?}");
+
+    // Renewal: the MQTT listener serves new files without a restart, like the client
+    // listener, and the open subscriber stays.
+    let renewed =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let ca2_path = dir.join("ca2.pem");
+    std::fs::write(&ca2_path, renewed.cert.pem()).unwrap();
+    std::fs::write(&key_path, renewed.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert_path, renewed.cert.pem()).unwrap();
+    let ca2 = ca2_path.to_string_lossy().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let args = ["-t", &ch, "-m", "\"renewed\"", "--cafile", &ca2];
+        let out = mosquitto("mosquitto_pub", &s, "p", &args)
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the MQTT listener never served the renewed certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(sub.message(&ch).await, "\"renewed\"");
+    let old = mosquitto(
+        "mosquitto_pub",
+        &s,
+        "p",
+        &["-t", &ch, "-m", "1", "--cafile", &ca],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        !old.status.success(),
+        "the old certificate is no longer served"
+    );
     s.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -2,7 +2,8 @@
 //! different WebSocket implementation (tokio-tungstenite) than the server's.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -246,7 +247,8 @@ impl Client {
     }
 }
 
-/// A minimal HTTP/1.1 POST to the server API; returns (status, body).
+/// A minimal HTTP/1.1 request to the server, with the API key when given; returns (status,
+/// body as JSON, or as a JSON string when it is not JSON).
 pub async fn http(
     server: &Server,
     method: &str,
@@ -254,26 +256,119 @@ pub async fn http(
     key: Option<&str>,
     body: &str,
 ) -> Result<(u16, Value)> {
-    let mut s = TcpStream::connect(server.addr).await?;
-    let key_header = key
-        .map(|k| format!("X-API-Key: {k}\r\n"))
-        .unwrap_or_default();
+    let headers: Vec<(&str, &str)> = key.map(|k| vec![("X-API-Key", k)]).unwrap_or_default();
+    let r = request(server.addr, method, path, &headers, body).await?;
+    let json = serde_json::from_str(&r.body).unwrap_or(Value::String(r.body));
+    Ok((r.status, json))
+}
+
+pub struct HttpReply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// One HTTP/1.1 request with arbitrary headers to `addr`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<HttpReply> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut extra = String::new();
+    for (k, v) in headers {
+        extra.push_str(&format!("{k}: {v}\r\n"));
+    }
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{key_header}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf);
-    let status: u16 = text
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {text:?}"))?;
+    let status = head
         .split_whitespace()
         .nth(1)
         .ok_or_else(|| anyhow!("no status"))?
         .parse()?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    let json = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
-    Ok((status, json))
+    Ok(HttpReply {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    })
+}
+
+/// A scrape of `/metrics`: series (`name{k="v",…}`) → value.
+#[derive(Debug, Default)]
+pub struct Scrape(pub BTreeMap<String, f64>);
+
+impl Scrape {
+    pub async fn take(addr: SocketAddr) -> Result<Self> {
+        let r = request(addr, "GET", "/metrics", &[], "").await?;
+        if r.status != 200 {
+            bail!("/metrics: HTTP {}: {}", r.status, r.body);
+        }
+        if !r
+            .head
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain")
+        {
+            bail!("/metrics is not text/plain: {}", r.head);
+        }
+        Ok(Self::parse(&r.body))
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut m = BTreeMap::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            if let Some((series, value)) = line.rsplit_once(' ')
+                && let Ok(v) = value.parse::<f64>()
+            {
+                m.insert(series.to_string(), v);
+            }
+        }
+        Self(m)
+    }
+
+    /// The value of `name` with exactly these labels (in any order); 0 when absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        want.sort();
+        for (series, v) in &self.0 {
+            let (n, l) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series.as_str(), ""),
+            };
+            if n != name {
+                continue;
+            }
+            let mut got: Vec<String> = if l.is_empty() {
+                Vec::new()
+            } else {
+                l.split(',').map(str::to_string).collect()
+            };
+            got.sort();
+            if got == want {
+                return *v;
+            }
+        }
+        0.0
+    }
 }
 
 /// Calls `POST /api/<method>` with the right key and returns the JSON body.
