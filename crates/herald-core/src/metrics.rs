@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use herald_protocol::api::NodeInfo;
 use herald_protocol::client::{ClientInfo, Command, Publication};
@@ -221,10 +221,12 @@ pub enum EngineOp {
     PublishControl,
     Heartbeat,
     Channels,
+    PutState,
+    GetState,
 }
 
 impl EngineOp {
-    const ALL: [EngineOp; 12] = [
+    const ALL: [EngineOp; 14] = [
         Self::Publish,
         Self::PublishJoinLeave,
         Self::Subscribe,
@@ -237,6 +239,8 @@ impl EngineOp {
         Self::PublishControl,
         Self::Heartbeat,
         Self::Channels,
+        Self::PutState,
+        Self::GetState,
     ];
 
     pub fn name(self) -> &'static str {
@@ -253,6 +257,8 @@ impl EngineOp {
             Self::PublishControl => "publish_control",
             Self::Heartbeat => "heartbeat",
             Self::Channels => "channels",
+            Self::PutState => "put_state",
+            Self::GetState => "get_state",
         }
     }
 }
@@ -854,6 +860,23 @@ impl Engine for InstrumentedEngine {
 
     fn healthy(&self) -> bool {
         self.inner.healthy()
+    }
+
+    fn shares_state(&self) -> bool {
+        self.inner.shares_state()
+    }
+
+    fn put_state<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<Vec<u8>>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), EngineError>> {
+        self.track(EngineOp::PutState, self.inner.put_state(key, value, ttl))
+    }
+
+    fn get_state<'a>(&'a self, key: &'a str) -> BoxFut<'a, Result<Option<Vec<u8>>, EngineError>> {
+        self.track(EngineOp::GetState, self.inner.get_state(key))
     }
 }
 

@@ -12,6 +12,10 @@
 //!   without history and join/leave go to `P.live.T` directly.
 //! - stream `P_presence`, subjects `P.p.T.<client>`: one message per present client, dropped
 //!   by the stream after `presence_ttl` unless its node refreshes it.
+//! - stream `P_state`, subjects `P.s.<key>`: the last value put under each key (MQTT
+//!   persistent sessions); an empty message removes it. JetStream 2.9 has no per-message
+//!   expiry, so the value carries its own and the stream drops entries after
+//!   `stream_max_age`.
 //! - subject `P.control`: node heartbeats, server API commands, channel surveys.
 //! - subject `P.sync`: never answered; a request to it is a round trip that proves the
 //!   server holds this node's subscriptions (see `Shared::sync`).
@@ -419,6 +423,7 @@ pub struct NatsEngine {
     js: jetstream::Context,
     history: jetstream::stream::Stream,
     presence: jetstream::stream::Stream,
+    state: jetstream::stream::Stream,
     /// Presence entries of this node's clients, refreshed before the stream drops them.
     local_presence: Arc<Mutex<HashMap<(String, String), ClientInfo>>>,
     /// The last message this node appended per channel. A publish appends right after it
@@ -521,6 +526,18 @@ impl NatsEngine {
             })
             .await
             .map_err(unavailable)?;
+        let state = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("{p}_state"),
+                subjects: vec![format!("{p}.s.>")],
+                max_messages_per_subject: 1,
+                max_age: cfg.stream_max_age,
+                num_replicas: cfg.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
 
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
@@ -594,6 +611,7 @@ impl NatsEngine {
             js,
             history,
             presence,
+            state,
             local_presence,
             appended: Mutex::new(HashMap::new()),
             tasks: vec![control_task, events_task, refresher],
@@ -1130,6 +1148,40 @@ impl Engine for NatsEngine {
 
     fn healthy(&self) -> bool {
         self.shared.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn shares_state(&self) -> bool {
+        true
+    }
+
+    fn put_state<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<Vec<u8>>,
+        _ttl: Duration,
+    ) -> BoxFut<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let subject = format!("{}.s.{}", self.shared.cfg.prefix, wire::token(key));
+            self.js
+                .publish(subject, value.unwrap_or_default().into())
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn get_state<'a>(&'a self, key: &'a str) -> BoxFut<'a, Result<Option<Vec<u8>>, EngineError>> {
+        Box::pin(async move {
+            let subject = format!("{}.s.{}", self.shared.cfg.prefix, wire::token(key));
+            match self.state.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) if m.payload.is_empty() => Ok(None),
+                Ok(m) => Ok(Some(m.payload.to_vec())),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
     }
 }
 

@@ -9,6 +9,8 @@
 //!   last publish, so the position outlives the data.
 //! - `P.presence.{C}` / `P.presence_exp.{C}`: hash client → info, zset client → expiry.
 //! - `P.idem.{C}.<key>`: idempotency keys.
+//! - `P.state.<key>`: state kept for a client's next connection on any node (MQTT
+//!   persistent sessions), with its own expiry.
 //! - pub/sub `P.pub.C` per channel (see [`wire`]) and `P.control` for the cluster.
 
 pub mod config;
@@ -679,6 +681,44 @@ impl Engine for RedisEngine {
 
     fn healthy(&self) -> bool {
         self.pubsub.connected()
+    }
+
+    fn shares_state(&self) -> bool {
+        true
+    }
+
+    fn put_state<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<Vec<u8>>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let k = format!("{}.state.{key}", self.shared.cfg.prefix);
+            let cmd = match value {
+                // At least a millisecond: Redis refuses PX 0.
+                Some(v) => redis::cmd("SET")
+                    .arg(k)
+                    .arg(v)
+                    .arg("PX")
+                    .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+                    .to_owned(),
+                None => redis::cmd("DEL").arg(k).to_owned(),
+            };
+            cmd.query_async::<()>(&mut conn).await.map_err(err)
+        })
+    }
+
+    fn get_state<'a>(&'a self, key: &'a str) -> BoxFut<'a, Result<Option<Vec<u8>>, EngineError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            redis::cmd("GET")
+                .arg(format!("{}.state.{key}", self.shared.cfg.prefix))
+                .query_async::<Option<Vec<u8>>>(&mut conn)
+                .await
+                .map_err(err)
+        })
     }
 }
 

@@ -68,6 +68,11 @@ pub struct MqttConfig {
     /// Default: "2h".
     #[serde(with = "herald_core::duration")]
     pub session_expiry: Duration,
+    /// How often a connected device's persistent session is saved to a Redis or NATS
+    /// engine (when it changed), so a device whose node dies resumes it on another node
+    /// from at most this far back. Also saved when the device leaves. Default: "5s".
+    #[serde(with = "herald_core::duration")]
+    pub session_save_interval: Duration,
 }
 
 impl Default for MqttConfig {
@@ -79,6 +84,7 @@ impl Default for MqttConfig {
             max_packet_size: 65_536,
             max_inflight: 64,
             session_expiry: Duration::from_secs(2 * 3600),
+            session_save_interval: Duration::from_secs(5),
         }
     }
 }
@@ -352,6 +358,11 @@ impl Config {
                 "mqtt.max_packet_size: must be between 64 and {}",
                 herald_protocol::mqtt::MAX_REMAINING
             )));
+        }
+        if m.session_save_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "mqtt.session_save_interval: must be greater than 0".into(),
+            ));
         }
         if m.max_inflight == 0 {
             return Err(ConfigError::Invalid(

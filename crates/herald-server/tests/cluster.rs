@@ -23,12 +23,7 @@ fn redis_config(prefix: &str, url: &str) -> String {
 }
 
 fn nats_config(prefix: &str, url: &str) -> String {
-    config("").replace(
-        "[api]",
-        &format!(
-            "[engine]\ntype = \"nats\"\n[engine.nats]\nservers = [\"{url}\"]\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"\n[api]"
-        ),
-    )
+    config("").replace("[api]", &format!("{}[api]", nats_engine(prefix, url)))
 }
 
 /// The engine a cross-node test runs on, with the prefix that isolates the run.

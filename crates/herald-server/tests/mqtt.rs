@@ -10,7 +10,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    Client, REDIS, Scrape, WAIT, api, publish, redis_engine, require_redis, start_with, token,
+    Client, NATS, REDIS, Scrape, WAIT, api, nats_engine, publish, redis_engine, require_nats,
+    require_redis, start_with, token,
 };
 use herald_server::Server;
 use serde_json::{Value, json};
@@ -812,10 +813,171 @@ async fn mqtt_is_off_until_listen_is_set() {
         ("[mqtt]\nlisten = \"nowhere\"\n", "mqtt.listen"),
         ("[mqtt]\nmax_packet_size = 10\n", "mqtt.max_packet_size"),
         ("[mqtt]\nmax_inflight = 0\n", "mqtt.max_inflight"),
+        (
+            "[mqtt]\nsession_save_interval = \"0s\"\n",
+            "mqtt.session_save_interval",
+        ),
         ("[mqtt]\ntls = true\n", "mqtt.tls"),
         ("[mqtt]\nlisten_on = \"x\"\n", "mqtt"),
     ] {
         let e = herald_server::Config::from_toml(&common::config(bad)).unwrap_err();
         assert!(e.to_string().contains(key), "{bad}: {e}");
     }
+}
+
+// ---- persistent sessions across the nodes of a cluster -------------------------------------
+
+/// Two nodes on `engine`: `a` saves sessions only when a device leaves ("1h" between saves),
+/// `b` every 100 ms while a device is connected.
+async fn session_nodes(engine: &str) -> (Server, Server) {
+    let node = |every: &str| {
+        common::config(&format!(
+            "{engine}{MQTT}session_save_interval = \"{every}\"\n"
+        ))
+    };
+    (
+        start_with(&node("1h")).await,
+        start_with(&node("100ms")).await,
+    )
+}
+
+/// Connects `client` with a kept session (MQTT 5, expiry 600 s) to `s`: the connection, and
+/// whether the CONNACK said the session was present.
+async fn resume(s: &Server, client: &str) -> (TcpStream, bool) {
+    let mut t = raw(s).await;
+    t.write_all(&connect_window(client)).await.unwrap();
+    let (first, body) = read_packet(&mut t).await;
+    assert_eq!((first, body[1]), (0x20, 0), "CONNACK accepted: {body:02x?}");
+    (t, body[0] == 1)
+}
+
+async fn subscribe_qos1(t: &mut TcpStream, ch: &str) {
+    let mut sub = vec![0, 1, 0];
+    sub.extend(utf8(ch.as_bytes()));
+    sub.push(1);
+    t.write_all(&packet(0x82, &sub)).await.unwrap();
+    assert_eq!(read_packet(t).await.0, 0x90, "SUBACK");
+}
+
+/// The payloads of the next `n` QoS 1 deliveries, each acknowledged.
+async fn take_acked(t: &mut TcpStream, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let (id, _, payload) = qos1_publish(read_packet(t).await);
+        t.write_all(&packet(0x40, &id.to_be_bytes())).await.unwrap();
+        got.push(String::from_utf8(payload).unwrap());
+    }
+    got
+}
+
+async fn nothing_more(t: &mut TcpStream) {
+    let mut one = [0u8; 1];
+    let more = tokio::time::timeout(Duration::from_millis(300), t.read(&mut one)).await;
+    assert!(more.is_err(), "a delivery more than expected");
+}
+
+/// A device leaves node a with its session kept, publications go on, and it comes back
+/// through node b: b finds the session a saved and the device gets what it missed, once.
+async fn a_session_left_on_one_node_resumes_on_another(engine: &str) {
+    let (a, b) = session_nodes(engine).await;
+    let ch = channel("moves");
+    let client = format!("moving-{}", rand::random::<u32>());
+    let (mut t, present) = resume(&a, &client).await;
+    assert!(!present, "a new session");
+    subscribe_qos1(&mut t, &ch).await;
+    publish(&a, &ch, json!(1)).await.unwrap();
+    assert_eq!(take_acked(&mut t, 1).await, ["1"]);
+    // MQTT 5 DISCONNECT, session kept: node a saves it before it closes the connection.
+    t.write_all(&[0xe0, 0]).await.unwrap();
+    until_closed(&mut t).await;
+    publish(&b, &ch, json!(2)).await.unwrap();
+    publish(&a, &ch, json!(3)).await.unwrap();
+    let (mut t, present) = resume(&b, &client).await;
+    assert!(present, "the session node a kept is present on node b");
+    assert_eq!(take_acked(&mut t, 2).await, ["2", "3"]);
+    nothing_more(&mut t).await;
+    // A clean start ends it on every node.
+    t.write_all(&[0xe0, 0]).await.unwrap();
+    until_closed(&mut t).await;
+    let mut clean = raw(&a).await;
+    let mut body = utf8(b"MQTT");
+    body.extend([5, 0b1100_0010, 0, 30, 0]);
+    body.extend(utf8(client.as_bytes()));
+    body.extend(utf8(b"device"));
+    body.extend(utf8(token("win", 3600).as_bytes()));
+    clean.write_all(&packet(0x10, &body)).await.unwrap();
+    let (first, ack) = read_packet(&mut clean).await;
+    assert_eq!((first, ack[0], ack[1]), (0x20, 0, 0), "clean start");
+    clean.write_all(&[0xe0, 0]).await.unwrap();
+    until_closed(&mut clean).await;
+    let (_t, present) = resume(&b, &client).await;
+    assert!(!present, "no session after a clean start");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_left_on_one_node_resumes_on_another_redis() {
+    require_redis(REDIS).await;
+    let prefix = format!("mqtt{}", rand::random::<u32>());
+    a_session_left_on_one_node_resumes_on_another(&redis_engine(&prefix, REDIS)).await;
+}
+
+#[tokio::test]
+async fn a_session_left_on_one_node_resumes_on_another_nats() {
+    require_nats(NATS).await;
+    let prefix = format!("mqtt{}", rand::random::<u32>());
+    a_session_left_on_one_node_resumes_on_another(&nats_engine(&prefix, NATS)).await;
+    common::delete_nats_streams(NATS, &prefix);
+}
+
+/// The value Redis holds at `key` (a plain RESP GET), or None.
+async fn redis_get(key: &str) -> Option<String> {
+    let mut t = TcpStream::connect(REDIS.trim_start_matches("redis://"))
+        .await
+        .ok()?;
+    let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    t.write_all(cmd.as_bytes()).await.ok()?;
+    let mut r = BufReader::new(t);
+    let mut head = String::new();
+    r.read_line(&mut head).await.ok()?;
+    // "$-1" (no value) does not parse as a length.
+    let len: usize = head.trim_end().strip_prefix('$')?.parse().ok()?;
+    let mut body = vec![0; len + 2];
+    r.read_exact(&mut body).await.ok()?;
+    body.truncate(len);
+    String::from_utf8(body).ok()
+}
+
+/// The device's node stops answering it (gone from its side: the node never saw it leave).
+/// The device comes back through another node, which resumes the session from the last
+/// periodic save: nothing it acknowledged comes again, nothing published since is missing.
+#[tokio::test]
+async fn a_device_cut_off_from_its_node_resumes_from_the_last_save() {
+    require_redis(REDIS).await;
+    let prefix = format!("mqtt{}", rand::random::<u32>());
+    let (a, b) = session_nodes(&redis_engine(&prefix, REDIS)).await;
+    let ch = channel("cut");
+    let client = format!("cut-{}", rand::random::<u32>());
+    let (mut held, _) = resume(&b, &client).await;
+    subscribe_qos1(&mut held, &ch).await;
+    publish(&b, &ch, json!(1)).await.unwrap();
+    assert_eq!(take_acked(&mut held, 1).await, ["1"]);
+    let key = format!("{prefix}.state.mqtt.session.{client}");
+    common::eventually("node b saves the acknowledged position", || async {
+        redis_get(&key)
+            .await
+            .is_some_and(|v| v.contains(&format!("\"{ch}\"")) && v.contains("\"offset\":1"))
+    })
+    .await;
+    publish(&a, &ch, json!(2)).await.unwrap();
+    publish(&a, &ch, json!(3)).await.unwrap();
+    // `held` stays open on b: the device just cannot reach it any more.
+    let (mut t, present) = resume(&a, &client).await;
+    assert!(present, "node a resumes what node b saved");
+    assert_eq!(take_acked(&mut t, 2).await, ["2", "3"]);
+    nothing_more(&mut t).await;
+    drop(held);
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -199,4 +199,30 @@ pub trait Engine: Send + Sync + 'static {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// Whether [`Engine::put_state`] keeps state where every node reads it (then what
+    /// [`Engine::get_state`] answers is the whole truth, "nothing" included).
+    fn shares_state(&self) -> bool {
+        false
+    }
+
+    /// Keeps `value` under `key` for `ttl` where every node can read it (`None` removes
+    /// it): state a client's next connection picks up on whichever node it reaches, such as
+    /// an MQTT persistent session. An engine without storage shared between nodes keeps
+    /// nothing here; the node's own memory is then all there is.
+    fn put_state<'a>(
+        &'a self,
+        key: &'a str,
+        value: Option<Vec<u8>>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), EngineError>> {
+        let _ = (key, value, ttl);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// What [`Engine::put_state`] kept under `key`, if it has not expired.
+    fn get_state<'a>(&'a self, key: &'a str) -> BoxFut<'a, Result<Option<Vec<u8>>, EngineError>> {
+        let _ = key;
+        Box::pin(async { Ok(None) })
+    }
 }

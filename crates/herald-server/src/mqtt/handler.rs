@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 
 use super::Settings;
 use super::link::{Link, Pending, Sub};
-use super::sessions::Sessions;
+use super::sessions::{Sessions, Stored};
 use crate::transport::driver::Handler;
 use herald_protocol::mqtt::{ConnectIn, Filter, In, PacketError, Reader, Version, Will, Writer};
 
@@ -47,6 +47,10 @@ pub struct MqttHandler {
     keep_session: Option<Duration>,
     /// QoS 2 publications received and not yet released (PUBREL), by packet id.
     qos2: HashSet<u16>,
+    /// When the persistent session is next saved to the engine.
+    next_save: Option<Instant>,
+    /// What was last saved to the engine, and when.
+    saved: Option<(Vec<(String, Sub)>, Instant)>,
 }
 
 /// The client-protocol data of an MQTT payload: JSON as it is; other bytes (and an empty
@@ -104,6 +108,8 @@ impl MqttHandler {
             will: None,
             keep_session: None,
             qos2: HashSet::new(),
+            next_save: None,
+            saved: None,
         }
     }
 
@@ -267,6 +273,7 @@ impl MqttHandler {
             }
         };
         let assigned = c.client_id.is_empty().then(|| self.conn.id.to_string());
+        let fresh_id = assigned.is_some();
         let client_id = assigned.clone().unwrap_or(c.client_id);
         self.keep_session = match version {
             Version::V311 => (!c.clean).then_some(self.settings.session_expiry),
@@ -288,6 +295,19 @@ impl MqttHandler {
                 Version::V311 => None,
             };
         }
+        // A session kept by the engine (saved by whichever node the device was on) is read
+        // before the connect: nothing may wait between the connect reply and its CONNACK,
+        // which says whether a session is present. It is used only if it is this user's.
+        let stored = if c.clean || fresh_id || !self.node.engine.shares_state() {
+            None
+        } else {
+            // Unreadable (the engine is down): this node's own copy, if any, is used.
+            self.node
+                .engine
+                .get_state(&Stored::key(&client_id))
+                .await
+                .ok()
+        };
         let cmd = Command {
             connect: Some(ConnectRequest {
                 token,
@@ -313,15 +333,77 @@ impl MqttHandler {
             now.mono,
         );
         self.client_id = Some(client_id);
+        let taken_over = claimed.previous.is_some();
         if let Some(previous) = claimed.previous {
             previous.close(Disconnect::new(3011, TAKEN_OVER));
         }
-        self.link.lock().accepted.session_present = claimed.subs.is_some();
-        for (channel, sub) in claimed.subs.unwrap_or_default() {
+        let mut subs = claimed.subs;
+        if !taken_over && let Some(kept) = stored {
+            // Every node saves there, and a clean start removes it there, so it is the
+            // truth unless a live connection on this node just handed over where it is.
+            subs = kept.and_then(|b| Stored::decode(&b, self.session.user(), now.unix));
+        }
+        self.link.lock().accepted.session_present = subs.is_some();
+        self.next_save = self
+            .keep_session
+            .map(|_| now.mono + self.settings.session_save_interval);
+        if c.clean
+            && !fresh_id
+            && let Some(client_id) = &self.client_id
+        {
+            // A clean start ends the session kept for this id on every node.
+            let _ = self
+                .node
+                .engine
+                .put_state(&Stored::key(client_id), None, Duration::ZERO)
+                .await;
+        }
+        for (channel, sub) in subs.unwrap_or_default() {
             let qos = sub.qos;
             self.join(channel, qos, Some(sub), 0, 0, true, now).await?;
         }
         Ok(())
+    }
+
+    /// The session as the engine keeps it, when it is persistent: kept `keep` from `now`.
+    fn stored(&self, mut subs: Vec<(String, Sub)>, now: Now) -> Option<(Stored, Duration)> {
+        let keep = self.keep_session?;
+        subs.sort_by(|a, b| a.0.cmp(&b.0));
+        let stored = Stored {
+            user: self.session.user().to_string(),
+            expires: now.unix.saturating_add(keep.as_secs()),
+            subs,
+        };
+        Some((stored, keep))
+    }
+
+    /// Saves the persistent session where every node reads it, when it changed since the
+    /// last save or half its keep time went by (the engine lets it expire then).
+    async fn save(&mut self, now: Now) {
+        let Some(client_id) = self.client_id.clone() else {
+            return;
+        };
+        let positions = self.link.lock().positions();
+        let Some((stored, keep)) = self.stored(positions, now) else {
+            return;
+        };
+        if let Some((subs, at)) = &self.saved
+            && *subs == stored.subs
+            && now.mono < *at + keep / 2
+        {
+            return;
+        }
+        let key = Stored::key(&client_id);
+        // A failure is logged and counted by the engine; the next save tries again.
+        if self
+            .node
+            .engine
+            .put_state(&key, Some(stored.encode()), keep)
+            .await
+            .is_ok()
+        {
+            self.saved = Some((stored.subs, now.mono));
+        }
     }
 
     /// Subscribes one channel through the session: resuming from `resume`, or delivering
@@ -509,6 +591,14 @@ impl MqttHandler {
     fn keep_alive_deadline(&self) -> Option<Instant> {
         self.keep_alive.map(|k| self.last_seen + k)
     }
+
+    /// The handler's own next deadline: keep-alive or session save.
+    fn own_deadline(&self) -> Option<Instant> {
+        match (self.keep_alive_deadline(), self.next_save) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Handler for MqttHandler {
@@ -543,13 +633,19 @@ impl Handler for MqttHandler {
         {
             return Err(self.fail(v5::KEEP_ALIVE_TIMEOUT, Disconnect::NO_PONG));
         }
+        if let Some(at) = self.next_save
+            && now.mono >= at
+        {
+            self.save(now).await;
+            self.next_save = Some(now.mono + self.settings.session_save_interval);
+        }
         let next = self.session.tick(now).await?;
-        Ok(self.keep_alive_deadline().map_or(next, |k| next.min(k)))
+        Ok(self.own_deadline().map_or(next, |k| next.min(k)))
     }
 
     fn next_wakeup(&self, now: Now) -> Instant {
         let next = self.session.next_wakeup(now);
-        self.keep_alive_deadline().map_or(next, |k| next.min(k))
+        self.own_deadline().map_or(next, |k| next.min(k))
     }
 
     fn goodbye(&self, _d: &Disconnect) -> Bytes {
@@ -589,8 +685,23 @@ impl Handler for MqttHandler {
         if let Some(client_id) = self.client_id.take() {
             let subs = self.link.lock().positions();
             let expires = self.keep_session.map(|d| now.mono + d);
-            self.sessions
+            let stored = self.stored(subs.clone(), now);
+            let held = self
+                .sessions
                 .release(&client_id, &self.conn, subs, expires, now.mono);
+            // Saved for every node, unless a newer connection took the session over; a
+            // session that stops being kept (MQTT 5 DISCONNECT with expiry 0) is removed.
+            if held && (stored.is_some() || self.saved.is_some()) {
+                let (value, keep) = match stored {
+                    Some((s, keep)) => (Some(s.encode()), keep),
+                    None => (None, Duration::ZERO),
+                };
+                let _ = self
+                    .node
+                    .engine
+                    .put_state(&Stored::key(&client_id), value, keep)
+                    .await;
+            }
         }
         self.session.close().await;
     }

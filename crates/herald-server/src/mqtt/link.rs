@@ -45,7 +45,7 @@ pub enum Pending {
 }
 
 /// A subscription as MQTT sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Sub {
     pub qos: u8,
     pub epoch: String,

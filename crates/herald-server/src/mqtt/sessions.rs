@@ -2,6 +2,10 @@
 //! device subscribed and how far it got in each, kept on the node after it disconnects so
 //! that its next connection recovers what it missed from channel history. Also who holds a
 //! client id now, so a second connection with the same id takes the session over.
+//!
+//! With an engine shared between nodes the session is also kept there ([`Stored`]), saved
+//! while the device is connected and when it leaves, so a device that comes back through
+//! another node (its own died or was drained) resumes it there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -11,6 +15,35 @@ use herald_core::conn::ConnHandle;
 use parking_lot::Mutex;
 
 use super::link::{Link, Sub};
+
+/// A session as the engine keeps it for every node.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stored {
+    pub user: String,
+    /// Unix seconds after which it is not resumed (engines without per-key expiry keep it
+    /// longer).
+    pub expires: u64,
+    pub subs: Vec<(String, Sub)>,
+}
+
+impl Stored {
+    /// The engine key of a client id's session.
+    pub fn key(client_id: &str) -> String {
+        format!("mqtt.session.{client_id}")
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of strings and integers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The stored session, when it is this user's and has not expired; anything else an
+    /// engine returns (another user's, expired, unreadable) is no session.
+    pub fn decode(bytes: &[u8], user: &str, unix_now: u64) -> Option<Vec<(String, Sub)>> {
+        let s: Stored = serde_json::from_slice(bytes).ok()?;
+        (s.user == user && unix_now < s.expires).then_some(s.subs)
+    }
+}
 
 /// Sweeps expired sessions once per this many saves.
 const SWEEP_EVERY: u32 = 1024;
@@ -83,7 +116,7 @@ impl Sessions {
     }
 
     /// The connection ends: its session is kept until `expires` (None: not kept). A
-    /// connection that was taken over leaves the session to its successor.
+    /// connection that was taken over leaves the session to its successor; false then.
     pub fn release(
         &self,
         client_id: &str,
@@ -91,13 +124,13 @@ impl Sessions {
         subs: Vec<(String, Sub)>,
         expires: Option<Instant>,
         now: Instant,
-    ) {
+    ) -> bool {
         let mut inner = self.inner.lock();
         let Some(e) = inner.entries.get_mut(client_id) else {
-            return;
+            return false;
         };
         if !std::ptr::eq(e.live.as_ptr(), Arc::as_ptr(conn)) {
-            return;
+            return false;
         }
         match expires {
             Some(at) => {
@@ -116,6 +149,16 @@ impl Sessions {
                 .entries
                 .retain(|_, e| e.expires.is_none_or(|at| now < at));
         }
+        true
+    }
+
+    /// Whether `conn` still holds `client_id` (it was not taken over).
+    pub fn holds(&self, client_id: &str, conn: &Arc<ConnHandle>) -> bool {
+        self.inner
+            .lock()
+            .entries
+            .get(client_id)
+            .is_some_and(|e| std::ptr::eq(e.live.as_ptr(), Arc::as_ptr(conn)))
     }
 
     /// Sessions kept or live (for tests and the admin page).
@@ -196,6 +239,23 @@ mod tests {
             .subs
             .is_none()
         );
+    }
+
+    #[test]
+    fn a_stored_session_is_resumed_by_its_user_only_before_it_expires() {
+        let stored = Stored {
+            user: "u".into(),
+            expires: 1_000,
+            subs: vec![("ch".into(), sub(9))],
+        };
+        let bytes = stored.encode();
+        assert_eq!(
+            Stored::decode(&bytes, "u", 999),
+            Some(vec![("ch".into(), sub(9))])
+        );
+        assert_eq!(Stored::decode(&bytes, "other", 999), None);
+        assert_eq!(Stored::decode(&bytes, "u", 1_000), None);
+        assert_eq!(Stored::decode(b"garbage", "u", 0), None);
     }
 
     #[test]

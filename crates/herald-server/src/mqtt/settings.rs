@@ -13,6 +13,7 @@ pub struct Settings {
     pub max_packet_size: usize,
     pub max_inflight: u16,
     pub session_expiry: Duration,
+    pub session_save_interval: Duration,
 }
 
 impl Settings {
@@ -21,6 +22,7 @@ impl Settings {
             max_packet_size: c.max_packet_size,
             max_inflight: c.max_inflight,
             session_expiry: c.session_expiry,
+            session_save_interval: c.session_save_interval,
         }
     }
 }

@@ -434,6 +434,14 @@ pub fn redis_engine(prefix: &str, url: &str) -> String {
 /// The NATS (with JetStream) the cluster tests use.
 pub const NATS: &str = "nats://127.0.0.1:4222";
 
+/// The `[engine]` tables of a node on the NATS at `url`, under its own stream `prefix`,
+/// with fast heartbeats and short timeouts.
+pub fn nats_engine(prefix: &str, url: &str) -> String {
+    format!(
+        "[engine]\ntype = \"nats\"\n[engine.nats]\nservers = [\"{url}\"]\nprefix = \"{prefix}\"\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\npresence_ttl = \"2s\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"\n"
+    )
+}
+
 /// Fails with a clear message when the NATS these tests need is not running.
 pub async fn require_nats(url: &str) {
     let addr = url.trim_start_matches("nats://");
@@ -457,7 +465,7 @@ pub fn delete_nats_streams(url: &str, prefix: &str) {
     let _ = reader.read_line(&mut line); // INFO
     let mut w = stream;
     let mut cmds = String::from("CONNECT {\"verbose\":false}\r\n");
-    for s in ["history", "presence"] {
+    for s in ["history", "presence", "state"] {
         cmds.push_str(&format!("PUB $JS.API.STREAM.DELETE.{prefix}_{s} 0\r\n\r\n"));
     }
     cmds.push_str("PING\r\n");
