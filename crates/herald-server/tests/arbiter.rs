@@ -66,12 +66,10 @@ async fn advertise_url_and_rate_limit() {
 }
 
 fn redis_config(prefix: &str, drain: &str) -> String {
-    config("")
-        .replace("[api]", &format!("{}[api]", redis_engine(prefix, REDIS)))
-        .replace(
-            "drain_duration = \"0s\"",
-            &format!("drain_duration = \"{drain}\""),
-        )
+    config_on(&redis_engine(prefix, REDIS)).replace(
+        "drain_duration = \"0s\"",
+        &format!("drain_duration = \"{drain}\""),
+    )
 }
 
 #[tokio::test]

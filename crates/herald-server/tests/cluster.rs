@@ -17,13 +17,11 @@ fn prefix() -> String {
 }
 
 fn redis_config(prefix: &str, url: &str) -> String {
-    config("presence_ttl_unused = 0")
-        .replace("presence_ttl_unused = 0", "")
-        .replace("[api]", &format!("{}[api]", redis_engine(prefix, url)))
+    config_on(&redis_engine(prefix, url))
 }
 
 fn nats_config(prefix: &str, url: &str) -> String {
-    config("").replace("[api]", &format!("{}[api]", nats_engine(prefix, url)))
+    config_on(&nats_engine(prefix, url))
 }
 
 /// The engine a cross-node test runs on, with the prefix that isolates the run.

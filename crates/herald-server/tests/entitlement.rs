@@ -50,34 +50,22 @@ fn toml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
-/// Sends connect with `token` on a fresh connection; Ok(reply) or Err(close code).
-async fn connect_with(s: &herald_server::Server, token: &str) -> Result<(Client, Value), u16> {
-    let mut c = Client::open(s).await.unwrap();
-    c.send(json!({"id": 1, "connect": {"token": token}}))
-        .await
-        .unwrap();
-    match c.reply(1).await {
-        Ok(r) => Ok((c, r)),
-        Err(_) => Err(c.close.map(|(code, _)| code).unwrap_or(0)),
-    }
-}
-
 async fn expect_close(s: &herald_server::Server, token: &str, code: u16) {
-    match connect_with(s, token).await {
+    match Client::try_connect(s, token).await {
         Err(got) => assert_eq!(got, code, "token {token}"),
         Ok((_, r)) => panic!("expected close {code}, got reply {r}"),
     }
 }
 
 async fn expect_error(s: &herald_server::Server, token: &str, code: u64) {
-    match connect_with(s, token).await {
+    match Client::try_connect(s, token).await {
         Ok((_, r)) => assert_eq!(r["error"]["code"], code, "reply {r}"),
         Err(got) => panic!("expected error {code}, got close {got}"),
     }
 }
 
 async fn expect_user(s: &herald_server::Server, token: &str, user: &str) {
-    match connect_with(s, token).await {
+    match Client::try_connect(s, token).await {
         Ok((_, r)) => assert!(r.get("connect").is_some(), "{user}: {r}"),
         Err(got) => panic!("{user}: refused with {got}"),
     }
@@ -289,7 +277,7 @@ async fn jwks_keys_by_kid_refreshed_in_the_background() {
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match connect_with(&s, &t).await {
+        match Client::try_connect(&s, &t).await {
             Ok((_, r)) if r.get("connect").is_some() => break,
             other => {
                 assert!(
@@ -302,7 +290,7 @@ async fn jwks_keys_by_kid_refreshed_in_the_background() {
         }
     }
     // Subscription tokens are checked with the same keys.
-    let (mut c, _) = connect_with(
+    let (mut c, _) = Client::try_connect(
         &s,
         &sign(
             Algorithm::RS256,
@@ -483,10 +471,10 @@ async fn subscription_expiry_and_sub_refresh() {
 async fn connection_expiry_refresh_and_3005() {
     let s = start("expired_close_delay = \"0s\"").await;
     // Expires in 2s and never refreshed: 3005.
-    let (mut lapsing, r) = connect_with(&s, &token("u", 2)).await.unwrap();
+    let (mut lapsing, r) = Client::try_connect(&s, &token("u", 2)).await.unwrap();
     assert_eq!(r["connect"]["expires"], true, "{r}");
     // Expires in 2s and refreshed in time: stays.
-    let (mut kept, _) = connect_with(&s, &token("u", 2)).await.unwrap();
+    let (mut kept, _) = Client::try_connect(&s, &token("u", 2)).await.unwrap();
     let r = kept
         .call(2, "refresh", json!({"token": token("u", 600)}))
         .await
@@ -739,11 +727,10 @@ async fn user_connection_limit_is_3504() {
     let s = start("user_connection_limit = 2\nallow_anonymous = true").await;
     let (_a, _) = Client::connect(&s, "greedy").await.unwrap();
     let (_b, _) = Client::connect(&s, "greedy").await.unwrap();
-    let mut c = Client::open(&s).await.unwrap();
-    c.send(json!({"id": 1, "connect": {"token": token("greedy", 60)}}))
-        .await
-        .unwrap();
-    assert_eq!(c.closed().await.unwrap().0, 3504);
+    assert_eq!(
+        Client::try_connect(&s, &token("greedy", 60)).await.err(),
+        Some(3504)
+    );
     // Other users, and anonymous connections, are not limited by greedy's count.
     let (_o, _) = Client::connect(&s, "other").await.unwrap();
     for _ in 0..3 {
@@ -755,7 +742,7 @@ async fn user_connection_limit_is_3504() {
     drop(_a);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match connect_with(&s, &token("greedy", 60)).await {
+        match Client::try_connect(&s, &token("greedy", 60)).await {
             Ok(_) => break,
             Err(code) => {
                 assert_eq!(code, 3504);

@@ -67,7 +67,7 @@ fn try_spawn_node_with(
     engine: &str,
     log: &str,
 ) -> std::result::Result<Node, String> {
-    let cfg = common::config("").replace("[api]", &format!("{engine}[api]"));
+    let cfg = common::config_on(engine);
     let path = dir.join(format!("node{i}.toml"));
     std::fs::write(&path, cfg).unwrap();
     let log_path = node_log(dir, i);

@@ -7,7 +7,7 @@ mod common;
 use herald_server::config::{Config, EngineKind};
 
 fn with_engine(engine: &str) -> String {
-    common::config("").replace("[api]", &format!("{engine}\n[api]"))
+    common::config_on(&format!("{engine}\n"))
 }
 
 #[test]

@@ -124,6 +124,22 @@ impl Client {
     }
 
     /// Opens, connects with a token for `user` and checks the reply.
+    /// Sends connect with `token` on a fresh connection: Ok(the client and its reply, which
+    /// may be an error reply) or Err(the close code, 0 for none) when the server closed.
+    pub async fn try_connect(
+        server: &Server,
+        token: &str,
+    ) -> std::result::Result<(Self, Value), u16> {
+        let mut c = Self::open(server).await.map_err(|_| 0u16)?;
+        c.send(json!({"id": 1, "connect": {"token": token}}))
+            .await
+            .map_err(|_| 0u16)?;
+        match c.reply(1).await {
+            Ok(r) => Ok((c, r)),
+            Err(_) => Err(c.close.map(|(code, _)| code).unwrap_or(0)),
+        }
+    }
+
     pub async fn connect(server: &Server, user: &str) -> Result<(Self, Value)> {
         let mut c = Self::open(server).await?;
         c.send(json!({"id": 1, "connect": {"token": token(user, 3600)}}))
@@ -421,6 +437,12 @@ pub async fn require_redis(url: &str) {
             "this test needs Redis at {url} (start it: redis-server --port 6379 --daemonize yes)"
         );
     }
+}
+
+/// The test config ([`config`]) on the engine whose `[engine]` tables are given
+/// ([`redis_engine`], [`nats_engine`]).
+pub fn config_on(engine: &str) -> String {
+    config("").replace("[api]", &format!("{engine}[api]"))
 }
 
 /// The `[engine]` tables of a node on the Redis at `url`, under its own key `prefix`, with
