@@ -113,6 +113,11 @@ pub struct CommonArgs {
     /// Give up on a connection attempt after this many seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// A lost connection is made again, as an SDK would: the node to use comes from
+    /// `GET /connection/nodes`, and the subscribe recovers from the last publication
+    /// received, so loss across a node failure is measured (herald, JSON).
+    #[arg(long)]
+    pub reconnect: bool,
     /// Write every figure to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -36,6 +36,9 @@ pub struct ConnCtx {
     pub endpoints: Vec<Endpoint>,
     pub recorder: Arc<Mutex<Recorder>>,
     pub connect_timeout: Duration,
+    /// Herald (JSON) subscribers make a lost connection again, through the arbiter, and
+    /// recover what they missed.
+    pub reconnect: bool,
 }
 
 /// What distinguishes one connection.
@@ -50,7 +53,8 @@ pub struct ConnSpec {
 
 /// An established, subscribed connection.
 enum Session {
-    Herald(Ws),
+    /// With where its streams were at subscribe time when reconnects are on.
+    Herald(Ws, Option<Resubscribed>),
     HeraldProtobuf(Ws),
     /// Partial NATS / MQTT messages carried over from the previous frame; empty (and
     /// unallocated) between messages so idle connections cost no buffer.
@@ -71,7 +75,7 @@ pub async fn run_connection(ctx: Arc<ConnCtx>, spec: ConnSpec, mut stop: watch::
             return;
         }
     };
-    let session = match setup {
+    let mut session = match setup {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             ctx.recorder.lock().failed(e.kind());
@@ -86,9 +90,156 @@ pub async fn run_connection(ctx: Arc<ConnCtx>, spec: ConnSpec, mut stop: watch::
     ctx.recorder
         .lock()
         .established(spec.channel_idx as usize, now_ns(), latency_us);
-    if let Err(e) = serve(&ctx, &spec, session, &mut stop).await {
-        ctx.recorder.lock().disconnected(e.kind());
+    let mut d = Delivery {
+        recorder: &ctx.recorder,
+        channel_idx: spec.channel_idx,
+        tracker: SeqTracker::default(),
+        personal: SeqTracker::default(),
+        position: None,
+        server_subs: Vec::new(),
+    };
+    if let Session::Herald(_, r) = &mut session
+        && let Some(r) = r.take()
+    {
+        d.resumed(r);
     }
+    loop {
+        let e = match serve(&ctx, session, &mut d, &mut stop).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if !(ctx.reconnect && matches!(ctx.target, Target::Herald)) || *stop.borrow() {
+            ctx.recorder.lock().disconnected(e.kind());
+            return;
+        }
+        ctx.recorder.lock().dropped(now_ns(), e.kind());
+        match reconnect(&ctx, &spec, &mut d, &mut stop).await {
+            Some(s) => session = s,
+            None => return,
+        }
+    }
+}
+
+/// Makes a lost Herald connection again: asks the arbiter (`GET /connection/nodes` on any
+/// node that answers) where to go, connects, and subscribes recovering from the last
+/// publication received. Retries with backoff until it works or the run stops (None).
+async fn reconnect(
+    ctx: &ConnCtx,
+    spec: &ConnSpec,
+    d: &mut Delivery<'_>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Session> {
+    let lost = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 0u64.. {
+        let again = async {
+            let endpoint = arbiter_pick(ctx, spec.index.wrapping_add(attempt)).await;
+            let mut ws = ws_connect(&endpoint, spec.src, None).await?;
+            let r = herald_resubscribe(&mut ws, spec, d.position.as_ref(), &d.server_subs).await?;
+            Ok::<_, BenchError>((ws, r))
+        };
+        let outcome = tokio::select! {
+            r = timeout(ctx.connect_timeout, again) => r,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match outcome {
+            Ok(Ok((ws, r))) => {
+                let complete = d.resumed(r);
+                ctx.recorder.lock().reconnected(
+                    now_ns(),
+                    lost.elapsed().as_micros() as u64,
+                    complete,
+                );
+                return Some(Session::Herald(ws, None));
+            }
+            Ok(Err(e)) => ctx
+                .recorder
+                .lock()
+                .error(format!("reconnect: {}", e.kind())),
+            Err(_) => ctx.recorder.lock().error("reconnect: timeout".into()),
+        }
+        // Spread the herd of a dead node's clients over time (no RNG needed: the
+        // connection index scatters them).
+        let jitter = Duration::from_millis(spec.index.wrapping_mul(2_654_435_761) % 50);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    None
+}
+
+/// Where the arbiter says to connect: the first node of `GET /connection/nodes` asked of
+/// the configured nodes in turn from `start`; without an answer, the next configured node.
+async fn arbiter_pick(ctx: &ConnCtx, start: u64) -> Endpoint {
+    let n = ctx.endpoints.len();
+    for i in 0..n {
+        let e = &ctx.endpoints[((start as usize).wrapping_add(i)) % n];
+        if let Ok(Ok(Some(url))) =
+            timeout(Duration::from_secs(2), crate::arbiter::first_node(e.addr)).await
+            && let Ok(picked) = crate::net::loopback_endpoint(&url, &["ws"])
+        {
+            return picked;
+        }
+    }
+    ctx.endpoints[(start as usize).wrapping_add(1) % n].clone()
+}
+
+/// What a (re)connect's replies said: the subscribe's, and the server-side subscriptions'
+/// by channel.
+#[derive(Default)]
+struct Resubscribed {
+    subscribe: herald::SubscribeResult,
+    server: Vec<(String, herald::SubscribeResult)>,
+    /// Whether the client asked to recover anything.
+    asked: bool,
+}
+
+async fn herald_resubscribe(
+    ws: &mut Ws,
+    spec: &ConnSpec,
+    from: Option<&herald::Position>,
+    server_subs: &[(String, herald::Position)],
+) -> Result<Resubscribed, BenchError> {
+    ws.send(Message::text(herald::reconnect_frame(
+        spec.token.as_deref(),
+        &spec.channel,
+        from,
+        server_subs,
+    )))
+    .await?;
+    let mut st = HeraldSetup::default();
+    let mut out = Resubscribed {
+        asked: from.is_some() || !server_subs.is_empty(),
+        ..Default::default()
+    };
+    while !st.done() {
+        let msg = next_data(ws).await?;
+        let Message::Text(text) = msg else {
+            return Err(BenchError::Protocol(
+                "herald sent a binary frame to a JSON client".into(),
+            ));
+        };
+        st.ping = false;
+        for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
+            let parsed = herald::parse_line(line)?;
+            match parsed {
+                Line::Reply { id: 1, error: None } => {
+                    out.server = herald::connect_subs(line).unwrap_or_default();
+                }
+                Line::Reply { id: 2, error: None } => {
+                    out.subscribe = herald::subscribe_result(line).unwrap_or_default();
+                }
+                _ => {}
+            }
+            st.line(parsed)?;
+        }
+        if st.ping {
+            ws.send(Message::text("{}")).await?;
+        }
+    }
+    Ok(out)
 }
 
 async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
@@ -99,10 +250,15 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
             herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
             Ok(Session::HeraldProtobuf(ws))
         }
+        Target::Herald if ctx.reconnect => {
+            let mut ws = ws_connect(endpoint, spec.src, None).await?;
+            let r = herald_resubscribe(&mut ws, spec, None, &[]).await?;
+            Ok(Session::Herald(ws, Some(r)))
+        }
         Target::Herald => {
             let mut ws = ws_connect(endpoint, spec.src, None).await?;
             herald_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
-            Ok(Session::Herald(ws))
+            Ok(Session::Herald(ws, None))
         }
         Target::Nats => {
             let mut ws = ws_connect(endpoint, spec.src, None).await?;
@@ -344,24 +500,66 @@ struct Delivery<'a> {
     tracker: SeqTracker,
     /// Pushes on the connection's personal channel: their own sequence.
     personal: SeqTracker,
+    /// With reconnects: where the subscriber is in its shared channel's stream, and in
+    /// those of its server-side subscriptions (the personal channel).
+    position: Option<herald::Position>,
+    server_subs: Vec<(String, herald::Position)>,
 }
 
 impl Delivery<'_> {
+    /// Takes in what a (re)connect recovered, and where its streams are now (each reply's
+    /// position is its stream's top, through which the recovered publications go).
+    /// Whether every recovery asked for was complete.
+    fn resumed(&mut self, r: Resubscribed) -> bool {
+        let mut complete = true;
+        let mut server_subs = Vec::new();
+        for (channel, s) in r.server {
+            for (data, offset) in &s.publications {
+                self.payload(data, *offset);
+            }
+            complete &= s.recovered;
+            if let Some(p) = s.position {
+                server_subs.push((channel, p));
+            }
+        }
+        self.server_subs = server_subs;
+        for (data, offset) in &r.subscribe.publications {
+            self.payload(data, *offset);
+        }
+        complete &= r.subscribe.recovered;
+        if r.subscribe.position.is_some() {
+            self.position = r.subscribe.position;
+        }
+        !r.asked || complete
+    }
+
     /// Counts a received frame's payload.
     fn frame(&self, m: &Message) {
         self.recorder.lock().bytes_received += frame_bytes(m).len() as u64;
     }
 
-    fn payload(&mut self, data: &[u8]) {
+    /// Counts a publication's payload; `offset` is its place in the stream (0: unknown).
+    fn payload(&mut self, data: &[u8], offset: u64) {
         let now = now_ns();
         let mut rec = self.recorder.lock();
         match payload::decode(data) {
             Some(st) if st.c == self.channel_idx => {
+                if let Some(p) = self.position.as_mut()
+                    && offset > 0
+                {
+                    p.offset = offset;
+                }
                 let outcome = self.tracker.observe(st.s);
                 let latency_us = now.saturating_sub(st.t) / 1000;
                 rec.delivery(self.channel_idx as usize, outcome, now, latency_us);
             }
             Some(st) if st.c >= payload::PERSONAL_C => {
+                // One server-side subscription (the personal channel) is what carries these.
+                if let [(_, p)] = self.server_subs.as_mut_slice()
+                    && offset > 0
+                {
+                    p.offset = offset;
+                }
                 let outcome = self.personal.observe(st.s);
                 rec.personal(outcome, now.saturating_sub(st.t) / 1000);
             }
@@ -379,18 +577,12 @@ impl Delivery<'_> {
 
 async fn serve(
     ctx: &ConnCtx,
-    spec: &ConnSpec,
     session: Session,
+    d: &mut Delivery<'_>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), BenchError> {
-    let mut d = Delivery {
-        recorder: &ctx.recorder,
-        channel_idx: spec.channel_idx,
-        tracker: SeqTracker::default(),
-        personal: SeqTracker::default(),
-    };
     match session {
-        Session::Herald(mut ws) => loop {
+        Session::Herald(mut ws, _) => loop {
             let msg = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => None,
@@ -403,12 +595,12 @@ async fn serve(
             let Message::Text(text) = msg else { continue };
             let mut ping = false;
             for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
-                if let Some(data) = herald::fast_publication(line) {
-                    d.payload(data);
+                if let Some((data, offset)) = herald::fast_publication(line) {
+                    d.payload(data, offset);
                     continue;
                 }
                 match herald::parse_line(line) {
-                    Ok(Line::Publication { data, .. }) => d.payload(data),
+                    Ok(Line::Publication { data, offset, .. }) => d.payload(data, offset),
                     Ok(Line::Ping) => ping = true,
                     Ok(Line::OtherPush(kind)) => {
                         ctx.recorder.lock().error(format!("herald push {kind}"))
@@ -444,7 +636,7 @@ async fn serve(
             let mut ping = false;
             for line in herald_proto::lines(&frame) {
                 match line {
-                    Ok(Line::Publication { data, .. }) => d.payload(data),
+                    Ok(Line::Publication { data, .. }) => d.payload(data, 0),
                     Ok(Line::Ping) => ping = true,
                     Ok(Line::OtherPush(kind)) => {
                         ctx.recorder.lock().error(format!("herald push {kind}"))
@@ -479,7 +671,7 @@ async fn serve(
                     return Ok::<_, BenchError>(None);
                 };
                 match ev {
-                    NatsEvent::Msg { payload, .. } => d.payload(payload),
+                    NatsEvent::Msg { payload, .. } => d.payload(payload, 0),
                     NatsEvent::Ping => pings += 1,
                     NatsEvent::Err(e) => err = Some(String::from_utf8_lossy(e).into_owned()),
                     _ => {}
@@ -503,7 +695,7 @@ async fn serve(
                 return close(ws, None).await;
             };
             d.frame(&msg);
-            d.payload(frame_bytes(&msg));
+            d.payload(frame_bytes(&msg), 0);
         },
         Session::Mqtt(mut ws, mut carry) => {
             let period = Duration::from_secs(u64::from(MQTT_KEEP_ALIVE_S) / 2);
@@ -536,7 +728,7 @@ async fn serve(
                         return Ok::<_, BenchError>(None);
                     };
                     if let Packet::Publish { payload, .. } = p {
-                        d.payload(payload);
+                        d.payload(payload, 0);
                     }
                     Ok(Some(n))
                 })?;

@@ -24,6 +24,126 @@ pub fn connect_frame(token: Option<&str>, channel: &str) -> String {
     }
 }
 
+/// Where a subscriber is in its channel's stream: what it asks to recover from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// The connect and a recoverable subscribe in one frame, as a reconnecting SDK sends them:
+/// from `from` when the subscriber has a position, else from now on; the server-side
+/// subscriptions the connection had (`server_subs`) recover from theirs.
+pub fn reconnect_frame(
+    token: Option<&str>,
+    channel: &str,
+    from: Option<&Position>,
+    server_subs: &[(String, Position)],
+) -> String {
+    let mut connect = serde_json::json!({"id": 1, "connect": {}});
+    if let Some(t) = token {
+        connect["connect"]["token"] = t.into();
+    }
+    if !server_subs.is_empty() {
+        let subs: serde_json::Map<String, serde_json::Value> = server_subs
+            .iter()
+            .map(|(ch, p)| {
+                let sub =
+                    serde_json::json!({"recover": true, "epoch": p.epoch, "offset": p.offset});
+                (ch.clone(), sub)
+            })
+            .collect();
+        connect["connect"]["subs"] = subs.into();
+    }
+    let subscribe = match from {
+        Some(p) => serde_json::json!({"id": 2, "subscribe": {
+            "channel": channel, "recoverable": true, "recover": true,
+            "epoch": p.epoch, "offset": p.offset}}),
+        None => {
+            serde_json::json!({"id": 2, "subscribe": {"channel": channel, "recoverable": true}})
+        }
+    };
+    format!("{connect}\n{subscribe}")
+}
+
+/// What a subscribe reply says about the stream: its position, whether the asked-for
+/// recovery was complete, and the publications recovered (data, offset), oldest first.
+#[derive(Debug, Default)]
+pub struct SubscribeResult {
+    pub position: Option<Position>,
+    pub recovered: bool,
+    pub publications: Vec<(Vec<u8>, u64)>,
+}
+
+#[derive(Deserialize)]
+struct SubReply<'a> {
+    #[serde(default)]
+    epoch: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    recoverable: bool,
+    #[serde(default)]
+    positioned: bool,
+    #[serde(default)]
+    recovered: bool,
+    #[serde(default, borrow)]
+    publications: Vec<Publication<'a>>,
+}
+
+impl SubReply<'_> {
+    fn result(self) -> SubscribeResult {
+        SubscribeResult {
+            position: (self.recoverable || self.positioned || !self.epoch.is_empty()).then_some(
+                Position {
+                    epoch: self.epoch,
+                    offset: self.offset,
+                },
+            ),
+            recovered: self.recovered,
+            publications: self
+                .publications
+                .iter()
+                .map(|p| (p.data.get().as_bytes().to_vec(), p.offset))
+                .collect(),
+        }
+    }
+}
+
+/// The server-side subscriptions of a connect reply line (`{"id":…,"connect":{"subs":…}}`),
+/// by channel, if it is one.
+pub fn connect_subs(line: &str) -> Option<Vec<(String, SubscribeResult)>> {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(borrow)]
+        connect: Option<Connect<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Connect<'a> {
+        #[serde(default, borrow)]
+        subs: std::collections::BTreeMap<String, SubReply<'a>>,
+    }
+    let r: Reply<'_> = serde_json::from_str(line.trim()).ok()?;
+    Some(
+        r.connect?
+            .subs
+            .into_iter()
+            .map(|(ch, s)| (ch, s.result()))
+            .collect(),
+    )
+}
+
+/// The result of a subscribe reply line (`{"id":…,"subscribe":{…}}`), if it is one.
+pub fn subscribe_result(line: &str) -> Option<SubscribeResult> {
+    #[derive(Deserialize)]
+    struct Reply<'a> {
+        #[serde(borrow)]
+        subscribe: Option<SubReply<'a>>,
+    }
+    let r: Reply<'_> = serde_json::from_str(line.trim()).ok()?;
+    Some(r.subscribe?.result())
+}
+
 /// A server message: a reply (with `id`), a push, or the empty ping `{}`.
 #[derive(Debug, Deserialize)]
 pub struct ServerMsg<'a> {
@@ -75,18 +195,20 @@ pub enum Line<'a> {
     Publication {
         channel: Cow<'a, str>,
         data: &'a [u8],
+        offset: u64,
     },
     /// Any other push (join, leave, unsubscribe, disconnect, …), by kind.
     OtherPush(&'static str),
 }
 
 /// Fast path for the common line, a publication push: the `data` of
-/// `{"push":{"channel":…,"pub":{"data":{…},…}}}` when it is one of our (flat) payloads.
-/// Keeps the generator's per-delivery cost for Herald close to that for NATS and MQTT,
-/// whose framing is cheaper to parse; anything unexpected returns `None` and goes
-/// through [`parse_line`].
-pub fn fast_publication(line: &str) -> Option<&[u8]> {
+/// `{"push":{"channel":…,"pub":{"data":{…},"offset":N}}}` when it is one of our (flat)
+/// payloads, and the offset (0 when absent). Keeps the generator's per-delivery cost for
+/// Herald close to that for NATS and MQTT, whose framing is cheaper to parse; anything
+/// unexpected returns `None` and goes through [`parse_line`].
+pub fn fast_publication(line: &str) -> Option<(&[u8], u64)> {
     const KEY: &str = "\"pub\":{\"data\":";
+    const OFFSET: &[u8] = b",\"offset\":";
     if !line.starts_with("{\"push\":") {
         return None;
     }
@@ -95,7 +217,15 @@ pub fn fast_publication(line: &str) -> Option<&[u8]> {
     // Our payload is a flat object: it ends at the first closing brace.
     let end = rest.iter().position(|b| *b == b'}')? + 1;
     let data = &rest[..end];
-    crate::payload::decode(data).map(|_| data)
+    crate::payload::decode(data)?;
+    let offset = match rest[end..].strip_prefix(OFFSET) {
+        Some(tail) => {
+            let digits = tail.iter().take_while(|b| b.is_ascii_digit()).count();
+            std::str::from_utf8(&tail[..digits]).ok()?.parse().ok()?
+        }
+        None => 0,
+    };
+    Some((data, offset))
 }
 
 /// Parses one `\n`-separated line of a server frame.
@@ -110,6 +240,7 @@ pub fn parse_line(line: &str) -> Result<Line<'_>, BenchError> {
             return Ok(Line::Publication {
                 channel: push.channel,
                 data: p.data.get().as_bytes(),
+                offset: p.offset,
             });
         }
         let kind = if push.disconnect.is_some() {
@@ -198,9 +329,14 @@ mod tests {
         )
         .unwrap()
         {
-            Line::Publication { channel, data } => {
+            Line::Publication {
+                channel,
+                data,
+                offset,
+            } => {
                 assert_eq!(channel, "bench-0");
                 assert_eq!(data, br#"{"t":1,"s":2,"c":0}"#);
+                assert_eq!(offset, 3);
             }
             other => panic!("{other:?}"),
         }
@@ -221,11 +357,13 @@ mod tests {
         );
         let p = String::from_utf8(payload).unwrap();
         let line = format!(r#"{{"push":{{"channel":"bench-7","pub":{{"data":{p},"offset":9}}}}}}"#);
-        assert_eq!(fast_publication(&line), Some(p.as_bytes()));
+        assert_eq!(fast_publication(&line), Some((p.as_bytes(), 9)));
         match parse_line(&line).unwrap() {
-            Line::Publication { data, .. } => assert_eq!(data, p.as_bytes()),
+            Line::Publication { data, offset, .. } => assert_eq!((data, offset), (p.as_bytes(), 9)),
             other => panic!("{other:?}"),
         }
+        let unpositioned = format!(r#"{{"push":{{"channel":"bench-7","pub":{{"data":{p}}}}}}}"#);
+        assert_eq!(fast_publication(&unpositioned), Some((p.as_bytes(), 0)));
         // Not ours, or not a publication: left to the full parser.
         assert_eq!(
             fast_publication(r#"{"push":{"channel":"x","pub":{"data":{"a":{"b":1}}}}}"#),
@@ -233,6 +371,69 @@ mod tests {
         );
         assert_eq!(fast_publication(r#"{"id":1,"connect":{}}"#), None);
         assert_eq!(fast_publication("{}"), None);
+    }
+
+    #[test]
+    fn a_reconnect_asks_to_recover_and_reads_what_was_recovered() {
+        let from = Position {
+            epoch: "ep".into(),
+            offset: 41,
+        };
+        let f = reconnect_frame(
+            Some("tk"),
+            "bench-0",
+            Some(&from),
+            &[("#u".into(), from.clone())],
+        );
+        let lines: Vec<serde_json::Value> = f
+            .split('\n')
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["connect"]["token"], "tk");
+        assert_eq!(
+            lines[0]["connect"]["subs"]["#u"],
+            serde_json::json!({"recover": true, "epoch": "ep", "offset": 41})
+        );
+        let sub = &lines[1]["subscribe"];
+        assert_eq!(
+            (&sub["recover"], &sub["epoch"], &sub["offset"]),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!("ep"),
+                &serde_json::json!(41)
+            )
+        );
+        let r = subscribe_result(
+            r#"{"id":2,"subscribe":{"recoverable":true,"epoch":"ep","offset":43,"recovered":true,"publications":[{"data":{"s":1},"offset":42},{"data":{"s":2},"offset":43}]}}"#,
+        )
+        .unwrap();
+        assert!(r.recovered);
+        assert_eq!(
+            r.position,
+            Some(Position {
+                epoch: "ep".into(),
+                offset: 43
+            })
+        );
+        assert_eq!(
+            r.publications,
+            vec![(br#"{"s":1}"#.to_vec(), 42), (br#"{"s":2}"#.to_vec(), 43)]
+        );
+        assert!(subscribe_result(r#"{"id":1,"connect":{}}"#).is_none());
+        let subs = connect_subs(
+            r##"{"id":1,"connect":{"client":"c","subs":{"#u":{"recoverable":true,"epoch":"e","offset":7,"recovered":true,"publications":[{"data":{"s":1},"offset":7}]}}}}"##,
+        )
+        .unwrap();
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].0, "#u");
+        assert_eq!(
+            subs[0].1.position,
+            Some(Position {
+                epoch: "e".into(),
+                offset: 7
+            })
+        );
+        assert_eq!(subs[0].1.publications, vec![(br#"{"s":1}"#.to_vec(), 7)]);
     }
 
     #[test]

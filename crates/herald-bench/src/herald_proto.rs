@@ -176,9 +176,11 @@ fn parse_push(body: &[u8]) -> Result<Line<'_>, ProtoError> {
             data = v.bytes("publication data")?;
         }
     }
+    // Offsets matter only to reconnecting clients, which speak JSON.
     Ok(Line::Publication {
         channel: Cow::Borrowed(channel),
         data,
+        offset: 0,
     })
 }
 
@@ -381,7 +383,7 @@ mod tests {
         );
         let frame = encode_reply(&publication("bench-7", &payload, 9));
         match one(&frame) {
-            Line::Publication { channel, data } => {
+            Line::Publication { channel, data, .. } => {
                 assert_eq!(channel, "bench-7");
                 assert_eq!(data, payload.as_slice());
                 assert_eq!(
@@ -441,12 +443,12 @@ mod tests {
         let got: Vec<Line<'_>> = lines(&frame).collect::<Result<_, _>>().unwrap();
         assert_eq!(got.len(), 4);
         assert!(
-            matches!(&got[0], Line::Publication { channel, data } if channel == "a" && *data == b"{\"n\":1}")
+            matches!(&got[0], Line::Publication { channel, data, .. } if channel == "a" && *data == b"{\"n\":1}")
         );
         assert!(matches!(got[1], Line::Ping));
         assert!(matches!(got[2], Line::Reply { id: 7, error: None }));
         assert!(
-            matches!(&got[3], Line::Publication { channel, data } if channel == "b" && *data == b"{\"n\":2}")
+            matches!(&got[3], Line::Publication { channel, data, .. } if channel == "b" && *data == b"{\"n\":2}")
         );
     }
 

@@ -13,6 +13,7 @@
 //! Targets must be loopback addresses. `--procs K` shards connections over K child
 //! processes (the current executable re-run with the hidden `worker` subcommand).
 
+pub mod arbiter;
 pub mod cli;
 pub mod client;
 pub mod error;

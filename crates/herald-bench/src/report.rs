@@ -104,6 +104,14 @@ pub struct Report {
     pub personal_duplicated: Option<u64>,
     pub personal_latency_ms: Option<Percentiles>,
 
+    /// With `--reconnect`: lost connections made again, how long each took (drop to
+    /// subscribed again), recoveries the server reported incomplete, and the time from the
+    /// first drop to the last return.
+    pub reconnects: Option<u64>,
+    pub reconnect_ms: Option<Percentiles>,
+    pub unrecovered: Option<u64>,
+    pub all_back_ms: Option<f64>,
+
     /// The server processes measured (one per node).
     pub server_pids: Vec<u32>,
     pub server_rss_before_bytes: Option<u64>,
@@ -227,6 +235,20 @@ impl Report {
             );
             row(
                 "personal push latency p50 / p99 / max",
+                format!("{:.2} / {:.2} / {:.2} ms", l.p50, l.p99, l.max),
+            );
+        }
+        if let (Some(n), Some(l)) = (self.reconnects, &self.reconnect_ms) {
+            row(
+                "reconnects / unrecovered / first drop to last back",
+                format!(
+                    "{n} / {} / {:.0} ms",
+                    self.unrecovered.unwrap_or(0),
+                    self.all_back_ms.unwrap_or(0.0)
+                ),
+            );
+            row(
+                "reconnect time p50 / p99 / max",
                 format!("{:.2} / {:.2} / {:.2} ms", l.p50, l.p99, l.max),
             );
         }

@@ -78,6 +78,11 @@ fn check_protocol(c: &CommonArgs) -> Result<(), BenchError> {
 /// it was not asked for on this command line.
 fn check_target_options(c: &CommonArgs, fanout: Option<&FanoutArgs>) -> Result<(), BenchError> {
     check_protocol(c)?;
+    if c.reconnect && (c.target != Target::Herald || c.protocol != Protocol::Json) {
+        return Err(bad(
+            "--reconnect needs --target herald with the JSON protocol (clients recover by offset)",
+        ));
+    }
     let from_env = |var: &str, v: &Option<String>| std::env::var(var).ok() == *v;
     let mut herald_only = Vec::new();
     if c.target != Target::Herald {
@@ -178,6 +183,7 @@ fn prepare(
             epoch_ns,
             max_runtime_s,
             threads: c.threads,
+            reconnect: c.reconnect,
         })
         .collect())
 }
@@ -191,6 +197,11 @@ struct Merged {
     latency: Option<Histogram<u64>>,
     personal_duplicated: u64,
     personal_latency: Option<Histogram<u64>>,
+    reconnects: u64,
+    unrecovered: u64,
+    reconnect_latency: Option<Histogram<u64>>,
+    first_drop_ns: u64,
+    last_back_ns: u64,
     subs_per_channel: Vec<u64>,
     unique_per_channel: Vec<u64>,
     first_attempt_ns: u64,
@@ -204,11 +215,32 @@ struct Merged {
     failures: Vec<String>,
 }
 
+/// What `--reconnect` saw, into the report.
+fn reconnect_figures(r: &mut Report, m: &Merged, on: bool) {
+    if !on {
+        return;
+    }
+    r.reconnects = Some(m.reconnects);
+    r.unrecovered = Some(m.unrecovered);
+    r.reconnect_ms = Some(
+        m.reconnect_latency
+            .as_ref()
+            .map(Percentiles::from_histogram)
+            .unwrap_or_default(),
+    );
+    r.all_back_ms = Some(if m.last_back_ns > m.first_drop_ns && m.first_drop_ns > 0 {
+        (m.last_back_ns - m.first_drop_ns) as f64 / 1e6
+    } else {
+        0.0
+    });
+}
+
 fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
     let mut m = Merged {
         connect_latency: Some(new_histogram()),
         latency: Some(new_histogram()),
         personal_latency: Some(new_histogram()),
+        reconnect_latency: Some(new_histogram()),
         ..Default::default()
     };
     for (i, s) in shards.into_iter().enumerate() {
@@ -231,6 +263,15 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
             r.personal_latency.merge_into(h);
         }
         m.personal_duplicated += r.personal_duplicated;
+        m.reconnects += r.reconnects;
+        m.unrecovered += r.unrecovered;
+        if let Some(h) = m.reconnect_latency.as_mut() {
+            r.reconnect_latency.merge_into(h);
+        }
+        if r.first_drop_ns > 0 && (m.first_drop_ns == 0 || r.first_drop_ns < m.first_drop_ns) {
+            m.first_drop_ns = r.first_drop_ns;
+        }
+        m.last_back_ns = m.last_back_ns.max(r.last_back_ns);
         add_vec(&mut m.subs_per_channel, &r.subs_per_channel);
         add_vec(&mut m.unique_per_channel, &r.unique_per_channel);
         if r.first_attempt_ns > 0
@@ -417,6 +458,7 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let shards = fleet.finish(Duration::from_secs(30)).await;
     let m = merge(shards, in_process);
     let mut r = base_report("connect", c, args.connections, &m, &meter);
+    reconnect_figures(&mut r, &m, c.reconnect);
     if !ramped {
         r.worker_failures.push("ramp did not finish in time".into());
     }
@@ -689,6 +731,7 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
                 .or_insert(0) += v;
         }
     }
+    reconnect_figures(&mut r, &m, c.reconnect);
     Ok(r)
 }
 

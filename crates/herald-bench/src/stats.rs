@@ -235,6 +235,14 @@ pub struct Recorder {
     pub subs_per_channel: Vec<u64>,
     pub unique_per_channel: Vec<u64>,
     pub errors: BTreeMap<String, u64>,
+    /// With `--reconnect`: connections lost and made again, how long each took (from the
+    /// drop to subscribed again), recoveries the server said were incomplete, and the
+    /// first drop and last return (ns since the Unix epoch).
+    pub reconnects: u64,
+    pub reconnect_latency: Histogram<u64>,
+    pub unrecovered: u64,
+    pub first_drop_ns: u64,
+    pub last_back_ns: u64,
 }
 
 impl Recorder {
@@ -262,6 +270,30 @@ impl Recorder {
             subs_per_channel: vec![0; channels],
             unique_per_channel: vec![0; channels],
             errors: BTreeMap::new(),
+            reconnects: 0,
+            reconnect_latency: new_histogram(),
+            unrecovered: 0,
+            first_drop_ns: 0,
+            last_back_ns: 0,
+        }
+    }
+
+    /// A subscribed connection was lost (`--reconnect` makes it again).
+    pub fn dropped(&mut self, at_ns: u64, kind: String) {
+        if self.first_drop_ns == 0 || at_ns < self.first_drop_ns {
+            self.first_drop_ns = at_ns;
+        }
+        self.error(format!("dropped: {kind}"));
+    }
+
+    /// A lost connection is subscribed again, `took_us` after it was lost; `recovered`:
+    /// the server gave back everything missed meanwhile.
+    pub fn reconnected(&mut self, at_ns: u64, took_us: u64, recovered: bool) {
+        self.reconnects += 1;
+        self.last_back_ns = self.last_back_ns.max(at_ns);
+        record(&mut self.reconnect_latency, took_us);
+        if !recovered {
+            self.unrecovered += 1;
         }
     }
 

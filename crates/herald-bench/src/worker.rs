@@ -45,6 +45,9 @@ pub struct Job {
     /// The shard stops by itself after this long, whatever the parent does.
     pub max_runtime_s: f64,
     pub threads: u32,
+    /// Make lost connections again (`--reconnect`).
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -116,6 +119,16 @@ pub struct WorkerResult {
     pub personal_duplicated: u64,
     #[serde(default)]
     pub personal_latency: HistData,
+    #[serde(default)]
+    pub reconnects: u64,
+    #[serde(default)]
+    pub unrecovered: u64,
+    #[serde(default)]
+    pub reconnect_latency: HistData,
+    #[serde(default)]
+    pub first_drop_ns: u64,
+    #[serde(default)]
+    pub last_back_ns: u64,
     pub subs_per_channel: Vec<u64>,
     pub unique_per_channel: Vec<u64>,
     pub first_attempt_ns: u64,
@@ -176,6 +189,7 @@ pub async fn run_worker(
         endpoints,
         recorder: recorder.clone(),
         connect_timeout: Duration::from_secs_f64(job.connect_timeout_s.clamp(0.1, 600.0)),
+        reconnect: job.reconnect,
     });
     let channels: Vec<Arc<str>> = job.channels.iter().map(|c| Arc::from(c.as_str())).collect();
     let start = Instant::now();
@@ -281,6 +295,11 @@ pub async fn run_worker(
         series: r.series.to_data(),
         personal_duplicated: r.personal_duplicated,
         personal_latency: HistData::from_histogram(&r.personal_latency),
+        reconnects: r.reconnects,
+        unrecovered: r.unrecovered,
+        reconnect_latency: HistData::from_histogram(&r.reconnect_latency),
+        first_drop_ns: r.first_drop_ns,
+        last_back_ns: r.last_back_ns,
         subs_per_channel: r.subs_per_channel.clone(),
         unique_per_channel: r.unique_per_channel.clone(),
         first_attempt_ns: r.first_attempt_ns,

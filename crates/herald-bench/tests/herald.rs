@@ -132,10 +132,9 @@ fn fanout_against_herald_sharded_over_two_processes() {
     drop(server);
 }
 
-/// A two-node cluster on Redis: the bench spreads subscribers over both URLs, publishes
-/// through the first node, and sums both nodes' memory.
-#[test]
-fn fanout_against_a_two_node_redis_cluster() {
+/// `config` on the Redis engine (`HERALD_TEST_REDIS`, else the local one) under `prefix`,
+/// with node heartbeats fast enough that a dead node leaves the arbiter's list in a second.
+fn on_redis(config: &str, prefix: &str) -> String {
     let redis =
         std::env::var("HERALD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let hostport = redis.trim_start_matches("redis://").trim_end_matches('/');
@@ -143,15 +142,117 @@ fn fanout_against_a_two_node_redis_cluster() {
         std::net::TcpStream::connect(hostport).is_ok(),
         "this test needs Redis at {redis} (set HERALD_TEST_REDIS to another redis:// address)"
     );
-    let dir = TempDir::new("herald-cluster");
-    let prefix = format!("bench-two-{}", std::process::id());
-    let config = CONFIG.replace(
+    let on = config.replace(
         "[engine]\ntype = \"memory\"",
         &format!(
-            "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{redis}\"\nprefix = \"{prefix}\""
+            "[engine]\ntype = \"redis\"\n[engine.redis]\nurl = \"{redis}\"\nprefix = \"{prefix}\"\n\
+             node_heartbeat = \"200ms\"\nnode_eviction = \"1s\""
         ),
     );
-    assert_ne!(config, CONFIG, "the engine section was not replaced");
+    assert_ne!(on, config, "the engine section was not replaced");
+    on
+}
+
+/// A metric without labels of the node whose WebSocket URL is `ws_url`.
+fn metric_of(ws_url: &str, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let addr = ws_url.strip_prefix("ws://")?.split('/').next()?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// Subscribers that reconnect (`--reconnect`): one of two nodes is killed (SIGKILL) while
+/// publishing goes on through the other. Its subscribers get the live node from the
+/// arbiter, subscribe again recovering from their last offset, and nothing is lost or
+/// delivered twice.
+#[test]
+fn reconnecting_subscribers_recover_across_a_node_kill() {
+    let dir = TempDir::new("herald-failover");
+    // History with recovery for every subscription, personal channels included.
+    let history = CONFIG
+        .replace(
+            "allow_subscribe_for_client = true",
+            "allow_subscribe_for_client = true\nhistory_size = 1000\nhistory_ttl = \"60s\"\n\
+             force_recovery = true",
+        )
+        .replace(
+            "max_channels = 128\n",
+            "max_channels = 128\n[client.subscribe_to_user_personal_channel]\nenabled = true\n",
+        );
+    let config = on_redis(&history, &format!("bench-kill-{}", std::process::id()));
+    let (a, url_a) = start_herald_with(&dir, "a.toml", &config);
+    let (mut b, url_b) = start_herald_with(&dir, "b.toml", &config);
+    let urls = format!("{url_a},{url_b}");
+    let run = {
+        let dir = TempDir::new("herald-failover-run");
+        std::thread::spawn(move || {
+            herald_fanout(
+                &urls,
+                &[
+                    "--subscribers",
+                    "40",
+                    "--channels",
+                    "1",
+                    "--publish-rate",
+                    "50",
+                    "--payload",
+                    "64",
+                    "--duration",
+                    "5",
+                    "--drain",
+                    "5",
+                    "--personal-rate",
+                    "40",
+                    "--reconnect",
+                ],
+                &dir,
+            )
+        })
+    };
+    // Once publishing has begun (after every subscriber is in), node b dies without a word.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while metric_of(&url_b, "herald_deliveries_total").unwrap_or(0) < 20 {
+        assert!(
+            std::time::Instant::now() < until,
+            "node b's 20 subscribers never received a publication"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.child.kill().expect("SIGKILL node b");
+    let r = run.join().expect("the bench run");
+    assert_eq!(
+        u(&r, "reconnects"),
+        20,
+        "node b's subscribers came back: {r}"
+    );
+    assert_eq!(u(&r, "unrecovered"), 0, "{r}");
+    assert_eq!(u(&r, "lost"), 0, "{r}");
+    assert_eq!(u(&r, "duplicated"), 0, "{r}");
+    assert_eq!(u(&r, "out_of_order"), 0, "{r}");
+    assert_eq!(u(&r, "delivered"), u(&r, "expected"), "{r}");
+    // Personal pushes to node b's users while they were away come back through the
+    // connect's recovery of server-side subscriptions.
+    assert_eq!(u(&r, "personal_published"), 200, "{r}");
+    assert_eq!(u(&r, "personal_lost"), 0, "{r}");
+    assert_eq!(u(&r, "personal_duplicated"), 0, "{r}");
+    assert!(r["all_back_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+    drop(a);
+}
+
+/// A two-node cluster on Redis: the bench spreads subscribers over both URLs, publishes
+/// through the first node, and sums both nodes' memory.
+#[test]
+fn fanout_against_a_two_node_redis_cluster() {
+    let dir = TempDir::new("herald-cluster");
+    let config = on_redis(CONFIG, &format!("bench-two-{}", std::process::id()));
     let (a, url_a) = start_herald_with(&dir, "a.toml", &config);
     let (b, url_b) = start_herald_with(&dir, "b.toml", &config);
     let urls = format!("{url_a},{url_b}");
