@@ -133,7 +133,7 @@ async fn reconnect(
     let mut backoff = Duration::from_millis(50);
     for attempt in 0u64.. {
         let again = async {
-            let endpoint = arbiter_pick(ctx, spec.index.wrapping_add(attempt)).await;
+            let endpoint = arbiter_pick(ctx, spec.index, attempt).await;
             let mut ws = ws_connect(&endpoint, spec.src, None).await?;
             let r = herald_resubscribe(&mut ws, spec, d.position.as_ref(), &d.server_subs).await?;
             Ok::<_, BenchError>((ws, r))
@@ -170,20 +170,24 @@ async fn reconnect(
     None
 }
 
-/// Where the arbiter says to connect: the first node of `GET /connection/nodes` asked of
-/// the configured nodes in turn from `start`; without an answer, the next configured node.
-async fn arbiter_pick(ctx: &ConnCtx, start: u64) -> Endpoint {
+/// Where the arbiter says to connect: the `attempt`-th node (wrapping) of the list
+/// `GET /connection/nodes` gives, asked of the configured nodes in turn, so a retry moves
+/// past a dead node the list still names (nodes leave it only after `node_eviction`).
+/// Without an answer, the next configured node.
+async fn arbiter_pick(ctx: &ConnCtx, index: u64, attempt: u64) -> Endpoint {
     let n = ctx.endpoints.len();
+    let start = index.wrapping_add(attempt) as usize;
     for i in 0..n {
-        let e = &ctx.endpoints[((start as usize).wrapping_add(i)) % n];
-        if let Ok(Ok(Some(url))) =
-            timeout(Duration::from_secs(2), crate::arbiter::first_node(e.addr)).await
-            && let Ok(picked) = crate::net::loopback_endpoint(&url, &["ws"])
+        let e = &ctx.endpoints[start.wrapping_add(i) % n];
+        if let Ok(Ok(listed)) = timeout(Duration::from_secs(2), crate::arbiter::nodes(e.addr)).await
+            && !listed.is_empty()
+            && let Ok(picked) =
+                crate::net::loopback_endpoint(&listed[attempt as usize % listed.len()], &["ws"])
         {
             return picked;
         }
     }
-    ctx.endpoints[(start as usize).wrapping_add(1) % n].clone()
+    ctx.endpoints[start.wrapping_add(1) % n].clone()
 }
 
 /// What a (re)connect's replies said: the subscribe's, and the server-side subscriptions'
@@ -192,6 +196,10 @@ async fn arbiter_pick(ctx: &ConnCtx, start: u64) -> Endpoint {
 struct Resubscribed {
     subscribe: herald::SubscribeResult,
     server: Vec<(String, herald::SubscribeResult)>,
+    /// Publications pushed while the replies were awaited (data, offset), before and after
+    /// the subscribe reply: server-side subscriptions are live from the connect reply on.
+    before_subscribe: Vec<(Vec<u8>, u64)>,
+    after_subscribe: Vec<(Vec<u8>, u64)>,
     /// Whether the client asked to recover anything.
     asked: bool,
 }
@@ -224,12 +232,20 @@ async fn herald_resubscribe(
         st.ping = false;
         for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
             let parsed = herald::parse_line(line)?;
-            match parsed {
+            match &parsed {
                 Line::Reply { id: 1, error: None } => {
                     out.server = herald::connect_subs(line).unwrap_or_default();
                 }
                 Line::Reply { id: 2, error: None } => {
                     out.subscribe = herald::subscribe_result(line).unwrap_or_default();
+                }
+                Line::Publication { data, offset, .. } => {
+                    let early = if st.subscribed {
+                        &mut out.after_subscribe
+                    } else {
+                        &mut out.before_subscribe
+                    };
+                    early.push((data.to_vec(), *offset));
                 }
                 _ => {}
             }
@@ -523,12 +539,18 @@ impl Delivery<'_> {
             }
         }
         self.server_subs = server_subs;
+        for (data, offset) in &r.before_subscribe {
+            self.payload(data, *offset);
+        }
+        if r.subscribe.position.is_some() {
+            self.position = r.subscribe.position;
+        }
         for (data, offset) in &r.subscribe.publications {
             self.payload(data, *offset);
         }
         complete &= r.subscribe.recovered;
-        if r.subscribe.position.is_some() {
-            self.position = r.subscribe.position;
+        for (data, offset) in &r.after_subscribe {
+            self.payload(data, *offset);
         }
         !r.asked || complete
     }
