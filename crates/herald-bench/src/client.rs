@@ -53,7 +53,7 @@ pub struct ConnSpec {
 
 /// An established, subscribed connection.
 enum Session {
-    /// With where its streams were at subscribe time when reconnects are on.
+    /// With what its connect and subscribe replies said (taken once served).
     Herald(Ws, Option<Resubscribed>),
     HeraldProtobuf(Ws),
     /// Partial NATS / MQTT messages carried over from the previous frame; empty (and
@@ -204,22 +204,25 @@ struct Resubscribed {
     asked: bool,
 }
 
+/// A connect and subscribe that recover from `from` and `server_subs` (where the
+/// connection's streams were).
 async fn herald_resubscribe(
     ws: &mut Ws,
     spec: &ConnSpec,
     from: Option<&herald::Position>,
     server_subs: &[(String, herald::Position)],
 ) -> Result<Resubscribed, BenchError> {
-    ws.send(Message::text(herald::reconnect_frame(
-        spec.token.as_deref(),
-        &spec.channel,
-        from,
-        server_subs,
-    )))
-    .await?;
+    let frame = herald::reconnect_frame(spec.token.as_deref(), &spec.channel, from, server_subs);
+    herald_setup(ws, frame, from.is_some() || !server_subs.is_empty()).await
+}
+
+/// Sends `frame` (connect and subscribe, ids 1 and 2) and reads until both are answered,
+/// answering pings; `asked`: the frame asks to recover.
+async fn herald_setup(ws: &mut Ws, frame: String, asked: bool) -> Result<Resubscribed, BenchError> {
+    ws.send(Message::text(frame)).await?;
     let mut st = HeraldSetup::default();
     let mut out = Resubscribed {
-        asked: from.is_some() || !server_subs.is_empty(),
+        asked,
         ..Default::default()
     };
     while !st.done() {
@@ -266,15 +269,15 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
             herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
             Ok(Session::HeraldProtobuf(ws))
         }
-        Target::Herald if ctx.reconnect => {
-            let mut ws = ws_connect(endpoint, spec.src, None).await?;
-            let r = herald_resubscribe(&mut ws, spec, None, &[]).await?;
-            Ok(Session::Herald(ws, Some(r)))
-        }
         Target::Herald => {
             let mut ws = ws_connect(endpoint, spec.src, None).await?;
-            herald_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
-            Ok(Session::Herald(ws, None))
+            let r = if ctx.reconnect {
+                herald_resubscribe(&mut ws, spec, None, &[]).await?
+            } else {
+                let frame = herald::connect_frame(spec.token.as_deref(), &spec.channel);
+                herald_setup(&mut ws, frame, false).await?
+            };
+            Ok(Session::Herald(ws, Some(r)))
         }
         Target::Nats => {
             let mut ws = ws_connect(endpoint, spec.src, None).await?;
@@ -398,28 +401,6 @@ impl HeraldSetup {
         }
         Ok(())
     }
-}
-
-async fn herald_setup(ws: &mut Ws, token: Option<&str>, channel: &str) -> Result<(), BenchError> {
-    ws.send(Message::text(herald::connect_frame(token, channel)))
-        .await?;
-    let mut st = HeraldSetup::default();
-    while !st.done() {
-        let msg = next_data(ws).await?;
-        let Message::Text(text) = msg else {
-            return Err(BenchError::Protocol(
-                "herald sent a binary frame to a JSON client".into(),
-            ));
-        };
-        st.ping = false;
-        for line in text.as_str().split('\n').filter(|l| !l.trim().is_empty()) {
-            st.line(herald::parse_line(line)?)?;
-        }
-        if st.ping {
-            ws.send(Message::text("{}")).await?;
-        }
-    }
-    Ok(())
 }
 
 async fn herald_proto_setup(
