@@ -25,6 +25,7 @@ pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
@@ -424,6 +425,11 @@ pub struct NatsEngine {
     history: jetstream::stream::Stream,
     presence: jetstream::stream::Stream,
     state: jetstream::stream::Stream,
+    /// Whether the history stream's leader answered the last probe: JetStream without a
+    /// quorum refuses every write while the connection itself stands.
+    jetstream_ok: Arc<AtomicBool>,
+    /// A probe is in flight (one at a time; it may take `request_timeout`).
+    probing: Arc<AtomicBool>,
     /// Presence entries of this node's clients, refreshed before the stream drops them.
     local_presence: Arc<Mutex<HashMap<(String, String), ClientInfo>>>,
     /// The last message this node appended per channel. A publish appends right after it
@@ -612,6 +618,8 @@ impl NatsEngine {
             history,
             presence,
             state,
+            jetstream_ok: Arc::new(AtomicBool::new(true)),
+            probing: Arc::new(AtomicBool::new(false)),
             local_presence,
             appended: Mutex::new(HashMap::new()),
             tasks: vec![control_task, events_task, refresher],
@@ -1094,6 +1102,28 @@ impl Engine for NatsEngine {
     }
 
     fn heartbeat<'a>(&'a self, info: NodeInfo) -> BoxFut<'a, Result<(), EngineError>> {
+        // With each heartbeat, ask the history stream's leader for its info, beside the
+        // heartbeat so a slow answer never delays it: readiness then turns red while
+        // JetStream cannot take writes (no quorum, no leader), not only when the
+        // connection is down.
+        if !self.probing.swap(true, Ordering::AcqRel) {
+            let (history, ok, probing) = (
+                self.history.clone(),
+                self.jetstream_ok.clone(),
+                self.probing.clone(),
+            );
+            tokio::spawn(async move {
+                let now = history.get_info().await.is_ok();
+                if ok.swap(now, Ordering::AcqRel) != now {
+                    if now {
+                        tracing::info!("jetstream answers again");
+                    } else {
+                        tracing::warn!("jetstream does not answer (no stream leader or no quorum)");
+                    }
+                }
+                probing.store(false, Ordering::Release);
+            });
+        }
         Box::pin(async move {
             self.shared
                 .send_control(&ControlMessage::Node { info })
@@ -1148,6 +1178,7 @@ impl Engine for NatsEngine {
 
     fn healthy(&self) -> bool {
         self.shared.client.connection_state() == async_nats::connection::State::Connected
+            && self.jetstream_ok.load(Ordering::Acquire)
     }
 
     fn shares_state(&self) -> bool {

@@ -498,6 +498,106 @@ fn spawn_nats_member(dir: &std::path::Path, i: usize, ports: &[u16], routes: &[u
         .expect("nats-server must be installed for the broker failover test")
 }
 
+/// A 3-server NATS cluster with JetStream (routes, own stores in `dir`, free ports),
+/// killed on drop.
+struct NatsCluster {
+    dir: std::path::PathBuf,
+    ports: Vec<u16>,
+    routes: Vec<u16>,
+    members: Vec<Option<Child>>,
+}
+
+impl NatsCluster {
+    /// Starts the three servers and waits until JetStream answers (a meta leader).
+    async fn start(dir: &std::path::Path) -> NatsCluster {
+        let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
+        let members = (0..3)
+            .map(|i| Some(spawn_nats_member(dir, i, &ports, &routes)))
+            .collect();
+        let cluster = NatsCluster {
+            dir: dir.to_path_buf(),
+            ports,
+            routes,
+            members,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = cluster.js_request("$JS.API.INFO").await;
+            if info.as_ref().is_some_and(|v| v.get("error").is_none()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "JetStream cluster not ready: {info:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster
+    }
+
+    async fn js_request(&self, subject: &str) -> Option<Value> {
+        let (port, subject) = (self.ports[0], subject.to_string());
+        tokio::task::spawn_blocking(move || js_request(port, &subject))
+            .await
+            .unwrap()
+    }
+
+    /// SIGKILL of member `i`.
+    fn kill(&mut self, i: usize) {
+        let mut child = self.members[i].take().expect("member running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Member `i` again, on its ports and store.
+    fn restart(&mut self, i: usize) {
+        self.members[i] = Some(spawn_nats_member(&self.dir, i, &self.ports, &self.routes));
+    }
+
+    /// The `[engine]` tables of a Herald node on this cluster with R3 streams.
+    fn engine(&self, prefix: &str) -> String {
+        let servers: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect();
+        format!(
+            "[engine]\ntype = \"nats\"\n[engine.nats]\nservers = [{}]\nprefix = \"{prefix}\"\nreplicas = 3\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\nrequest_timeout = \"2s\"\n",
+            servers.join(", ")
+        )
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for c in self.members.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` Herald nodes on `engine`, logging at `log`; until the JetStream cluster can place
+/// R3 streams a node may refuse to start, so each is tried again for up to 30 s.
+async fn herald_nodes(dir: &std::path::Path, engine: &str, n: usize, log: &str) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes.len() < n {
+        match try_spawn_node_with(dir, nodes.len(), engine, log) {
+            Ok(node) => nodes.push(node),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "herald did not start on NATS: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    nodes
+}
+
 /// A JetStream API request in plain NATS protocol; None when there is no answer in time.
 fn js_request(port: u16, subject: &str) -> Option<Value> {
     use std::io::{Read, Write};
@@ -558,64 +658,10 @@ fn stalled_report(e: &anyhow::Error, dir: &std::path::Path, nodes: usize) -> Str
 async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     let dir = std::env::temp_dir().join(format!("herald-nats-fo-{}", herald_core::node::new_id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
-    let routes: Vec<u16> = (0..3).map(|_| common::free_port()).collect();
-    let mut brokers: Vec<Option<Child>> = (0..3)
-        .map(|i| Some(spawn_nats_member(&dir, i, &ports, &routes)))
-        .collect();
-    struct Brokers<'a>(&'a mut Vec<Option<Child>>);
-    impl Drop for Brokers<'_> {
-        fn drop(&mut self) {
-            for c in self.0.iter_mut().flatten() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let brokers = Brokers(&mut brokers);
-    // JetStream is usable once the cluster elected its meta leader.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let info = tokio::task::spawn_blocking({
-            let port = ports[0];
-            move || js_request(port, "$JS.API.INFO")
-        })
-        .await
-        .unwrap();
-        if info.as_ref().is_some_and(|v| v.get("error").is_none()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "JetStream cluster not ready: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
+    let mut brokers = NatsCluster::start(&dir).await;
     let prefix = format!("herald-nfo-{}", herald_core::node::new_id());
-    let servers: Vec<String> = ports
-        .iter()
-        .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-        .collect();
-    let engine = format!(
-        "[engine]\ntype = \"nats\"\n[engine.nats]\nservers = [{}]\nprefix = \"{prefix}\"\nreplicas = 3\nnode_heartbeat = \"200ms\"\nnode_eviction = \"1s\"\nrequest_timeout = \"2s\"\n",
-        servers.join(", ")
-    );
-    // Until the JetStream cluster can place R3 streams, a node may refuse to start.
-    let mut nodes: Vec<Node> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while nodes.len() < 3 {
-        match try_spawn_node_with(&dir, nodes.len(), &engine, NATS_FAILOVER_LOG) {
-            Ok(n) => nodes.push(n),
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "herald did not start on NATS: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+    let engine = brokers.engine(&prefix);
+    let nodes = herald_nodes(&dir, &engine, 3, NATS_FAILOVER_LOG).await;
     let addrs = Arc::new(nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>());
     let planned = RATE * SECONDS;
     let killed_at = Arc::new(parking_lot_free::Cell::default());
@@ -643,14 +689,10 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stream_info = {
-        let port = ports[0];
-        let subject = format!("$JS.API.STREAM.INFO.{prefix}_history");
-        tokio::task::spawn_blocking(move || js_request(port, &subject))
-            .await
-            .unwrap()
-            .expect("stream info")
-    };
+    let stream_info = brokers
+        .js_request(&format!("$JS.API.STREAM.INFO.{prefix}_history"))
+        .await
+        .expect("stream info");
     assert_eq!(stream_info["config"]["num_replicas"], 3, "{stream_info}");
     let leader = stream_info["cluster"]["leader"]
         .as_str()
@@ -664,10 +706,8 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
     for i in 1..=planned {
         tick.tick().await;
         if i == planned / 2 {
-            let mut child = brokers.0[victim].take().unwrap();
             killed_at.set_now();
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            brokers.kill(victim);
         }
         let v = http_to(
             &api_addr,
@@ -744,6 +784,161 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
          0 duplicated, order kept; {moved} recovered, slowest whole again {:.0} ms after the kill",
         acked.len(),
         slowest.as_secs_f64() * 1000.0
+    );
+    drop(nodes);
+    drop(brokers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The status of `GET /ready` on the node at `addr` (0 when it does not answer).
+async fn ready_status(addr: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        String::from_utf8_lossy(&buf)
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Two of three NATS servers die: JetStream has no quorum. Publishes are refused (an error,
+/// never an acknowledgement for a publication then lost) and readiness turns red while the
+/// connection to the third server stands. When the two come back, publishing resumes,
+/// readiness turns green, and every subscriber has every acknowledged publication, once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_quorum_loss_refuses_publishes_then_recovers() {
+    let dir = std::env::temp_dir().join(format!("herald-nats-q-{}", herald_core::node::new_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut brokers = NatsCluster::start(&dir).await;
+    let prefix = format!("herald-nq-{}", herald_core::node::new_id());
+    let nodes = herald_nodes(&dir, &brokers.engine(&prefix), 2, NATS_FAILOVER_LOG).await;
+    let addrs = Arc::new(nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>());
+    let killed_at = Arc::new(parking_lot_free::Cell::default());
+    let known_total = Arc::new(AtomicU64::new(0));
+    let subs: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(subscriber(
+                addrs.clone(),
+                i,
+                known_total.clone(),
+                killed_at.clone(),
+            ))
+        })
+        .collect();
+    let api_addr = addrs[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = http_to(&api_addr, "channels", json!({})).await.unwrap();
+        if v["result"]["channels"][CHANNEL]["num_clients"].as_u64() == Some(20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscribers did not all subscribe: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let publish = |i: u64| {
+        let addr = api_addr.clone();
+        async move {
+            let r = http_to(
+                &addr,
+                "publish",
+                json!({"channel": CHANNEL, "data": {"i": i}}),
+            )
+            .await;
+            r.ok().and_then(|(_, v)| v["result"]["offset"].as_u64())
+        }
+    };
+    for i in 1..=10 {
+        assert_eq!(publish(i).await, Some(i), "before the loss");
+    }
+    assert_eq!(ready_status(&api_addr).await, 200);
+
+    // Quorum lost: the node stays connected to the third server.
+    killed_at.set_now();
+    brokers.kill(1);
+    brokers.kill(2);
+    let mut acked = (1..=10).collect::<Vec<u64>>();
+    let (mut refused, mut red) = (0, false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 11;
+    while !(red && refused >= 3) {
+        assert!(
+            Instant::now() < deadline,
+            "no quorum for 20 s, yet readiness {red} and {refused} refused"
+        );
+        match publish(i).await {
+            // Replicated just before the servers died: acknowledged, so it must arrive.
+            Some(o) => acked.push(o),
+            None => refused += 1,
+        }
+        i += 1;
+        red = ready_status(&api_addr).await == 503;
+    }
+
+    // The two come back: writes are taken again and readiness turns green.
+    brokers.restart(1);
+    brokers.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let end = loop {
+        if let Some(o) = publish(i).await {
+            break o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no publish taken 60 s after the quorum came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    acked.push(end);
+    known_total.store(end, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ready_status(&api_addr).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "readiness stayed red after the quorum came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        acked.windows(2).all(|w| w[0] < w[1]),
+        "acknowledged offsets not increasing: {acked:?}"
+    );
+    for s in subs {
+        let outcome = tokio::time::timeout(Duration::from_secs(90), s)
+            .await
+            .unwrap()
+            .unwrap();
+        let (offsets, _, _) = match outcome {
+            Ok(o) => o,
+            Err(e) => panic!("{}", stalled_report(&e, &dir, nodes.len())),
+        };
+        // Refused publishes may still have been stored; every acknowledged one is there.
+        assert_eq!(
+            offsets,
+            (1..=end).collect::<Vec<_>>(),
+            "lost, duplicated or reordered"
+        );
+        assert!(acked.iter().all(|o| offsets.binary_search(o).is_ok()));
+    }
+    println!(
+        "nats quorum loss: {} acknowledged, {refused} refused while 2 of 3 servers were down, \
+         readiness red then green, 20 subscribers whole through offset {end}",
+        acked.len()
     );
     drop(nodes);
     drop(brokers);
