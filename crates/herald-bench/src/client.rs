@@ -25,6 +25,10 @@ use crate::ws::{Ws, ws_connect, ws_connect_url};
 
 /// Largest protocol message accepted from a server.
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// A reconnecting client waits between a third of and the whole backoff after a failed
+/// attempt; the backoff doubles from the first to the second.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// MQTT keep-alive announced by subscribers; they ping at half of it.
 const MQTT_KEEP_ALIVE_S: u16 = 60;
 
@@ -130,7 +134,7 @@ async fn reconnect(
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Session> {
     let lost = Instant::now();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = MIN_BACKOFF;
     for attempt in 0u64.. {
         let again = async {
             let endpoint = arbiter_pick(ctx, spec.index, attempt).await;
@@ -158,14 +162,15 @@ async fn reconnect(
                 .error(format!("reconnect: {}", e.kind())),
             Err(_) => ctx.recorder.lock().error("reconnect: timeout".into()),
         }
-        // Spread the herd of a dead node's clients over time (no RNG needed: the
-        // connection index scatters them).
-        let jitter = Duration::from_millis(spec.index.wrapping_mul(2_654_435_761) % 50);
+        // Backoff with full jitter, as the SDKs do, so a dead node's clients do not retry
+        // in step (no RNG needed: the connection index and attempt scatter them).
+        let spread = spec.index.wrapping_add(attempt).wrapping_mul(2_654_435_761) % 1000;
+        let wait = backoff.mul_f64((500 + spread) as f64 / 1500.0);
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return None,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     None
 }

@@ -674,8 +674,13 @@ async fn server_side_disconnects_carry_mqtt5_reasons() {
 }
 
 #[tokio::test]
-async fn mqtt_clients_show_in_presence() {
-    let s = node("").await;
+async fn mqtt_clients_show_in_presence_and_on_the_admin_page() {
+    let toml = common::config(MQTT).replacen(
+        "[shutdown]",
+        "[admin]\npassword = \"correct horse\"\n[shutdown]",
+        1,
+    );
+    let s = start_with(&toml).await;
     let ch = channel("here");
     let _sub = Sub::start(&s, "present", &["-t", &ch]).await;
     let p = api(&s, "presence", json!({"channel": ch})).await.unwrap();
@@ -686,6 +691,33 @@ async fn mqtt_clients_show_in_presence() {
         .filter_map(|c| c["user"].as_str())
         .collect();
     assert_eq!(users, ["present"]);
+    // The admin page counts the device like any client, and lists its channel.
+    let login = common::request(
+        s.addr,
+        "POST",
+        "/admin/api/login",
+        &[],
+        r#"{"password":"correct horse"}"#,
+    )
+    .await
+    .unwrap();
+    let bearer = format!("Bearer {}", login.json()["token"].as_str().unwrap());
+    let stats = common::request(
+        s.addr,
+        "GET",
+        "/admin/api/stats",
+        &[("Authorization", &bearer)],
+        "",
+    )
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(
+        (&stats["clients"], &stats["subscriptions"]),
+        (&json!(1), &json!(1)),
+        "{stats}"
+    );
+    assert_eq!(stats["top_channels"][0]["channel"], json!(ch), "{stats}");
     s.shutdown().await;
 }
 
