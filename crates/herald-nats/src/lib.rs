@@ -425,8 +425,8 @@ pub struct NatsEngine {
     history: jetstream::stream::Stream,
     presence: jetstream::stream::Stream,
     state: jetstream::stream::Stream,
-    /// Whether the history stream's leader answered the last probe: JetStream without a
-    /// quorum refuses every write while the connection itself stands.
+    /// Whether JetStream took the last probe write: without a quorum it refuses every
+    /// write while the connection itself stands.
     jetstream_ok: Arc<AtomicBool>,
     /// A probe is in flight (one at a time; it may take `request_timeout`).
     probing: Arc<AtomicBool>,
@@ -1102,18 +1102,27 @@ impl Engine for NatsEngine {
     }
 
     fn heartbeat<'a>(&'a self, info: NodeInfo) -> BoxFut<'a, Result<(), EngineError>> {
-        // With each heartbeat, ask the history stream's leader for its info, beside the
-        // heartbeat so a slow answer never delays it: readiness then turns red while
-        // JetStream cannot take writes (no quorum, no leader), not only when the
-        // connection is down.
+        // With each heartbeat, a write JetStream must commit (an empty message on this
+        // node's probe key of the state stream), beside the heartbeat so a slow answer
+        // never delays it: readiness then turns red while JetStream cannot take writes (no
+        // quorum, no leader), not only when the connection is down. A read would not do:
+        // a leader that lost its quorum answers reads until it steps down.
         if !self.probing.swap(true, Ordering::AcqRel) {
-            let (history, ok, probing) = (
-                self.history.clone(),
+            let (js, ok, probing) = (
+                self.js.clone(),
                 self.jetstream_ok.clone(),
                 self.probing.clone(),
             );
+            let subject = format!(
+                "{}.s.{}",
+                self.shared.cfg.prefix,
+                wire::token(&format!("probe.{}", self.shared.node_id))
+            );
             tokio::spawn(async move {
-                let now = history.get_info().await.is_ok();
+                let now = match js.publish(subject, bytes::Bytes::new()).await {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
                 if ok.swap(now, Ordering::AcqRel) != now {
                     if now {
                         tracing::info!("jetstream answers again");
