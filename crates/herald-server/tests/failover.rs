@@ -394,18 +394,7 @@ async fn kill_one_node_under_load(nats: bool) {
     }
     // Everyone subscribed before publishing starts: channels on every node.
     let api_addr = addrs[0].clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, v) = http_to(&api_addr, "channels", json!({})).await.unwrap();
-        if v["result"]["channels"][CHANNEL]["num_clients"].as_u64() == Some(SUBSCRIBERS as u64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "subscribers did not all subscribe: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_subscribed(&api_addr, SUBSCRIBERS).await;
 
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
     for i in 1..=total {
@@ -456,6 +445,22 @@ async fn kill_one_node_under_load(nats: bool) {
     let _ = std::fs::remove_dir_all(&dir);
     if nats {
         common::delete_nats_streams(common::NATS, &prefix);
+    }
+}
+
+/// Waits until `n` clients are subscribed to the test channel across the cluster.
+async fn wait_subscribed(api_addr: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = http_to(api_addr, "channels", json!({})).await.unwrap();
+        if v["result"]["channels"][CHANNEL]["num_clients"].as_u64() == Some(n as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscribers did not all subscribe: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -677,18 +682,7 @@ async fn kill_nats_stream_leader_under_load_nothing_acknowledged_lost() {
         )));
     }
     let api_addr = addrs[0].clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, v) = http_to(&api_addr, "channels", json!({})).await.unwrap();
-        if v["result"]["channels"][CHANNEL]["num_clients"].as_u64() == Some(SUBSCRIBERS as u64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "subscribers did not all subscribe: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_subscribed(&api_addr, SUBSCRIBERS).await;
     let stream_info = brokers
         .js_request(&format!("$JS.API.STREAM.INFO.{prefix}_history"))
         .await
@@ -839,18 +833,7 @@ async fn nats_quorum_loss_refuses_publishes_then_recovers() {
         })
         .collect();
     let api_addr = addrs[0].clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, v) = http_to(&api_addr, "channels", json!({})).await.unwrap();
-        if v["result"]["channels"][CHANNEL]["num_clients"].as_u64() == Some(20) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "subscribers did not all subscribe: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_subscribed(&api_addr, 20).await;
     let publish = |i: u64| {
         let addr = api_addr.clone();
         async move {

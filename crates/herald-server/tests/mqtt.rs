@@ -692,26 +692,7 @@ async fn mqtt_clients_show_in_presence_and_on_the_admin_page() {
         .collect();
     assert_eq!(users, ["present"]);
     // The admin page counts the device like any client, and lists its channel.
-    let login = common::request(
-        s.addr,
-        "POST",
-        "/admin/api/login",
-        &[],
-        r#"{"password":"correct horse"}"#,
-    )
-    .await
-    .unwrap();
-    let bearer = format!("Bearer {}", login.json()["token"].as_str().unwrap());
-    let stats = common::request(
-        s.addr,
-        "GET",
-        "/admin/api/stats",
-        &[("Authorization", &bearer)],
-        "",
-    )
-    .await
-    .unwrap()
-    .json();
+    let stats = common::admin_stats(s.addr, "correct horse").await.unwrap();
     assert_eq!(
         (&stats["clients"], &stats["subscriptions"]),
         (&json!(1), &json!(1)),

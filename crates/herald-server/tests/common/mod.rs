@@ -326,6 +326,32 @@ pub async fn request(
     })
 }
 
+/// The admin API's `/admin/api/stats` at `addr`, logged in with `password`.
+pub async fn admin_stats(addr: SocketAddr, password: &str) -> Result<Value> {
+    let login = request(
+        addr,
+        "POST",
+        "/admin/api/login",
+        &[],
+        &json!({ "password": password }).to_string(),
+    )
+    .await?;
+    let token = login.json()["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("admin login refused: {}", login.body))?
+        .to_string();
+    let bearer = format!("Bearer {token}");
+    let stats = request(
+        addr,
+        "GET",
+        "/admin/api/stats",
+        &[("Authorization", &bearer)],
+        "",
+    )
+    .await?;
+    Ok(stats.json())
+}
+
 /// A scrape of `/metrics`: series (`name{k="v",…}`) → value.
 #[derive(Debug, Default)]
 pub struct Scrape(pub BTreeMap<String, f64>);
