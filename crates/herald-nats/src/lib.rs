@@ -177,6 +177,11 @@ impl Shared {
         format!("{}.h.{}", self.cfg.prefix, wire::token(channel))
     }
 
+    /// Where `put_state` keeps the value of `key`.
+    fn state_subject(&self, key: &str) -> String {
+        format!("{}.s.{}", self.cfg.prefix, wire::token(key))
+    }
+
     fn live_subject(&self, channel: &str) -> String {
         format!("{}.live.{}", self.cfg.prefix, wire::token(channel))
     }
@@ -1113,11 +1118,9 @@ impl Engine for NatsEngine {
                 self.jetstream_ok.clone(),
                 self.probing.clone(),
             );
-            let subject = format!(
-                "{}.s.{}",
-                self.shared.cfg.prefix,
-                wire::token(&format!("probe.{}", self.shared.node_id))
-            );
+            let subject = self
+                .shared
+                .state_subject(&format!("probe.{}", self.shared.node_id));
             tokio::spawn(async move {
                 let now = match js.publish(subject, bytes::Bytes::new()).await {
                     Ok(ack) => ack.await.is_ok(),
@@ -1201,7 +1204,7 @@ impl Engine for NatsEngine {
         _ttl: Duration,
     ) -> BoxFut<'a, Result<(), EngineError>> {
         Box::pin(async move {
-            let subject = format!("{}.s.{}", self.shared.cfg.prefix, wire::token(key));
+            let subject = self.shared.state_subject(key);
             self.js
                 .publish(subject, value.unwrap_or_default().into())
                 .await
@@ -1214,7 +1217,7 @@ impl Engine for NatsEngine {
 
     fn get_state<'a>(&'a self, key: &'a str) -> BoxFut<'a, Result<Option<Vec<u8>>, EngineError>> {
         Box::pin(async move {
-            let subject = format!("{}.s.{}", self.shared.cfg.prefix, wire::token(key));
+            let subject = self.shared.state_subject(key);
             match self.state.get_last_raw_message_by_subject(&subject).await {
                 Ok(m) if m.payload.is_empty() => Ok(None),
                 Ok(m) => Ok(Some(m.payload.to_vec())),

@@ -344,10 +344,14 @@ impl MqttHandler {
             subs = kept.and_then(|b| Stored::decode(&b, self.session.user(), now.unix));
         }
         self.link.lock().accepted.session_present = subs.is_some();
+        // Only an engine shared between nodes keeps sessions beyond this node's memory.
+        let shared = self.node.engine.shares_state();
         self.next_save = self
             .keep_session
+            .filter(|_| shared)
             .map(|_| now.mono + self.settings.session_save_interval);
-        if c.clean
+        if shared
+            && c.clean
             && !fresh_id
             && let Some(client_id) = &self.client_id
         {
@@ -685,13 +689,14 @@ impl Handler for MqttHandler {
         if let Some(client_id) = self.client_id.take() {
             let subs = self.link.lock().positions();
             let expires = self.keep_session.map(|d| now.mono + d);
-            let stored = self.stored(subs.clone(), now);
+            let shared = self.node.engine.shares_state();
+            let stored = shared.then(|| self.stored(subs.clone(), now)).flatten();
             let held = self
                 .sessions
                 .release(&client_id, &self.conn, subs, expires, now.mono);
             // Saved for every node, unless a newer connection took the session over; a
             // session that stops being kept (MQTT 5 DISCONNECT with expiry 0) is removed.
-            if held && (stored.is_some() || self.saved.is_some()) {
+            if held && shared && (stored.is_some() || self.saved.is_some()) {
                 let (value, keep) = match stored {
                     Some((s, keep)) => (Some(s.encode()), keep),
                     None => (None, Duration::ZERO),
