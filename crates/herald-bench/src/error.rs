@@ -1,7 +1,5 @@
 //! Error type of the load generator library.
 
-use tokio_tungstenite::tungstenite;
-
 /// Everything that can go wrong inside the generator. The binary wraps it in `anyhow`.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -20,9 +18,9 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
     #[error("system call failed: {0}")]
     Sys(#[from] nix::Error),
-    /// Boxed: the tungstenite error is large and would bloat every `Result`.
-    #[error("WebSocket error: {0}")]
-    Ws(Box<tungstenite::Error>),
+    /// The server answered the WebSocket handshake with another status than 101.
+    #[error("WebSocket handshake answered with HTTP status {0}")]
+    Handshake(u16),
     #[error("{0}")]
     Protocol(String),
     #[error("MQTT: {0}")]
@@ -47,26 +45,13 @@ pub enum BenchError {
     Plot(String),
 }
 
-impl From<tungstenite::Error> for BenchError {
-    fn from(e: tungstenite::Error) -> Self {
-        BenchError::Ws(Box::new(e))
-    }
-}
-
 impl BenchError {
     /// A short, low-cardinality label used to group failures in reports.
     pub fn kind(&self) -> String {
         match self {
             BenchError::Io(e) => format!("io: {}", e.kind()),
             BenchError::Sys(e) => format!("sys: {e}"),
-            BenchError::Ws(e) => match e.as_ref() {
-                tungstenite::Error::Io(io) => format!("ws io: {}", io.kind()),
-                tungstenite::Error::Http(resp) => format!("ws http status {}", resp.status()),
-                other => {
-                    let s = other.to_string();
-                    format!("ws: {}", s.chars().take(60).collect::<String>())
-                }
-            },
+            BenchError::Handshake(status) => format!("ws http status {status}"),
             BenchError::Timeout(what) => format!("timeout {what}"),
             other => {
                 let s = other.to_string();

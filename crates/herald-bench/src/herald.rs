@@ -12,16 +12,7 @@ use crate::error::BenchError;
 /// The connect and subscribe commands in one frame, `\n`-separated, as centrifuge-js
 /// sends them: one round trip for both.
 pub fn connect_frame(token: Option<&str>, channel: &str) -> String {
-    let channel = serde_json::Value::from(channel);
-    match token {
-        Some(t) => format!(
-            "{{\"id\":1,\"connect\":{{\"token\":{}}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel}}}}}",
-            serde_json::Value::from(t)
-        ),
-        None => format!(
-            "{{\"id\":1,\"connect\":{{}}}}\n{{\"id\":2,\"subscribe\":{{\"channel\":{channel}}}}}"
-        ),
-    }
+    frame(token, channel, None)
 }
 
 /// Where a subscriber is in its channel's stream: what it asks to recover from.
@@ -40,29 +31,39 @@ pub fn reconnect_frame(
     from: Option<&Position>,
     server_subs: &[(String, Position)],
 ) -> String {
+    frame(token, channel, Some((from, server_subs)))
+}
+
+/// Where a reconnecting client's subscription was (if anywhere), and its server-side ones.
+type Recovery<'a> = (Option<&'a Position>, &'a [(String, Position)]);
+
+/// Connect and subscribe; `recovery` makes the subscription recoverable.
+fn frame(token: Option<&str>, channel: &str, recovery: Option<Recovery<'_>>) -> String {
     let mut connect = serde_json::json!({"id": 1, "connect": {}});
     if let Some(t) = token {
         connect["connect"]["token"] = t.into();
     }
-    if !server_subs.is_empty() {
-        let subs: serde_json::Map<String, serde_json::Value> = server_subs
-            .iter()
-            .map(|(ch, p)| {
-                let sub =
-                    serde_json::json!({"recover": true, "epoch": p.epoch, "offset": p.offset});
-                (ch.clone(), sub)
-            })
-            .collect();
-        connect["connect"]["subs"] = subs.into();
-    }
-    let subscribe = match from {
-        Some(p) => serde_json::json!({"id": 2, "subscribe": {
-            "channel": channel, "recoverable": true, "recover": true,
-            "epoch": p.epoch, "offset": p.offset}}),
-        None => {
-            serde_json::json!({"id": 2, "subscribe": {"channel": channel, "recoverable": true}})
+    let mut subscribe = serde_json::json!({"id": 2, "subscribe": {"channel": channel}});
+    if let Some((from, server_subs)) = recovery {
+        if !server_subs.is_empty() {
+            let subs: serde_json::Map<String, serde_json::Value> = server_subs
+                .iter()
+                .map(|(ch, p)| {
+                    let sub =
+                        serde_json::json!({"recover": true, "epoch": p.epoch, "offset": p.offset});
+                    (ch.clone(), sub)
+                })
+                .collect();
+            connect["connect"]["subs"] = subs.into();
         }
-    };
+        let sub = &mut subscribe["subscribe"];
+        sub["recoverable"] = true.into();
+        if let Some(p) = from {
+            sub["recover"] = true.into();
+            sub["epoch"] = p.epoch.clone().into();
+            sub["offset"] = p.offset.into();
+        }
+    }
     format!("{connect}\n{subscribe}")
 }
 
@@ -298,8 +299,10 @@ mod tests {
         assert_eq!(lines[0]["id"], 1);
         assert_eq!(lines[0]["connect"]["token"], "t\"k");
         assert_eq!(lines[1]["subscribe"]["channel"], "bench-1");
-        let f = connect_frame(None, "c");
-        assert!(f.starts_with("{\"id\":1,\"connect\":{}}\n"));
+        let first: serde_json::Value =
+            serde_json::from_str(connect_frame(None, "c").split('\n').next().unwrap()).unwrap();
+        assert_eq!(first, serde_json::json!({"id": 1, "connect": {}}));
+        assert!(lines[1]["subscribe"].get("recoverable").is_none());
     }
 
     #[test]

@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{MissedTickBehavior, timeout};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::Target;
-use crate::client::{MAX_MESSAGE, feed, nats_wait, next_data};
+use crate::client::{MAX_MESSAGE, feed, nats_wait};
 use crate::error::BenchError;
 use crate::mqtt::{self, Packet};
 use crate::nats::{self, NatsEvent};
@@ -223,8 +221,9 @@ struct HttpPool {
     accept: Accept,
     conns: Vec<HttpConn>,
     results: Arc<Mutex<HttpResults>>,
-    /// Request head per channel, up to and including `Content-Length: `.
-    heads: Vec<Vec<u8>>,
+    /// Request head per channel, up to and including `Content-Length: `; Herald's
+    /// channels share one (a run with 75,000 personal channels held 75,000 copies).
+    heads: Vec<Arc<[u8]>>,
     /// Herald: `{"channel":"<name>","data":` per channel, JSON-escaped once; nchan:
     /// nothing (the payload is the body).
     prefixes: Vec<Vec<u8>>,
@@ -258,7 +257,8 @@ impl HttpPool {
         for _ in 0..n {
             conns.push(HttpConn::open(api, accept, pipeline, &results).await?);
         }
-        let (heads, prefixes, suffix): (Vec<Vec<u8>>, Vec<Vec<u8>>, &'static [u8]) = match kind {
+        type Parts = (Vec<Arc<[u8]>>, Vec<Vec<u8>>, &'static [u8]);
+        let (heads, prefixes, suffix): Parts = match kind {
             HttpKind::Herald(key) => {
                 let path = format!("{}/publish", api.path.trim_end_matches('/'));
                 let head = format!(
@@ -277,13 +277,13 @@ impl HttpPool {
                         .into_bytes()
                     })
                     .collect();
-                (vec![head; cfg.channels.len()], prefixes, b"}")
+                (vec![Arc::from(head); cfg.channels.len()], prefixes, b"}")
             }
             HttpKind::Nchan => {
                 let heads = cfg
                     .channels
                     .iter()
-                    .map(|ch| nchan::publish_head(api, ch))
+                    .map(|ch| nchan::publish_head(api, ch).map(Arc::from))
                     .collect::<Result<_, _>>()?;
                 (heads, vec![Vec::new(); cfg.channels.len()], b"")
             }
@@ -549,9 +549,9 @@ fn dechunk(mut buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, BenchError> {
 // ---------------------------------------------------------------- NATS / MQTT
 
 struct WsPub {
-    tx: mpsc::Sender<Message>,
-    writer: JoinHandle<Result<(), BenchError>>,
-    reader: JoinHandle<()>,
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Writes what `tx` sends and reads the server's answers, on one connection.
+    io: JoinHandle<Result<(), BenchError>>,
     /// Flush acknowledgements (NATS PONG / MQTT PINGRESP) seen by the reader.
     acks: Arc<AtomicU64>,
     errors: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -570,7 +570,7 @@ impl WsPub {
                 let mut out = Vec::new();
                 nats::encode_connect(&mut out, "hb-publisher");
                 out.extend_from_slice(nats::PING);
-                ws.send(Message::binary(out)).await?;
+                ws.send_binary(&out).await?;
                 nats_wait(&mut ws, &mut carry, |e| matches!(e, NatsEvent::Pong)).await?;
                 ws
             }
@@ -580,12 +580,12 @@ impl WsPub {
                 // Keep-alive 0: the publisher is never idle, and its only PINGREQ is
                 // the final flush barrier.
                 mqtt::encode_connect(&mut out, &format!("hb-pub-{}", std::process::id()), 0);
-                ws.send(Message::binary(out)).await?;
+                ws.send_binary(&out).await?;
                 let mut carry = Vec::new();
                 loop {
-                    let m = next_data(&mut ws).await?;
+                    let m = ws.next_data().await?;
                     let mut code = None;
-                    feed(&mut carry, &m.into_data(), |b| {
+                    feed(&mut carry, &m.data, |b| {
                         Ok::<_, BenchError>(mqtt::decode(b, MAX_MESSAGE)?.map(|(p, n)| {
                             if let Packet::Connack { code: c, .. } = p {
                                 code = Some(c);
@@ -604,69 +604,69 @@ impl WsPub {
                 ws
             }
         };
-        ws.flush().await?;
-        let (mut sink, mut stream) = ws.split();
-        let (tx, mut rx) = mpsc::channel::<Message>(64);
-        let writer = tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                sink.send(m).await?;
-            }
-            let _ = sink.close().await;
-            Ok(())
-        });
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
         let acks = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(BTreeMap::new()));
-        let (acks2, errors2, tx2, target) = (acks.clone(), errors.clone(), tx.clone(), cfg.target);
-        let reader = tokio::spawn(async move {
+        let (acks2, errors2, target) = (acks.clone(), errors.clone(), cfg.target);
+        let io = tokio::spawn(async move {
             let mut carry = Vec::new();
-            while let Some(Ok(m)) = stream.next().await {
-                if !(m.is_binary() || m.is_text()) {
-                    continue;
-                }
-                let data = m.into_data();
+            loop {
                 let mut pings = 0;
-                let res = if target == Target::Nats {
-                    feed(&mut carry, &data, |b| {
-                        Ok::<_, BenchError>(nats::parse(b, MAX_MESSAGE)?.map(|(ev, n)| {
-                            match ev {
-                                NatsEvent::Ping => pings += 1,
-                                NatsEvent::Pong => {
-                                    acks2.fetch_add(1, Ordering::Release);
-                                }
-                                NatsEvent::Err(e) => {
-                                    let k = format!("nats -ERR {}", String::from_utf8_lossy(e));
-                                    *errors2.lock().entry(k).or_insert(0) += 1;
-                                }
-                                _ => {}
-                            }
-                            n
-                        }))
-                    })
-                } else {
-                    feed(&mut carry, &data, |b| {
-                        Ok::<_, BenchError>(mqtt::decode(b, MAX_MESSAGE)?.map(|(p, n)| {
-                            if p == Packet::Pingresp {
-                                acks2.fetch_add(1, Ordering::Release);
-                            }
-                            n
-                        }))
-                    })
-                };
-                if let Err(e) = res {
+                let mut failed = None;
+                // Reading is cancel-safe; a write, once begun, is finished in its arm.
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => ws.send_binary(&m).await?,
+                        None => break,
+                    },
+                    r = ws.read(|_, data| {
+                        let res = if target == Target::Nats {
+                            feed(&mut carry, data, |b| {
+                                Ok::<_, BenchError>(nats::parse(b, MAX_MESSAGE)?.map(|(ev, n)| {
+                                    match ev {
+                                        NatsEvent::Ping => pings += 1,
+                                        NatsEvent::Pong => {
+                                            acks2.fetch_add(1, Ordering::Release);
+                                        }
+                                        NatsEvent::Err(e) => {
+                                            let k =
+                                                format!("nats -ERR {}", String::from_utf8_lossy(e));
+                                            *errors2.lock().entry(k).or_insert(0) += 1;
+                                        }
+                                        _ => {}
+                                    }
+                                    n
+                                }))
+                            })
+                        } else {
+                            feed(&mut carry, data, |b| {
+                                Ok::<_, BenchError>(mqtt::decode(b, MAX_MESSAGE)?.map(|(p, n)| {
+                                    if p == Packet::Pingresp {
+                                        acks2.fetch_add(1, Ordering::Release);
+                                    }
+                                    n
+                                }))
+                            })
+                        };
+                        if let Err(e) = res {
+                            failed = Some(e);
+                        }
+                    }) => r?,
+                }
+                if let Some(e) = failed {
                     *errors2.lock().entry(e.kind()).or_insert(0) += 1;
                     break;
                 }
                 for _ in 0..pings {
-                    if tx2.send(Message::binary(nats::PONG)).await.is_err() {
-                        return;
-                    }
+                    ws.send_binary(nats::PONG).await?;
                 }
             }
+            ws.close(None).await;
+            Ok(())
         });
         Ok(WsPub {
             tx,
-            writer,
-            reader,
+            io,
             acks,
             errors,
             published: vec![0; cfg.channels.len()],
@@ -691,7 +691,7 @@ impl WsPub {
         // Several publications per frame: the protocols allow it, and it keeps the
         // publisher cheap so the subscribers' side is what gets measured.
         self.tx
-            .send(Message::binary(std::mem::take(&mut self.buf)))
+            .send(std::mem::take(&mut self.buf))
             .await
             .map_err(|_| BenchError::Closed("publisher connection".into()))?;
         for &(c, _) in items {
@@ -714,7 +714,7 @@ impl WsPub {
             mqtt::encode_pingreq(&mut ping);
         }
         let before = self.acks.load(Ordering::Acquire);
-        let flushed = self.tx.send(Message::binary(ping)).await.is_ok()
+        let flushed = self.tx.send(ping).await.is_ok()
             && timeout(Duration::from_secs(10), async {
                 while self.acks.load(Ordering::Acquire) <= before {
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -731,12 +731,10 @@ impl WsPub {
         if target == Target::Mqtt {
             let mut bye = Vec::new();
             mqtt::encode_disconnect(&mut bye);
-            let _ = self.tx.send(Message::binary(bye)).await;
+            let _ = self.tx.send(bye).await;
         }
-        // The reader holds a sender too: stop it so the writer sees the end.
-        self.reader.abort();
         drop(self.tx);
-        let _ = timeout(Duration::from_secs(2), self.writer).await;
+        let _ = timeout(Duration::from_secs(2), self.io).await;
         out.error_kinds
             .extend(std::mem::take(&mut *self.errors.lock()));
         out

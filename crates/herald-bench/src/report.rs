@@ -131,6 +131,9 @@ pub struct Report {
     /// Generator CPU per unique delivery over the publish window (fan-out), in µs.
     pub generator_cpu_us_per_delivery: Option<f64>,
     pub generator_rss_bytes: u64,
+    /// Generator RSS grown per established connection: from before the first connection
+    /// to when every connection had settled, summed over the generator processes.
+    pub generator_rss_per_connection_bytes: Option<f64>,
     pub wall_s: f64,
     /// 1-minute load average before and after the run (other work on the machine
     /// skews every figure).
@@ -279,6 +282,12 @@ impl Report {
                 mib(self.generator_rss_bytes)
             ),
         );
+        if let Some(r) = self.generator_rss_per_connection_bytes {
+            row(
+                "generator RSS per connection",
+                format!("{:.2} KiB", r / 1024.0),
+            );
+        }
         if let (Some(a), Some(b)) = (self.load_average_start, self.load_average_end) {
             row(
                 "load average (1 min) start → end",

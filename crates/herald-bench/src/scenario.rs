@@ -210,6 +210,10 @@ struct Merged {
     errors: BTreeMap<String, u64>,
     child_cpu: f64,
     child_rss: u64,
+    /// Generator RSS before the first connection and once all had settled: summed over
+    /// processes, or (shards in this process) the lowest start and highest settled.
+    rss_start: u64,
+    rss_ready: u64,
     series: Vec<Vec<Interval>>,
     connect_series: Vec<Vec<Interval>>,
     failures: Vec<String>,
@@ -287,6 +291,14 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
         if !in_process {
             m.child_cpu += r.cpu_seconds;
             m.child_rss += r.rss_bytes;
+            m.rss_start += r.rss_start_bytes;
+            m.rss_ready += r.rss_ready_bytes;
+        } else {
+            m.rss_start = match m.rss_start {
+                0 => r.rss_start_bytes,
+                s => s.min(r.rss_start_bytes),
+            };
+            m.rss_ready = m.rss_ready.max(r.rss_ready_bytes);
         }
         m.series.push(r.series);
         m.connect_series.push(r.connect_series);
@@ -345,6 +357,11 @@ fn base_report(
         },
         generator_cpu_seconds: cpu,
         generator_rss_bytes: sysinfo::self_rss_bytes() + m.child_rss,
+        generator_rss_per_connection_bytes: rss_per_connection(
+            (m.rss_start > 0).then_some(m.rss_start),
+            (m.rss_ready > 0).then_some(m.rss_ready),
+            m.counts.established,
+        ),
         wall_s,
         load_average_start: meter.load_start,
         load_average_end: sysinfo::load_average(),

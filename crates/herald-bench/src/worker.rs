@@ -10,11 +10,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::cli::{Protocol, Target};
-use crate::client::{ConnCtx, ConnSpec, run_connection};
+use crate::client::{ConnCtx, ConnSpec, Live, Stop, run_connection};
 use crate::error::BenchError;
 use crate::herald::make_token;
 use crate::net::loopback_endpoints;
@@ -137,6 +136,12 @@ pub struct WorkerResult {
     pub errors: BTreeMap<String, u64>,
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    /// This process's RSS before its first connection, and once every connection of the
+    /// shard was attempted and settled (the generator's cost per connection).
+    #[serde(default)]
+    pub rss_start_bytes: u64,
+    #[serde(default)]
+    pub rss_ready_bytes: u64,
     pub pid: u32,
 }
 
@@ -190,13 +195,15 @@ pub async fn run_worker(
         recorder: recorder.clone(),
         connect_timeout: Duration::from_secs_f64(job.connect_timeout_s.clamp(0.1, 600.0)),
         reconnect: job.reconnect,
+        stop: Stop::default(),
+        live: Live::default(),
     });
     let channels: Vec<Arc<str>> = job.channels.iter().map(|c| Arc::from(c.as_str())).collect();
+    let rss_start_bytes = sysinfo::self_rss_bytes();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(job.max_runtime_s);
 
-    // Connection tasks watch `inner`, set on the parent's stop or at our deadline.
-    let (inner_tx, inner_rx) = watch::channel(false);
+    // Connection tasks watch `ctx.stop`, set on the parent's stop or at our deadline.
     let mut parent_stop = stop.clone();
     let token_ttl = job.max_runtime_s as u64 + 3600;
 
@@ -216,7 +223,6 @@ pub async fn run_worker(
         })
     };
 
-    let mut tasks = JoinSet::new();
     let mut launched = 0u64;
     let mut i = u64::from(job.shard);
     while i < job.connections {
@@ -243,7 +249,9 @@ pub async fn run_worker(
             src: (!job.source_ips.is_empty())
                 .then(|| job.source_ips[(i % job.source_ips.len() as u64) as usize]),
         };
-        tasks.spawn(run_connection(ctx.clone(), spec, inner_rx.clone()));
+        // Not kept in a join set: a handle per task is memory per connection;
+        // `ctx.live` counts them instead.
+        tokio::spawn(run_connection(ctx.clone(), spec));
         launched += 1;
         i += u64::from(job.shards);
     }
@@ -262,6 +270,7 @@ pub async fn run_worker(
             _ = parent_stop.wait_for(|s| *s) => {}
         }
     }
+    let rss_ready_bytes = sysinfo::self_rss_bytes();
     {
         let r = recorder.lock();
         let _ = events.send(WorkerEvent::Ready {
@@ -275,14 +284,10 @@ pub async fn run_worker(
         _ = parent_stop.wait_for(|s| *s) => {}
         _ = sleep_until(deadline) => {}
     }
-    let _ = inner_tx.send(true);
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tasks.abort_all();
-    }
+    ctx.stop.stop();
+    // Stopped connections end within about a second (their goodbye is bounded); one
+    // that does not is left to the runtime's end rather than holding the report.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ctx.live.all_ended()).await;
     progress.abort();
 
     let r = recorder.lock();
@@ -308,6 +313,8 @@ pub async fn run_worker(
         errors: r.errors.clone(),
         cpu_seconds: sysinfo::self_cpu_seconds() - cpu_start,
         rss_bytes: sysinfo::self_rss_bytes(),
+        rss_start_bytes,
+        rss_ready_bytes,
         pid: std::process::id(),
     })
 }

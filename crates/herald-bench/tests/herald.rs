@@ -368,6 +368,10 @@ fn connect_against_herald_and_token_failures() {
     assert_eq!(u(&r, "established"), 300, "{r}");
     assert_eq!(u(&r, "failed"), 0, "{r}");
     assert!(r["rss_per_connection_bytes"].as_f64().is_some(), "{r}");
+    assert!(
+        r["generator_rss_per_connection_bytes"].as_f64().is_some(),
+        "{r}"
+    );
 
     // Tokens signed with the wrong secret: every connection fails, and the report
     // says so instead of hanging or erroring out.
