@@ -632,7 +632,7 @@ impl Delivery<'_> {
                 }
                 let outcome = self.tracker.observe(st.s);
                 let latency_us = now.saturating_sub(st.t) / 1000;
-                rec.delivery(self.channel_idx as usize, outcome, now, latency_us);
+                rec.delivery(self.channel_idx as usize, st.s, outcome, now, latency_us);
             }
             Some(st) if st.c >= payload::PERSONAL_C => {
                 // One server-side subscription (the personal channel) is what carries these.

@@ -52,6 +52,18 @@ fn point(t_s: u32, count: u64, h: &Histogram<u64>) -> SeriesPoint {
 }
 
 /// Every figure of a run. Fields are `null` where a scenario does not measure them.
+/// One publication of a broadcast.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PublicationFigure {
+    /// Its sequence on the channel (1 = first).
+    pub sequence: u64,
+    /// Subscribers of the channel, and those that got it (once).
+    pub subscribers: u64,
+    pub delivered: u64,
+    /// From its sending until the last subscriber had it; None when some never did.
+    pub all_delivered_ms: Option<f64>,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -111,6 +123,10 @@ pub struct Report {
     pub reconnect_ms: Option<Percentiles>,
     pub unrecovered: Option<u64>,
     pub all_back_ms: Option<f64>,
+
+    /// One-channel fan-out (a broadcast) of fewer than 1,000 publications: each one's
+    /// deliveries and the time until every subscriber had it.
+    pub publications: Option<Vec<PublicationFigure>>,
 
     /// The server processes measured (one per node).
     pub server_pids: Vec<u32>,
@@ -224,6 +240,17 @@ impl Report {
                     l.p50, l.p90, l.p99, l.p999, l.max
                 ),
             );
+        }
+        // A long run's list would swamp the table; the JSON has every one.
+        if let Some(pubs) = self.publications.as_ref().filter(|p| p.len() <= 20) {
+            let each: Vec<String> = pubs
+                .iter()
+                .map(|p| match p.all_delivered_ms {
+                    Some(ms) => format!("#{} {ms:.0} ms", p.sequence),
+                    None => format!("#{} {} of {}", p.sequence, p.delivered, p.subscribers),
+                })
+                .collect();
+            row("time until every subscriber had it", each.join(", "));
         }
         if let (Some(p), Some(l)) = (self.personal_published, &self.personal_latency_ms) {
             row(

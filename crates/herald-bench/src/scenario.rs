@@ -15,8 +15,11 @@ use crate::net::{loopback_endpoint, loopback_endpoints, parse_source_ips, raise_
 use crate::payload::{PERSONAL_C, now_ns};
 use crate::progress;
 use crate::publisher::{PubConfig, run_publisher};
-use crate::report::{Report, series_points};
-use crate::stats::{Interval, Percentiles, account, add_vec, new_histogram};
+use crate::report::{PublicationFigure, Report, series_points};
+use crate::stats::{
+    Interval, Percentiles, PubTrack, TRACKED_PUBLICATIONS, account, add_vec, merge_tracks,
+    new_histogram,
+};
 use crate::sysinfo;
 use crate::worker::{Counts, Job};
 
@@ -214,6 +217,7 @@ struct Merged {
     /// processes, or (shards in this process) the lowest start and highest settled.
     rss_start: u64,
     rss_ready: u64,
+    per_publication: Vec<PubTrack>,
     series: Vec<Vec<Interval>>,
     connect_series: Vec<Vec<Interval>>,
     failures: Vec<String>,
@@ -277,6 +281,7 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
         }
         m.last_back_ns = m.last_back_ns.max(r.last_back_ns);
         add_vec(&mut m.subs_per_channel, &r.subs_per_channel);
+        merge_tracks(&mut m.per_publication, &r.per_publication);
         add_vec(&mut m.unique_per_channel, &r.unique_per_channel);
         if r.first_attempt_ns > 0
             && (m.first_attempt_ns == 0 || r.first_attempt_ns < m.first_attempt_ns)
@@ -749,12 +754,80 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         }
     }
     reconnect_figures(&mut r, &m, c.reconnect);
+    if args.channels == 1 && published < TRACKED_PUBLICATIONS {
+        r.publications = Some(publication_figures(
+            &m.per_publication,
+            published,
+            m.subs_per_channel.first().copied().unwrap_or(0),
+        ));
+    }
     Ok(r)
+}
+
+/// Each publication of a one-channel run (a broadcast): how many subscribers got it and,
+/// when all did, how long after it was sent the last one had it.
+fn publication_figures(
+    tracks: &[PubTrack],
+    published: u64,
+    subscribers: u64,
+) -> Vec<PublicationFigure> {
+    (1..=published)
+        .map(|seq| {
+            let t = tracks.get(seq as usize).copied().unwrap_or_default();
+            PublicationFigure {
+                sequence: seq,
+                subscribers,
+                delivered: t.delivered,
+                all_delivered_ms: (subscribers > 0 && t.delivered >= subscribers)
+                    .then(|| t.last_us as f64 / 1000.0),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_is_complete_only_when_every_subscriber_had_it() {
+        let mut tracks = Vec::new();
+        // Two processes' views: sequence 1 reached 2 + 1 subscribers, sequence 2 only 2.
+        let a = [
+            PubTrack::default(),
+            PubTrack {
+                delivered: 2,
+                last_us: 4_000,
+            },
+            PubTrack {
+                delivered: 2,
+                last_us: 9_000,
+            },
+        ];
+        let b = [
+            PubTrack::default(),
+            PubTrack {
+                delivered: 1,
+                last_us: 7_500,
+            },
+        ];
+        merge_tracks(&mut tracks, &a);
+        merge_tracks(&mut tracks, &b);
+        let f = publication_figures(&tracks, 3, 3);
+        assert_eq!(f.len(), 3);
+        assert_eq!((f[0].sequence, f[0].delivered), (1, 3));
+        assert_eq!(
+            f[0].all_delivered_ms,
+            Some(7.5),
+            "the slowest of all processes"
+        );
+        assert_eq!((f[1].delivered, f[1].all_delivered_ms), (2, None));
+        assert_eq!(
+            (f[2].delivered, f[2].all_delivered_ms),
+            (0, None),
+            "never arrived"
+        );
+    }
 
     #[test]
     fn picked_users_are_distinct_and_in_range() {

@@ -208,6 +208,29 @@ pub fn merge_intervals<'a>(
 
 /// Per-process counters shared by every connection task (behind one mutex: the
 /// generator runs one or two threads per process, so it is uncontended).
+/// A broadcast run has few publications: those of the first channel are followed one by
+/// one, up to this sequence.
+pub const TRACKED_PUBLICATIONS: u64 = 1000;
+
+/// One publication of the first channel: its unique deliveries, and the latency of the
+/// slowest (once every subscriber has it: the time until 100 % delivered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PubTrack {
+    pub delivered: u64,
+    pub last_us: u64,
+}
+
+/// Adds `from` into `into`, element by element: deliveries sum, the slowest wins.
+pub fn merge_tracks(into: &mut Vec<PubTrack>, from: &[PubTrack]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), PubTrack::default());
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        a.delivered += b.delivered;
+        a.last_us = a.last_us.max(b.last_us);
+    }
+}
+
 #[derive(Debug)]
 pub struct Recorder {
     pub attempted: u64,
@@ -243,6 +266,8 @@ pub struct Recorder {
     pub unrecovered: u64,
     pub first_drop_ns: u64,
     pub last_back_ns: u64,
+    /// By sequence (index = sequence), for the first channel.
+    pub per_publication: Vec<PubTrack>,
 }
 
 impl Recorder {
@@ -275,6 +300,7 @@ impl Recorder {
             unrecovered: 0,
             first_drop_ns: 0,
             last_back_ns: 0,
+            per_publication: Vec::new(),
         }
     }
 
@@ -342,7 +368,15 @@ impl Recorder {
         record(&mut self.personal_latency, latency_us);
     }
 
-    pub fn delivery(&mut self, channel: usize, outcome: SeqOutcome, at_ns: u64, latency_us: u64) {
+    /// A publication of `channel` with sequence `seq` arrived.
+    pub fn delivery(
+        &mut self,
+        channel: usize,
+        seq: u64,
+        outcome: SeqOutcome,
+        at_ns: u64,
+        latency_us: u64,
+    ) {
         match outcome {
             SeqOutcome::Duplicate => {
                 self.duplicated += 1;
@@ -358,6 +392,15 @@ impl Recorder {
         }
         record(&mut self.latency, latency_us);
         self.series.record(at_ns, latency_us);
+        if channel == 0 && seq < TRACKED_PUBLICATIONS {
+            let i = seq as usize;
+            if self.per_publication.len() <= i {
+                self.per_publication.resize(i + 1, PubTrack::default());
+            }
+            let t = &mut self.per_publication[i];
+            t.delivered += 1;
+            t.last_us = t.last_us.max(latency_us);
+        }
     }
 }
 
@@ -505,7 +548,7 @@ mod tests {
         let mut t = SeqTracker::default();
         for s in [1, 2, 2, 4, 3] {
             let o = t.observe(s);
-            r.delivery(1, o, 2_000_000_000, 10);
+            r.delivery(1, 1, o, 2_000_000_000, 10);
         }
         assert_eq!(r.delivered, 4);
         assert_eq!(r.duplicated, 1);

@@ -17,7 +17,7 @@ use crate::client::{ConnCtx, ConnSpec, Live, Stop, run_connection};
 use crate::error::BenchError;
 use crate::herald::make_token;
 use crate::net::loopback_endpoints;
-use crate::stats::{HistData, Interval, Recorder};
+use crate::stats::{HistData, Interval, PubTrack, Recorder};
 use crate::sysinfo;
 
 /// Everything a shard needs; sent to a child as the first stdin line.
@@ -138,6 +138,8 @@ pub struct WorkerResult {
     pub rss_bytes: u64,
     /// This process's RSS before its first connection, and once every connection of the
     /// shard was attempted and settled (the generator's cost per connection).
+    #[serde(default)]
+    pub per_publication: Vec<PubTrack>,
     #[serde(default)]
     pub rss_start_bytes: u64,
     #[serde(default)]
@@ -313,6 +315,7 @@ pub async fn run_worker(
         errors: r.errors.clone(),
         cpu_seconds: sysinfo::self_cpu_seconds() - cpu_start,
         rss_bytes: sysinfo::self_rss_bytes(),
+        per_publication: r.per_publication.clone(),
         rss_start_bytes,
         rss_ready_bytes,
         pid: std::process::id(),

@@ -244,6 +244,19 @@ fn reconnecting_subscribers_recover_across_a_node_kill() {
     assert_eq!(u(&r, "personal_lost"), 0, "{r}");
     assert_eq!(u(&r, "personal_duplicated"), 0, "{r}");
     assert!(r["all_back_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
+    // Each publication reached all 40 subscribers (those of node b through recovery), and
+    // the report says when the last one had it.
+    let pubs = r["publications"]
+        .as_array()
+        .expect("per-publication figures");
+    assert_eq!(pubs.len() as u64, u(&r, "published"), "{r}");
+    for p in pubs {
+        assert_eq!(p["delivered"].as_u64(), Some(40), "{p}");
+        assert!(
+            p["all_delivered_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{p}"
+        );
+    }
     drop(a);
 }
 
