@@ -65,6 +65,30 @@ pub enum Protocol {
     Protobuf,
 }
 
+/// How `connect` subscribers reach Herald.
+#[derive(ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// `--url` itself (bidirectional WebSocket).
+    #[default]
+    Websocket,
+    /// `POST /connection/uni_sse` beside `--url`'s `/connection/websocket`: server-sent
+    /// events, subscribed through the token's `channels` claim.
+    UniSse,
+    /// `POST /connection/uni_http_stream`, likewise: a chunked HTTP response.
+    UniHttpStream,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Websocket => "websocket",
+            Transport::UniSse => "uni-sse",
+            Transport::UniHttpStream => "uni-http-stream",
+        }
+    }
+}
+
 impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
@@ -142,6 +166,10 @@ pub struct ConnectArgs {
     /// Channel every connection subscribes to.
     #[arg(long, default_value = "bench")]
     pub channel: String,
+    /// How the connections reach Herald (`--target herald`, JSON, with a token secret:
+    /// the unidirectional transports subscribe through the token).
+    #[arg(long, value_enum, default_value = "websocket")]
+    pub transport: Transport,
 }
 
 #[derive(Args, Debug, Clone)]

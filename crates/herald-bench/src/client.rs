@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::time::{sleep_until, timeout};
 
-use crate::cli::{Protocol, Target};
+use crate::cli::{Protocol, Target, Transport};
 use crate::error::BenchError;
 use crate::herald::{self, Line};
 use crate::herald_proto;
@@ -40,6 +40,8 @@ pub struct ConnCtx {
     /// Herald (JSON) subscribers make a lost connection again, through the arbiter, and
     /// recover what they missed.
     pub reconnect: bool,
+    /// Herald's WebSocket, or one of its unidirectional HTTP transports.
+    pub transport: Transport,
     /// Set when the run stops; every connection of the process watches it.
     pub stop: Stop,
     /// Connection tasks still running.
@@ -140,6 +142,8 @@ enum Session {
     Mqtt(Ws, Vec<u8>),
     /// One frame per message, nothing carried over.
     Nchan(Ws),
+    /// A unidirectional HTTP stream (SSE or chunked): held and counted, not parsed.
+    Uni(tokio::net::TcpStream),
 }
 
 /// Runs one connection to completion, recording into the shared recorder; counted in
@@ -368,6 +372,13 @@ async fn herald_setup(ws: &mut Ws, frame: String, asked: bool) -> Result<Resubsc
 async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
     let endpoint = &ctx.endpoints[(spec.index % ctx.endpoints.len() as u64) as usize];
     match ctx.target {
+        Target::Herald if ctx.transport != Transport::Websocket => {
+            let sse = ctx.transport == Transport::UniSse;
+            let token = spec.token.as_deref();
+            let tcp =
+                crate::uni::connect(endpoint, spec.src, token, Some(&spec.channel), sse).await?;
+            Ok(Session::Uni(tcp))
+        }
         Target::Herald if ctx.protocol == Protocol::Protobuf => {
             let mut ws = ws_connect(endpoint, spec.src, Some(herald_proto::SUBPROTOCOL)).await?;
             herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
@@ -569,7 +580,7 @@ async fn mqtt_setup(ws: &mut Ws, carry: &mut Vec<u8>) -> Result<(), BenchError> 
 }
 
 /// Per-connection delivery bookkeeping.
-struct Delivery<'a> {
+pub(crate) struct Delivery<'a> {
     recorder: &'a Mutex<Recorder>,
     channel_idx: u32,
     tracker: SeqTracker,
@@ -615,7 +626,7 @@ impl Delivery<'_> {
     }
 
     /// Counts a received message's bytes.
-    fn frame(&self, len: usize) {
+    pub(crate) fn frame(&self, len: usize) {
         self.recorder.lock().bytes_received += len as u64;
     }
 
@@ -735,6 +746,7 @@ fn serve<'a>(
             Box::pin(async move { serve_nats(ctx, &mut ws, &mut carry, d).await })
         }
         Session::Nchan(mut ws) => Box::pin(async move { serve_nchan(ctx, &mut ws, d).await }),
+        Session::Uni(mut tcp) => Box::pin(async move { crate::uni::serve(ctx, &mut tcp, d).await }),
         Session::Mqtt(mut ws, mut carry) => {
             Box::pin(async move { serve_mqtt(ctx, &mut ws, &mut carry, d).await })
         }
@@ -900,6 +912,7 @@ mod tests {
             recorder: Arc::new(Mutex::new(Recorder::new(0, 1, 10))),
             connect_timeout: Duration::from_secs(5),
             reconnect: false,
+            transport: Transport::Websocket,
             stop: Stop::default(),
             live: Live::default(),
         })

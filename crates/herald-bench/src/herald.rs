@@ -268,15 +268,24 @@ struct Claims<'a> {
     sub: &'a str,
     exp: u64,
     iat: u64,
+    /// Server-side subscriptions.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    channels: &'a [String],
 }
 
 /// An HS256 connection token for user `sub`, valid for `ttl_s` seconds.
-pub fn make_token(secret: &[u8], sub: &str, ttl_s: u64) -> Result<String, BenchError> {
+pub fn make_token(
+    secret: &[u8],
+    sub: &str,
+    ttl_s: u64,
+    channels: &[String],
+) -> Result<String, BenchError> {
     let now = crate::payload::now_ns() / 1_000_000_000;
     let claims = Claims {
         sub,
         exp: now + ttl_s,
         iat: now,
+        channels,
     };
     Ok(encode(
         &Header::default(),
@@ -442,11 +451,12 @@ mod tests {
     #[test]
     fn token_is_hs256_with_sub_and_exp() {
         use jsonwebtoken::{DecodingKey, Validation, decode};
-        let t = make_token(b"bench-secret", "user-1", 60).unwrap();
+        let t = make_token(b"bench-secret", "user-1", 60, &[]).unwrap();
         #[derive(Deserialize)]
         struct C {
             sub: String,
             exp: u64,
+            channels: Option<Vec<String>>,
         }
         let d = decode::<C>(
             &t,
@@ -456,5 +466,17 @@ mod tests {
         .unwrap();
         assert_eq!(d.claims.sub, "user-1");
         assert!(d.claims.exp > 0);
+        assert_eq!(
+            d.claims.channels, None,
+            "no claim when there is nothing to subscribe"
+        );
+        let t = make_token(b"bench-secret", "user-1", 60, &["news".into()]).unwrap();
+        let d = decode::<C>(
+            &t,
+            &DecodingKey::from_secret(b"bench-secret"),
+            &Validation::new(jsonwebtoken::Algorithm::HS256),
+        )
+        .unwrap();
+        assert_eq!(d.claims.channels, Some(vec!["news".to_string()]));
     }
 }

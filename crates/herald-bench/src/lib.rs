@@ -32,6 +32,7 @@ pub mod report;
 pub mod scenario;
 pub mod stats;
 pub mod sysinfo;
+pub mod uni;
 pub mod worker;
 pub mod ws;
 

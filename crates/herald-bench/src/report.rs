@@ -71,6 +71,8 @@ pub struct Report {
     /// Wire format of Herald's client protocol (`json`, `protobuf`); null for the
     /// other targets.
     pub protocol: Option<String>,
+    /// Herald `connect` runs: `websocket`, `uni-sse` or `uni-http-stream`.
+    pub transport: Option<String>,
     pub url: String,
     pub procs: u32,
     pub threads: u32,
@@ -170,9 +172,13 @@ fn mib(b: u64) -> String {
 impl Report {
     /// The target, with the wire format when it has a choice: `herald/protobuf`.
     pub fn target_label(&self) -> String {
-        match &self.protocol {
+        let label = match &self.protocol {
             Some(p) => format!("{}/{p}", self.target),
             None => self.target.clone(),
+        };
+        match self.transport.as_deref() {
+            Some(t) if t != "websocket" => format!("{label} over {t}"),
+            _ => label,
         }
     }
 

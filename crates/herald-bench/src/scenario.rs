@@ -7,7 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
-use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Protocol, Target};
+use crate::cli::{CommonArgs, ConnectArgs, FanoutArgs, Protocol, Target, Transport};
 use crate::error::BenchError;
 use crate::fleet::{Fleet, ShardState};
 use crate::nchan;
@@ -187,6 +187,7 @@ fn prepare(
             max_runtime_s,
             threads: c.threads,
             reconnect: c.reconnect,
+            transport: Transport::Websocket,
         })
         .collect())
 }
@@ -424,18 +425,38 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let c = &args.common;
     check_target_options(c, None)?;
     check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
+    if args.transport != Transport::Websocket {
+        if c.target != Target::Herald || c.protocol != Protocol::Json || c.reconnect {
+            return Err(bad(format!(
+                "--transport {} needs --target herald with the JSON protocol, without --reconnect",
+                args.transport.name()
+            )));
+        }
+        if c.token_secret.is_none() {
+            return Err(bad(format!(
+                "--transport {} needs --token-secret: the connection's token subscribes it",
+                args.transport.name()
+            )));
+        }
+        for ep in loopback_endpoints(&c.url, &["ws"])? {
+            crate::uni::path(&ep, true)?;
+        }
+    }
     if c.target == Target::Nchan {
         nchan::check_channel(&args.channel)?;
     }
     let ramp_s = args.connections as f64 / args.rate.max(0.001);
     let max_runtime = ramp_s + c.connect_timeout + args.duration + 120.0;
-    let jobs = prepare(
+    let mut jobs = prepare(
         c,
         args.connections,
         args.rate,
         vec![args.channel.clone()],
         max_runtime,
     )?;
+    for j in &mut jobs {
+        j.transport = args.transport;
+    }
     let meter = Meter::start(c.server_pid.clone());
     let server_cpu0 = sysinfo::total_cpu_seconds(&c.server_pid);
     let in_process = jobs.len() == 1;
@@ -480,6 +501,9 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let shards = fleet.finish(Duration::from_secs(30)).await;
     let m = merge(shards, in_process);
     let mut r = base_report("connect", c, args.connections, &m, &meter);
+    if c.target == Target::Herald {
+        r.transport = Some(args.transport.name().into());
+    }
     reconnect_figures(&mut r, &m, c.reconnect);
     if !ramped {
         r.worker_failures.push("ramp did not finish in time".into());

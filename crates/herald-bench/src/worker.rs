@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::cli::{Protocol, Target};
+use crate::cli::{Protocol, Target, Transport};
 use crate::client::{ConnCtx, ConnSpec, Live, Stop, run_connection};
 use crate::error::BenchError;
 use crate::herald::make_token;
@@ -47,6 +47,8 @@ pub struct Job {
     /// Make lost connections again (`--reconnect`).
     #[serde(default)]
     pub reconnect: bool,
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -197,6 +199,7 @@ pub async fn run_worker(
         recorder: recorder.clone(),
         connect_timeout: Duration::from_secs_f64(job.connect_timeout_s.clamp(0.1, 600.0)),
         reconnect: job.reconnect,
+        transport: job.transport,
         stop: Stop::default(),
         live: Live::default(),
     });
@@ -240,6 +243,12 @@ pub async fn run_worker(
                 secret.as_bytes(),
                 &format!("bench-{i}"),
                 token_ttl,
+                // Unidirectional clients cannot subscribe: the token does it.
+                if job.transport == Transport::Websocket {
+                    &[]
+                } else {
+                    std::slice::from_ref(&job.channels[(i % job.channels.len() as u64) as usize])
+                },
             )?),
             (None, None) => None,
         };

@@ -412,6 +412,68 @@ fn connect_against_herald_and_token_failures() {
     drop(server);
 }
 
+/// Idle connections over the unidirectional HTTP transports: each subscribed by its token
+/// (the bench checks the connect push lists the channel), held, and the memory reported.
+#[test]
+fn connect_over_the_unidirectional_http_transports() {
+    let dir = TempDir::new("herald-uni");
+    let (server, url) = start_herald(&dir);
+    let pid = server.pid().to_string();
+    for transport in ["uni-sse", "uni-http-stream"] {
+        let r = bench_json(
+            &[
+                "connect",
+                "--target",
+                "herald",
+                "--url",
+                &url,
+                "--token-secret",
+                "bench-secret",
+                "--connections",
+                "200",
+                "--rate",
+                "1000",
+                "--duration",
+                "1",
+                "--transport",
+                transport,
+                "--server-pid",
+                &pid,
+            ],
+            &dir,
+        );
+        assert_eq!(r["transport"].as_str(), Some(transport), "{r}");
+        assert_eq!(u(&r, "established"), 200, "{r}");
+        assert_eq!(u(&r, "failed"), 0, "{r}");
+        assert_eq!(u(&r, "disconnected"), 0, "{r}");
+        assert!(r["rss_per_connection_bytes"].as_f64().is_some(), "{r}");
+    }
+    // A token the node does not accept: every stream is refused, and counted so.
+    let r = bench_json(
+        &[
+            "connect",
+            "--target",
+            "herald",
+            "--url",
+            &url,
+            "--token-secret",
+            "not-the-secret",
+            "--connections",
+            "20",
+            "--rate",
+            "1000",
+            "--duration",
+            "0",
+            "--transport",
+            "uni-sse",
+        ],
+        &dir,
+    );
+    assert_eq!(u(&r, "established"), 0, "{r}");
+    assert_eq!(u(&r, "failed"), 20, "{r}");
+    drop(server);
+}
+
 #[test]
 fn fanout_against_herald_over_protobuf_and_json() {
     let dir = TempDir::new("herald-protobuf");

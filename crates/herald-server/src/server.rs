@@ -177,19 +177,37 @@ pub fn api_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Pending connections a listener lets the kernel queue before it is accepted (the kernel
+/// caps it at `net.core.somaxconn`). Tokio's default, 1,024, overflowed when thousands of
+/// devices connected in the same second: the kernel dropped their handshakes and each came
+/// back only after a 1–3 s SYN retransmission (docs/performance.md, "Connect rate").
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds a listener for `key` (the config key it comes from, named in the error).
+fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    let listener = socket
+        .and_then(|s| {
+            // As the standard listener does: a restarted node can bind again at once.
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(LISTEN_BACKLOG)
+        })
+        .map_err(|e| anyhow::anyhow!("{key} {addr}: {e}"))?;
+    Ok(listener)
+}
+
 /// Binds and serves. `listen` "host:0" picks a free port; see `Server::addr`.
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let addr = config.listen_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("server.listen {addr}: {e}"))?;
+    let listener = bind(addr, "server.listen")?;
     let addr = listener.local_addr()?;
     let admin_listener = match config.admin_addr()? {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("admin.listen {a}: {e}"))?,
-        ),
+        Some(a) => Some(bind(a, "admin.listen")?),
         None => None,
     };
     let admin_addr = match &admin_listener {
@@ -197,11 +215,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         None => None,
     };
     let api_listener = match config.api_addr()? {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("api.listen {a}: {e}"))?,
-        ),
+        Some(a) => Some(bind(a, "api.listen")?),
         None => None,
     };
     let api_addr = match &api_listener {
@@ -209,11 +223,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         None => None,
     };
     let mqtt_listener = match config.mqtt_addr()? {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| anyhow::anyhow!("mqtt.listen {a}: {e}"))?,
-        ),
+        Some(a) => Some(bind(a, "mqtt.listen")?),
         None => None,
     };
     let mqtt_addr = match &mqtt_listener {

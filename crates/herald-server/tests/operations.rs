@@ -1019,3 +1019,31 @@ async fn json_logs_are_one_object_per_line() {
     assert!(lines >= 2, "{logs}");
     assert!(logs.contains("client connected"), "{logs}");
 }
+
+/// The client listener queues up to `net.core.somaxconn` pending handshakes (it asks for
+/// 65,535), not Tokio's default 1,024: a burst of reconnecting devices is not dropped by the
+/// kernel. Read from the listening socket itself (`ss` shows a listener's backlog as its
+/// send queue).
+#[tokio::test]
+async fn listeners_ask_the_kernel_for_a_deep_backlog() -> Result<()> {
+    let server = start("").await;
+    let port = server.addr.port();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")?
+        .trim()
+        .parse()?;
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .map_err(|e| anyhow!("`ss` (iproute2) is needed to read a listener's backlog: {e}"))?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let backlog: u32 = listing
+        .split_whitespace()
+        .nth(2)
+        .ok_or_else(|| anyhow!("no listener on port {port}: {listing:?}"))?
+        .parse()?;
+    assert_eq!(backlog, somaxconn.min(65_535), "{listing}");
+    if somaxconn > 1024 {
+        assert!(backlog > 1024, "more than Tokio's default: {listing}");
+    }
+    Ok(())
+}
