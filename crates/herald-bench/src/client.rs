@@ -681,20 +681,24 @@ fn herald_json(ctx: &ConnCtx, d: &mut Delivery<'_>, kind: Kind, data: &[u8], pin
         }
     };
     for line in text.split('\n').filter(|l| !l.trim().is_empty()) {
-        if let Some((data, offset)) = herald::fast_publication(line) {
-            d.payload(data, offset);
-            continue;
+        match herald::fast_publication(line) {
+            Some((data, offset)) => d.payload(data, offset),
+            None => herald_message(ctx, d, herald::parse_line(line).ok(), ping),
         }
-        match herald::parse_line(line) {
-            Ok(Line::Publication { data, offset, .. }) => d.payload(data, offset),
-            Ok(Line::Ping) => *ping = true,
-            Ok(Line::OtherPush(kind)) => ctx.recorder.lock().error(format!("herald push {kind}")),
-            Ok(Line::Reply { .. }) => {}
-            Err(_) => {
-                let mut r = ctx.recorder.lock();
-                r.invalid += 1;
-                r.error("unparsable herald message".into());
-            }
+    }
+}
+
+/// Counts one Herald message of either wire format (None: unparsable).
+fn herald_message(ctx: &ConnCtx, d: &mut Delivery<'_>, line: Option<Line<'_>>, ping: &mut bool) {
+    match line {
+        Some(Line::Publication { data, offset, .. }) => d.payload(data, offset),
+        Some(Line::Ping) => *ping = true,
+        Some(Line::OtherPush(kind)) => ctx.recorder.lock().error(format!("herald push {kind}")),
+        Some(Line::Reply { .. }) => {}
+        None => {
+            let mut r = ctx.recorder.lock();
+            r.invalid += 1;
+            r.error("unparsable herald message".into());
         }
     }
 }
@@ -708,19 +712,10 @@ fn herald_protobuf(ctx: &ConnCtx, d: &mut Delivery<'_>, kind: Kind, data: &[u8],
             .error("herald text frame on a Protobuf connection".into());
         return;
     }
+    // After an unparsable message the rest of the frame cannot be located: it counts as
+    // one invalid message.
     for line in herald_proto::lines(data) {
-        match line {
-            Ok(Line::Publication { data, .. }) => d.payload(data, 0),
-            Ok(Line::Ping) => *ping = true,
-            Ok(Line::OtherPush(kind)) => ctx.recorder.lock().error(format!("herald push {kind}")),
-            Ok(Line::Reply { .. }) => {}
-            // The rest of the frame cannot be located: one invalid message.
-            Err(_) => {
-                let mut r = ctx.recorder.lock();
-                r.invalid += 1;
-                r.error("unparsable herald message".into());
-            }
-        }
+        herald_message(ctx, d, line.ok(), ping);
     }
 }
 

@@ -85,6 +85,35 @@ fn start_herald_with(dir: &TempDir, file: &str, config: &str) -> (Server, String
 
 /// `herald-bench fanout` against Herald with this file's token secret and API key, then
 /// `extra`.
+/// `herald-bench connect` against Herald: `n` connections with tokens signed by `secret`,
+/// held `hold` seconds.
+fn herald_connect(
+    url: &str,
+    secret: &str,
+    n: &str,
+    hold: &str,
+    extra: &[&str],
+    dir: &TempDir,
+) -> serde_json::Value {
+    let mut args = vec![
+        "connect",
+        "--target",
+        "herald",
+        "--url",
+        url,
+        "--token-secret",
+        secret,
+        "--connections",
+        n,
+        "--rate",
+        "1000",
+        "--duration",
+        hold,
+    ];
+    args.extend_from_slice(extra);
+    bench_json(&args, dir)
+}
+
 fn herald_fanout(url: &str, extra: &[&str], dir: &TempDir) -> serde_json::Value {
     let mut args = vec![
         "fanout",
@@ -358,24 +387,12 @@ fn connect_against_herald_and_token_failures() {
     let dir = TempDir::new("herald-connect");
     let (server, url) = start_herald(&dir);
     let pid = server.pid().to_string();
-    let r = bench_json(
-        &[
-            "connect",
-            "--target",
-            "herald",
-            "--url",
-            &url,
-            "--token-secret",
-            "bench-secret",
-            "--connections",
-            "300",
-            "--rate",
-            "1000",
-            "--duration",
-            "1",
-            "--server-pid",
-            &pid,
-        ],
+    let r = herald_connect(
+        &url,
+        "bench-secret",
+        "300",
+        "1",
+        &["--server-pid", &pid],
         &dir,
     );
     assert_eq!(u(&r, "established"), 300, "{r}");
@@ -388,24 +405,7 @@ fn connect_against_herald_and_token_failures() {
 
     // Tokens signed with the wrong secret: every connection fails, and the report
     // says so instead of hanging or erroring out.
-    let r = bench_json(
-        &[
-            "connect",
-            "--target",
-            "herald",
-            "--url",
-            &url,
-            "--token-secret",
-            "wrong-secret",
-            "--connections",
-            "20",
-            "--rate",
-            "1000",
-            "--duration",
-            "0",
-        ],
-        &dir,
-    );
+    let r = herald_connect(&url, "wrong-secret", "20", "0", &[], &dir);
     assert_eq!(u(&r, "established"), 0, "{r}");
     assert_eq!(u(&r, "failed"), 20, "{r}");
     assert!(!r["errors"].as_object().is_none_or(|e| e.is_empty()), "{r}");
@@ -420,28 +420,8 @@ fn connect_over_the_unidirectional_http_transports() {
     let (server, url) = start_herald(&dir);
     let pid = server.pid().to_string();
     for transport in ["uni-sse", "uni-http-stream"] {
-        let r = bench_json(
-            &[
-                "connect",
-                "--target",
-                "herald",
-                "--url",
-                &url,
-                "--token-secret",
-                "bench-secret",
-                "--connections",
-                "200",
-                "--rate",
-                "1000",
-                "--duration",
-                "1",
-                "--transport",
-                transport,
-                "--server-pid",
-                &pid,
-            ],
-            &dir,
-        );
+        let extra = ["--transport", transport, "--server-pid", &pid];
+        let r = herald_connect(&url, "bench-secret", "200", "1", &extra, &dir);
         assert_eq!(r["transport"].as_str(), Some(transport), "{r}");
         assert_eq!(u(&r, "established"), 200, "{r}");
         assert_eq!(u(&r, "failed"), 0, "{r}");
@@ -449,24 +429,12 @@ fn connect_over_the_unidirectional_http_transports() {
         assert!(r["rss_per_connection_bytes"].as_f64().is_some(), "{r}");
     }
     // A token the node does not accept: every stream is refused, and counted so.
-    let r = bench_json(
-        &[
-            "connect",
-            "--target",
-            "herald",
-            "--url",
-            &url,
-            "--token-secret",
-            "not-the-secret",
-            "--connections",
-            "20",
-            "--rate",
-            "1000",
-            "--duration",
-            "0",
-            "--transport",
-            "uni-sse",
-        ],
+    let r = herald_connect(
+        &url,
+        "not-the-secret",
+        "20",
+        "0",
+        &["--transport", "uni-sse"],
         &dir,
     );
     assert_eq!(u(&r, "established"), 0, "{r}");
