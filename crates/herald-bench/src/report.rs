@@ -126,6 +126,9 @@ pub struct Report {
     pub unrecovered: Option<u64>,
     pub all_back_ms: Option<f64>,
 
+    /// Publications the API did not acknowledge (no answer, an error) that subscribers
+    /// received all the same; counted as published in `expected`.
+    pub published_unacknowledged: Option<u64>,
     /// One-channel fan-out (a broadcast) of fewer than 1,000 publications: each one's
     /// deliveries and the time until every subscriber had it.
     pub publications: Option<Vec<PublicationFigure>>,
@@ -216,6 +219,9 @@ impl Report {
                 "published (errors)",
                 format!("{p} ({}) at {rate:.1}/s", self.publish_errors.unwrap_or(0)),
             );
+        }
+        if let Some(n) = self.published_unacknowledged {
+            row("published without an answer, received", n.to_string());
         }
         if let Some(e) = self.expected {
             row(

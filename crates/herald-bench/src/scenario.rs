@@ -17,8 +17,8 @@ use crate::progress;
 use crate::publisher::{PubConfig, run_publisher};
 use crate::report::{PublicationFigure, Report, series_points};
 use crate::stats::{
-    Interval, Percentiles, PubTrack, TRACKED_PUBLICATIONS, account, add_vec, merge_tracks,
-    new_histogram,
+    Interval, Percentiles, PubTrack, TRACKED_PUBLICATIONS, account, add_vec, max_vec, merge_tracks,
+    new_histogram, published_by_channel,
 };
 use crate::sysinfo;
 use crate::worker::{Counts, Job};
@@ -219,6 +219,7 @@ struct Merged {
     rss_start: u64,
     rss_ready: u64,
     per_publication: Vec<PubTrack>,
+    highest_seq: Vec<u64>,
     series: Vec<Vec<Interval>>,
     connect_series: Vec<Vec<Interval>>,
     failures: Vec<String>,
@@ -283,6 +284,7 @@ fn merge(shards: Vec<ShardState>, in_process: bool) -> Merged {
         m.last_back_ns = m.last_back_ns.max(r.last_back_ns);
         add_vec(&mut m.subs_per_channel, &r.subs_per_channel);
         merge_tracks(&mut m.per_publication, &r.per_publication);
+        max_vec(&mut m.highest_seq, &r.highest_seq);
         add_vec(&mut m.unique_per_channel, &r.unique_per_channel);
         if r.first_attempt_ns > 0
             && (m.first_attempt_ns == 0 || r.first_attempt_ns < m.first_attempt_ns)
@@ -705,17 +707,21 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
 
     let shards = fleet.finish(Duration::from_secs(30)).await;
     let m = merge(shards, in_process);
-    let tally = account(
-        &m.subs_per_channel,
-        &outcome.published,
-        &m.unique_per_channel,
-    );
+    // Expected from what was published, acknowledged or not: a publication whose answer
+    // was lost (an API timeout) but which subscribers received would otherwise show as
+    // more delivered than expected and hide the losses of its channel.
+    let published_by = published_by_channel(&outcome.published, &m.highest_seq);
+    let tally = account(&m.subs_per_channel, &published_by, &m.unique_per_channel);
     let mut r = base_report("fanout", c, args.subscribers, &m, &meter);
     if !ramped {
         r.worker_failures
             .push("subscriber ramp did not finish in time".into());
     }
     let published: u64 = outcome.published.iter().sum();
+    let sent: u64 = published_by.iter().sum();
+    if sent > published {
+        r.published_unacknowledged = Some(sent - published);
+    }
     let pub_s = outcome.send_elapsed.as_secs_f64().max(1e-9);
     r.channels = args.channels;
     r.publish_rate = Some(args.publish_rate);
@@ -778,10 +784,10 @@ pub async fn fanout(args: FanoutArgs) -> Result<Report, BenchError> {
         }
     }
     reconnect_figures(&mut r, &m, c.reconnect);
-    if args.channels == 1 && published < TRACKED_PUBLICATIONS {
+    if args.channels == 1 && sent < TRACKED_PUBLICATIONS {
         r.publications = Some(publication_figures(
             &m.per_publication,
-            published,
+            sent,
             m.subs_per_channel.first().copied().unwrap_or(0),
         ));
     }

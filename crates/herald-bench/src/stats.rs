@@ -268,6 +268,9 @@ pub struct Recorder {
     pub last_back_ns: u64,
     /// By sequence (index = sequence), for the first channel.
     pub per_publication: Vec<PubTrack>,
+    /// The highest sequence received per channel: a publication the API did not
+    /// acknowledge (a timeout) but subscribers received was published all the same.
+    pub highest_seq: Vec<u64>,
 }
 
 impl Recorder {
@@ -301,6 +304,7 @@ impl Recorder {
             first_drop_ns: 0,
             last_back_ns: 0,
             per_publication: Vec::new(),
+            highest_seq: vec![0; channels],
         }
     }
 
@@ -387,6 +391,9 @@ impl Recorder {
         }
         self.delivered += 1;
         self.last_delivery_ns = self.last_delivery_ns.max(at_ns);
+        if let Some(h) = self.highest_seq.get_mut(channel) {
+            *h = (*h).max(seq);
+        }
         if let Some(n) = self.unique_per_channel.get_mut(channel) {
             *n += 1;
         }
@@ -431,6 +438,29 @@ pub fn account(subs: &[u64], published: &[u64], unique: &[u64]) -> Tally {
     t
 }
 
+/// Publications per channel: those the publisher had acknowledged, or as many as the
+/// highest sequence a subscriber received where that is more (sequences are sent in order,
+/// so every one below it was sent too).
+pub fn published_by_channel(acknowledged: &[u64], highest_seen: &[u64]) -> Vec<u64> {
+    let n = acknowledged.len().max(highest_seen.len());
+    (0..n)
+        .map(|c| {
+            let a = acknowledged.get(c).copied().unwrap_or(0);
+            a.max(highest_seen.get(c).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// Element-wise maximum, growing `into` as needed.
+pub fn max_vec(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        *a = (*a).max(*b);
+    }
+}
+
 /// Element-wise sum, growing `into` as needed.
 pub fn add_vec(into: &mut Vec<u64>, from: &[u64]) {
     if into.len() < from.len() {
@@ -444,6 +474,21 @@ pub fn add_vec(into: &mut Vec<u64>, from: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unacknowledged_publication_that_arrived_counts_as_published() {
+        // Channel 0: 4 acknowledged, subscribers saw up to 5 (the 5th's answer was lost);
+        // channel 1: 3 acknowledged, nothing seen beyond.
+        let published = published_by_channel(&[4, 3], &[5, 2]);
+        assert_eq!(published, vec![5, 3]);
+        // 10 subscribers each; channel 0's 5th reached only 6 of them: 4 lost, not hidden
+        // behind the surplus over 4 × 10.
+        let t = account(&[10, 10], &published, &[46, 30]);
+        assert_eq!((t.expected, t.delivered, t.lost), (80, 76, 4));
+        let mut m = vec![1, 9];
+        max_vec(&mut m, &[3, 2, 7]);
+        assert_eq!(m, vec![3, 9, 7]);
+    }
 
     #[test]
     fn seq_tracker_classifies() {

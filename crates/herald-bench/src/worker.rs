@@ -143,6 +143,8 @@ pub struct WorkerResult {
     #[serde(default)]
     pub per_publication: Vec<PubTrack>,
     #[serde(default)]
+    pub highest_seq: Vec<u64>,
+    #[serde(default)]
     pub rss_start_bytes: u64,
     #[serde(default)]
     pub rss_ready_bytes: u64,
@@ -325,6 +327,7 @@ pub async fn run_worker(
         cpu_seconds: sysinfo::self_cpu_seconds() - cpu_start,
         rss_bytes: sysinfo::self_rss_bytes(),
         per_publication: r.per_publication.clone(),
+        highest_seq: r.highest_seq.clone(),
         rss_start_bytes,
         rss_ready_bytes,
         pid: std::process::id(),
