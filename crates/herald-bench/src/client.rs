@@ -3,9 +3,12 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout};
 
 use crate::cli::{Protocol, Target, Transport};
@@ -52,30 +55,35 @@ pub struct ConnCtx {
 /// half the size of a watch channel's, which counts at a million connections.
 #[derive(Default)]
 pub struct Stop {
-    set: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
+    set: AtomicBool,
+    notify: Notify,
 }
 
 impl Stop {
     pub fn stop(&self) {
-        self.set.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set.store(true, SeqCst);
         self.notify.notify_waiters();
     }
 
     pub fn is_set(&self) -> bool {
-        self.set.load(std::sync::atomic::Ordering::SeqCst)
+        self.set.load(SeqCst)
     }
 
     /// Returns once the run stops.
     pub async fn wait(&self) {
-        loop {
-            // Created before the check, so a stop between the two is not missed.
-            let notified = self.notify.notified();
-            if self.is_set() {
-                return;
-            }
-            notified.await;
+        notified_when(&self.notify, || self.is_set()).await
+    }
+}
+
+/// Returns once `done` holds, re-checking it each time `notify` wakes all its waiters.
+async fn notified_when(notify: &Notify, done: impl Fn() -> bool) {
+    loop {
+        // Created before the check, so a notification between the two is not missed.
+        let notified = notify.notified();
+        if done() {
+            return;
         }
+        notified.await;
     }
 }
 
@@ -83,20 +91,14 @@ impl Stop {
 /// handle per task.
 #[derive(Default)]
 pub struct Live {
-    count: std::sync::atomic::AtomicU64,
-    ended: tokio::sync::Notify,
+    count: AtomicU64,
+    ended: Notify,
 }
 
 impl Live {
     /// Waits until no connection task is left.
     pub async fn all_ended(&self) {
-        loop {
-            let ended = self.ended.notified();
-            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                return;
-            }
-            ended.await;
-        }
+        notified_when(&self.ended, || self.count.load(SeqCst) == 0).await
     }
 }
 
@@ -105,9 +107,7 @@ struct Running(Arc<ConnCtx>);
 
 impl Running {
     fn new(ctx: Arc<ConnCtx>) -> Self {
-        ctx.live
-            .count
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ctx.live.count.fetch_add(1, SeqCst);
         Running(ctx)
     }
 }
@@ -115,7 +115,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         let live = &self.0.live;
-        if live.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+        if live.count.fetch_sub(1, SeqCst) == 1 {
             live.ended.notify_waiters();
         }
     }

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use crate::client::{ConnCtx, Delivery};
 use crate::error::BenchError;
 use crate::net::{Endpoint, connect_tcp};
+use crate::ws::read_response_head;
 
 /// Largest response head and connect push accepted.
 const MAX_SETUP: usize = 16 << 10;
@@ -52,36 +53,9 @@ pub async fn connect(
         body.len()
     );
     tcp.write_all(request.as_bytes()).await?;
-    let mut got = Vec::with_capacity(1024);
-    let mut body_at = None;
+    let (mut got, body_at) = read_response_head(&mut tcp, 200, |_| Ok(())).await?;
     loop {
-        if got.len() > MAX_SETUP {
-            return Err(BenchError::Protocol(
-                "no connect push in the first 16 KiB".into(),
-            ));
-        }
-        let mut chunk = [0u8; 2048];
-        let n = tcp.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(BenchError::Closed("eof before the connect push".into()));
-        }
-        got.extend_from_slice(&chunk[..n]);
-        if body_at.is_none() {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&got) {
-                Ok(httparse::Status::Complete(used)) => {
-                    let status = resp.code.unwrap_or(0);
-                    if status != 200 {
-                        return Err(BenchError::Handshake(status));
-                    }
-                    body_at = Some(used);
-                }
-                Ok(httparse::Status::Partial) => continue,
-                Err(_) => return Err(BenchError::Protocol("unparsable response head".into())),
-            }
-        }
-        let seen = String::from_utf8_lossy(&got[body_at.unwrap_or(0)..]);
+        let seen = String::from_utf8_lossy(&got[body_at..]);
         if seen.contains("\"disconnect\"") {
             return Err(BenchError::Protocol(format!(
                 "herald refused the stream: {}",
@@ -106,6 +80,17 @@ pub async fn connect(
                 )),
             };
         }
+        if got.len() > MAX_SETUP {
+            return Err(BenchError::Protocol(
+                "no connect push in the first 16 KiB".into(),
+            ));
+        }
+        let mut chunk = [0u8; 2048];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(BenchError::Closed("eof before the connect push".into()));
+        }
+        got.extend_from_slice(&chunk[..n]);
     }
 }
 

@@ -239,6 +239,8 @@ pub async fn run_worker(
             _ = parent_stop.wait_for(|s| *s) => break,
             _ = sleep_until(deadline) => break,
         }
+        // Connection i subscribes to channel i mod C.
+        let ch = (i % channels.len() as u64) as usize;
         let token = match (&job.token, &job.token_secret) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(secret)) => Some(make_token(
@@ -249,15 +251,15 @@ pub async fn run_worker(
                 if job.transport == Transport::Websocket {
                     &[]
                 } else {
-                    std::slice::from_ref(&job.channels[(i % job.channels.len() as u64) as usize])
+                    std::slice::from_ref(&job.channels[ch])
                 },
             )?),
             (None, None) => None,
         };
         let spec = ConnSpec {
             index: i,
-            channel_idx: (i % channels.len() as u64) as u32,
-            channel: channels[(i % channels.len() as u64) as usize].clone(),
+            channel_idx: ch as u32,
+            channel: channels[ch].clone(),
             token,
             src: (!job.source_ips.is_empty())
                 .then(|| job.source_ips[(i % job.source_ips.len() as u64) as usize]),

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::client::MAX_MESSAGE;
+use crate::client::{MAX_MESSAGE, feed};
 use crate::error::BenchError;
 use crate::net::{Endpoint, connect_tcp, loopback_endpoint};
 
@@ -101,92 +101,83 @@ struct Frames {
 }
 
 impl Frames {
-    /// Takes in one read's bytes; calls `f` for each complete message.
+    /// Takes in one read's bytes; calls `f` for each complete message. The carry-over is
+    /// the one every reader of the generator uses ([`feed`]); parsing stops at a close.
     fn feed(
         &mut self,
         data: &[u8],
         ctl: &mut Control,
         f: &mut impl FnMut(Kind, &[u8]),
     ) -> Result<(), BenchError> {
-        if self.carry.is_empty() {
-            let used = self.parse(data, ctl, f)?;
-            self.carry.extend_from_slice(&data[used..]);
-        } else {
-            let mut buf = std::mem::take(&mut self.carry);
-            buf.extend_from_slice(data);
-            let used = self.parse(&buf, ctl, f)?;
-            if used < buf.len() {
-                buf.drain(..used);
-                self.carry = buf;
+        let partial = &mut self.partial;
+        feed(&mut self.carry, data, |buf| {
+            if ctl.close.is_some() {
+                return Ok(None);
             }
-        }
-        Ok(())
+            let Some((head, len)) = frame_head(buf)? else {
+                return Ok(None);
+            };
+            let Some(end) = head.checked_add(len).filter(|e| *e <= buf.len()) else {
+                return Ok(None);
+            };
+            frame(partial, buf[0], &buf[head..end], ctl, f)?;
+            Ok(Some(end))
+        })
     }
+}
 
-    /// Parses whole frames from the front of `buf`; returns how many bytes they took.
-    fn parse(
-        &mut self,
-        buf: &[u8],
-        ctl: &mut Control,
-        f: &mut impl FnMut(Kind, &[u8]),
-    ) -> Result<usize, BenchError> {
-        let mut off = 0;
-        while ctl.close.is_none() {
-            let rest = &buf[off..];
-            let Some((head, len)) = frame_head(rest)? else {
-                break;
-            };
-            let Some(end) = head.checked_add(len).filter(|e| *e <= rest.len()) else {
-                break;
-            };
-            let (b0, payload) = (rest[0], &rest[head..end]);
-            let fin = b0 & 0x80 != 0;
-            match b0 & 0x0f {
-                OP_TEXT | OP_BINARY => {
-                    if self.partial.is_some() {
-                        return Err(protocol("a new message inside a fragmented one"));
-                    }
-                    let kind = if b0 & 0x0f == OP_TEXT {
-                        Kind::Text
-                    } else {
-                        Kind::Binary
-                    };
-                    if fin {
-                        f(kind, payload);
-                    } else {
-                        self.partial = Some((kind, payload.to_vec()));
-                    }
-                }
-                OP_CONTINUATION => {
-                    let Some((kind, mut joined)) = self.partial.take() else {
-                        return Err(protocol("a continuation frame without a message"));
-                    };
-                    if joined.len() + payload.len() > MAX_MESSAGE {
-                        return Err(protocol("message too large"));
-                    }
-                    joined.extend_from_slice(payload);
-                    if fin {
-                        f(kind, &joined);
-                    } else {
-                        self.partial = Some((kind, joined));
-                    }
-                }
-                op @ (OP_CLOSE | OP_PING | OP_PONG) => {
-                    if !fin || len > 125 {
-                        return Err(protocol("a fragmented or oversized control frame"));
-                    }
-                    match op {
-                        OP_PING => ctl.pong = Some(payload.to_vec()),
-                        OP_CLOSE => ctl.close = Some(close_reason(payload)),
-                        _ => {}
-                    }
-                }
-                op => return Err(protocol(&format!("unknown opcode {op}"))),
+/// Acts on one whole frame: its first byte `b0` and its payload.
+fn frame(
+    partial: &mut Option<(Kind, Vec<u8>)>,
+    b0: u8,
+    payload: &[u8],
+    ctl: &mut Control,
+    f: &mut impl FnMut(Kind, &[u8]),
+) -> Result<(), BenchError> {
+    let fin = b0 & 0x80 != 0;
+    match b0 & 0x0f {
+        op @ (OP_TEXT | OP_BINARY) => {
+            if partial.is_some() {
+                return Err(protocol("a new message inside a fragmented one"));
             }
-            off += end;
+            let kind = if op == OP_TEXT {
+                Kind::Text
+            } else {
+                Kind::Binary
+            };
+            if fin {
+                f(kind, payload);
+            } else {
+                *partial = Some((kind, payload.to_vec()));
+            }
         }
-        Ok(off)
+        OP_CONTINUATION => {
+            let Some((kind, mut joined)) = partial.take() else {
+                return Err(protocol("a continuation frame without a message"));
+            };
+            if joined.len() + payload.len() > MAX_MESSAGE {
+                return Err(protocol("message too large"));
+            }
+            joined.extend_from_slice(payload);
+            if fin {
+                f(kind, &joined);
+            } else {
+                *partial = Some((kind, joined));
+            }
+        }
+        op @ (OP_CLOSE | OP_PING | OP_PONG) => {
+            if !fin || payload.len() > 125 {
+                return Err(protocol("a fragmented or oversized control frame"));
+            }
+            match op {
+                OP_PING => ctl.pong = Some(payload.to_vec()),
+                OP_CLOSE => ctl.close = Some(close_reason(payload)),
+                _ => {}
+            }
+        }
+        op => return Err(protocol(&format!("unknown opcode {op}"))),
     }
+    Ok(())
 }
 
 fn protocol(what: &str) -> BenchError {
@@ -407,39 +398,19 @@ async fn handshake(
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{offer}\r\n"
     );
     tcp.write_all(request.as_bytes()).await?;
-    let mut head = Vec::with_capacity(512);
-    let used = loop {
-        if head.len() >= MAX_RESPONSE_HEAD {
-            return Err(protocol("handshake response too large"));
+    let expected = derive_accept_key(key.as_bytes());
+    let (head, used) = read_response_head(&mut tcp, 101, |resp| {
+        let accept = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
+            .map(|h| h.value);
+        if accept != Some(expected.as_bytes()) {
+            return Err(protocol("wrong Sec-WebSocket-Accept"));
         }
-        let mut chunk = [0u8; 1024];
-        let n = tcp.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(BenchError::Closed("eof during the handshake".into()));
-        }
-        head.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&head) {
-            Ok(httparse::Status::Complete(used)) => {
-                let status = resp.code.unwrap_or(0);
-                if status != 101 {
-                    return Err(BenchError::Handshake(status));
-                }
-                let accept = resp
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
-                    .map(|h| h.value);
-                if accept != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
-                    return Err(protocol("wrong Sec-WebSocket-Accept"));
-                }
-                break used;
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(_) => return Err(protocol("unparsable handshake response")),
-        }
-    };
+        Ok(())
+    })
+    .await?;
     let mut ws = Ws {
         tcp,
         frames: Frames::default(),
@@ -463,6 +434,42 @@ async fn handshake(
         }
     }
     Ok(ws)
+}
+
+/// Reads an HTTP response head (at most 16 KiB) and refuses any status but `status`;
+/// `check` looks at its headers. Returns what was read — the head, and whatever of the body
+/// came with it — and the head's length.
+pub(crate) async fn read_response_head(
+    tcp: &mut TcpStream,
+    status: u16,
+    check: impl FnOnce(&httparse::Response<'_, '_>) -> Result<(), BenchError>,
+) -> Result<(Vec<u8>, usize), BenchError> {
+    let mut got = Vec::with_capacity(512);
+    loop {
+        if got.len() >= MAX_RESPONSE_HEAD {
+            return Err(BenchError::Protocol("response head too large".into()));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(BenchError::Closed("eof before the response head".into()));
+        }
+        got.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&got) {
+            Ok(httparse::Status::Complete(used)) => {
+                let code = resp.code.unwrap_or(0);
+                if code != status {
+                    return Err(BenchError::Handshake(code));
+                }
+                check(&resp)?;
+                return Ok((got, used));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return Err(BenchError::Protocol("unparsable response head".into())),
+        }
+    }
 }
 
 #[cfg(test)]
