@@ -83,12 +83,16 @@ fuzz_target!(|data: &[u8]| {
         let conn = Arc::new(ConnHandle::new(Arc::from("fuzz-conn"), 1 << 20));
         let mut session = Session::new(node.clone(), conn.clone(), start.mono);
         if preconnect {
-            let r = session
-                .handle_frame(b"{\"id\":1,\"connect\":{}}", start)
-                .await;
+            let r = match session.handle_frame(b"{\"id\":1,\"connect\":{}}", start) {
+                Ok(()) => session.settle(start).await,
+                Err(d) => Err(d),
+            };
             assert!(r.is_ok(), "anonymous connect refused: {r:?}");
         }
-        let r = session.handle_frame(frame, start).await;
+        let r = match session.handle_frame(frame, start) {
+            Ok(()) => session.settle(start).await,
+            Err(d) => Err(d),
+        };
         if first_is_garbage {
             let d = r.as_ref().expect_err("a frame that is not JSON was accepted");
             assert_eq!(d.code, 3501, "garbage closed with {d:?}");
@@ -97,14 +101,14 @@ fuzz_target!(|data: &[u8]| {
         if r.is_ok() {
             if !session.is_connected() {
                 let late = start.after(opts.connect_timeout + Duration::from_secs(1));
-                let t = session.tick(late).await;
+                let t = session.tick(late);
                 assert_eq!(t.map_err(|d| d.code), Err(3502));
             } else {
                 // The ping goes out, then nobody answers it.
                 let ping = start.after(opts.ping_interval);
-                assert!(session.tick(ping).await.is_ok());
+                assert!(session.tick(ping).is_ok());
                 let silent = ping.after(opts.pong_timeout + Duration::from_secs(1));
-                let t = session.tick(silent).await;
+                let t = session.tick(silent);
                 assert!(matches!(t, Err(ref d) if d.code == 3012 || d.code == 3005), "{t:?}");
             }
         }

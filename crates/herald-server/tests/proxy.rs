@@ -496,3 +496,61 @@ async fn without_rpc_proxy_rpc_is_not_available() {
     assert_eq!(r["error"]["code"], 108, "{r}");
     s.shutdown().await;
 }
+
+/// A command waiting on a slow backend does not stop its connection: pings still go out,
+/// the client's pongs are read (no 3012 however long the backend takes), and the command is
+/// answered once the backend is. (When the session awaited its engine and proxy calls inside
+/// a step, no ping went out until the subscribe was done.)
+#[tokio::test]
+async fn a_command_waiting_on_the_backend_leaves_pings_and_pongs_served() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    let app = axum::Router::new().route(
+        "/subscribe",
+        post(move || {
+            let held = held.clone();
+            async move {
+                held.notified().await;
+                Json(json!({"result": {}}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let s = start_with(
+        &(config(&format!(
+            r#"ping_interval = "1s"
+pong_timeout = "500ms"
+[channel.proxy.subscribe]
+enabled = true
+endpoint = "http://{addr}/subscribe"
+timeout = "20s"
+"#
+        )) + r#"
+[[namespaces]]
+name = "px"
+subscribe_proxy_enabled = true
+"#),
+    )
+    .await;
+    let (mut c, _) = Client::connect(&s, "u").await.unwrap();
+    c.send(json!({"id": 2, "subscribe": {"channel": "px:slow"}}))
+        .await
+        .unwrap();
+    // Three ping intervals while the backend holds the subscribe; each ping is answered.
+    for _ in 0..3 {
+        let v = c
+            .next_raw()
+            .await
+            .expect("a ping while the subscribe waits");
+        assert_eq!(v, json!({}), "only pings before the reply: {v}");
+        c.send(json!({})).await.unwrap();
+    }
+    release.notify_one();
+    let reply = c.reply(2).await.unwrap();
+    assert!(reply.get("subscribe").is_some(), "{reply}");
+    s.shutdown().await;
+}

@@ -134,9 +134,9 @@ impl MqttHandler {
         now: Now,
     ) -> Result<(), Disconnect> {
         let id = self.link.lock().command(pending);
-        self.session
-            .handle_command(Command { id, ..cmd }, now)
-            .await
+        self.session.handle_command(Command { id, ..cmd }, now)?;
+        // MQTT's packets wait for their command: its reply becomes their acknowledgement.
+        self.session.settle(now).await
     }
 
     fn packet_error(&mut self, e: PacketError) -> Disconnect {
@@ -627,7 +627,10 @@ impl Handler for MqttHandler {
             // MQTT connections take no emulated commands; the link uses this control to
             // wake the handler for resubscribes.
             Control::Commands(_) => self.resubscribe(now).await,
-            c => self.session.handle_control(c, now).await,
+            c => {
+                self.session.handle_control(c, now)?;
+                self.session.settle(now).await
+            }
         }
     }
 
@@ -643,7 +646,9 @@ impl Handler for MqttHandler {
             self.save(now).await;
             self.next_save = Some(now.mono + self.settings.session_save_interval);
         }
-        let next = self.session.tick(now).await?;
+        self.session.tick(now)?;
+        self.session.settle(now).await?;
+        let next = self.session.next_wakeup(now);
         Ok(self.own_deadline().map_or(next, |k| next.min(k)))
     }
 

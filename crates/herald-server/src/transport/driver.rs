@@ -3,16 +3,18 @@
 //! say goodbye) driven by [`drive`] together with a [`Handler`] (the session, or the echo).
 //!
 //! The loop serves, without priority, the connection's outbox (pre-encoded frames from the
-//! hub and the session), the client's messages and the session's timers, so a publication
-//! flood cannot starve reads, pongs or deadlines. While the session waits on the engine (a
-//! subscribe on Redis, a key fetch) its outbox keeps draining to the client. Whatever way the
+//! hub and the session), the client's messages, the session's timers and the request the
+//! session waits on (a subscribe on Redis, a key fetch, a proxy call), so neither a
+//! publication flood nor a slow engine starves reads, pongs or deadlines. Whatever way the
 //! connection ends — the client leaves, the session disconnects it, the task panics or is
 //! cancelled — the session is closed exactly once, leaving hub, presence and metrics as if the
 //! client had disconnected.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::http::Peer;
@@ -20,15 +22,16 @@ use bytes::Bytes;
 use herald_core::clock::Now;
 use herald_core::conn::{ConnHandle, Control};
 use herald_core::metrics::{Metrics, TransportMetrics};
-use herald_core::session::Session;
+use herald_core::session::{Completion, Request, Session};
 use herald_protocol::Disconnect;
 
 /// How long the goodbye (messages still queued, the disconnect push, the close handshake) may
 /// take on a client that does not read.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Longest one step of the session (a command with its engine round trips, a token key
-/// fetch) may take; past it the client is disconnected with 3004 rather than left hanging.
+/// Longest a session's request (a command's engine round trips, a token key fetch, a proxy
+/// call) or a handler's step may take; past it the client is disconnected with 3004 rather
+/// than left hanging.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a wire read from its client.
@@ -89,20 +92,30 @@ pub trait Handler: Send + 'static {
     fn goodbye(&self, d: &Disconnect) -> Bytes;
     /// Leaves everything the connection holds; called exactly once.
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+    /// Work the handler waits on, run by the loop beside everything else.
+    fn take_request(&mut self) -> Option<Request> {
+        None
+    }
+    /// The result of the request last taken.
+    fn complete(&mut self, _c: Completion, _now: Now) -> Result<(), Disconnect> {
+        Ok(())
+    }
+    /// Whether to read the client now (false: work is piling up behind a request).
+    fn wants_input(&self) -> bool {
+        true
+    }
 }
 
+/// The session's inputs are synchronous: its steps are ready at once, and what it waits on
+/// comes out as requests.
 impl Handler for Session {
     async fn on_message(&mut self, data: Bytes, now: Now) -> Result<(), Disconnect> {
-        self.handle_frame(&data, now).await
+        self.handle_frame(&data, now)
     }
-    fn on_control(
-        &mut self,
-        c: Control,
-        now: Now,
-    ) -> impl Future<Output = Result<(), Disconnect>> + Send {
+    async fn on_control(&mut self, c: Control, now: Now) -> Result<(), Disconnect> {
         self.handle_control(c, now)
     }
-    fn tick(&mut self, now: Now) -> impl Future<Output = Result<Instant, Disconnect>> + Send {
+    async fn tick(&mut self, now: Now) -> Result<Instant, Disconnect> {
         Session::tick(self, now)
     }
     fn next_wakeup(&self, now: Now) -> Instant {
@@ -113,6 +126,15 @@ impl Handler for Session {
     }
     fn close(&mut self) -> impl Future<Output = ()> + Send {
         Session::close(self)
+    }
+    fn take_request(&mut self) -> Option<Request> {
+        Session::take_request(self)
+    }
+    fn complete(&mut self, c: Completion, now: Now) -> Result<(), Disconnect> {
+        Session::complete(self, c, now)
+    }
+    fn wants_input(&self) -> bool {
+        Session::wants_input(self)
     }
 }
 
@@ -281,7 +303,24 @@ async fn run<W: Wire, H: Handler>(
         return e;
     }
     let mut deadline = h.next_wakeup(Now::system());
+    // The request in flight, boxed by the session; an idle connection holds none.
+    let mut in_flight: Option<InFlight> = None;
+    let mut request_deadline: Option<Instant> = None;
+    // One timer for the connection's life, moved when the deadline moves rather than made
+    // again on every pass of the loop (each delivery is one).
+    let timer = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(timer);
     loop {
+        if in_flight.is_none()
+            && let Some(r) = h.take_request()
+        {
+            in_flight = Some(r.into_future());
+            request_deadline = Some(Instant::now() + STEP_TIMEOUT);
+        }
+        let wake = request_deadline.map_or(deadline, |r| r.min(deadline));
+        if timer.deadline() != wake.into() {
+            timer.as_mut().reset(wake.into());
+        }
         tokio::select! {
             _ = io.conn.wait() => {
                 let drained = io.conn.drain();
@@ -304,7 +343,7 @@ async fn run<W: Wire, H: Handler>(
                     deadline = h.next_wakeup(Now::system());
                 }
             }
-            received = io.wire.recv() => match received {
+            received = io.wire.recv(), if h.wants_input() => match received {
                 Received::Message(data) => {
                     io.transport.bytes_received.increment(data.len() as u64);
                     if let Err(e) = Box::pin(step(io, h.on_message(data, Now::system()))).await {
@@ -314,13 +353,34 @@ async fn run<W: Wire, H: Handler>(
                 }
                 Received::Gone => return Ending::ClientGone,
             },
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            () = &mut timer => {
+                if request_deadline.is_some_and(|at| Instant::now() >= at) {
+                    tracing::warn!(client = %io.conn.id, "session request timed out");
+                    return Ending::Disconnect(Disconnect::SERVER_ERROR.into());
+                }
                 match Box::pin(step(io, h.tick(Now::system()))).await {
                     Ok(next) => deadline = next,
                     Err(e) => return e,
                 }
             }
+            done = completion(&mut in_flight) => {
+                (in_flight, request_deadline) = (None, None);
+                if let Err(d) = h.complete(done, Now::system()) {
+                    return Ending::Disconnect(d);
+                }
+                deadline = h.next_wakeup(Now::system());
+            }
         }
+    }
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// The completion of the request in flight; never, when there is none.
+async fn completion(in_flight: &mut Option<InFlight>) -> Completion {
+    match in_flight {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -331,9 +391,33 @@ async fn step<W: Wire, T>(
     io: &mut Io<'_, W>,
     fut: impl Future<Output = Result<T, Disconnect>>,
 ) -> Result<T, Ending> {
+    let mut fut = std::pin::pin!(fut);
+    // The session's steps are synchronous, ready at the first poll: no timer, no race.
+    let outcome = match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(r) => Ok(r),
+        Poll::Pending => race(io, fut).await?,
+    };
+    // Controls or a close that arrived during the step are picked up by the loop.
+    io.conn.wake();
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(d)) => Err(Ending::Disconnect(d)),
+        Err(_) => {
+            tracing::warn!(client = %io.conn.id, "session step timed out");
+            Err(Ending::Disconnect(Disconnect::SERVER_ERROR.into()))
+        }
+    }
+}
+
+/// A step that waits: bounded, abandoned when the connection closes, and the outbox keeps
+/// draining meanwhile.
+async fn race<W: Wire, R>(
+    io: &mut Io<'_, W>,
+    fut: Pin<&mut impl Future<Output = R>>,
+) -> Result<Result<R, tokio::time::error::Elapsed>, Ending> {
     let fut = tokio::time::timeout(STEP_TIMEOUT, fut);
     tokio::pin!(fut);
-    let outcome = loop {
+    Ok(loop {
         tokio::select! {
             r = &mut fut => break r,
             _ = io.conn.closing() => {
@@ -359,17 +443,7 @@ async fn step<W: Wire, T>(
                 }
             }
         }
-    };
-    // Controls or a close that arrived during the step are picked up by the loop.
-    io.conn.wake();
-    match outcome {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(d)) => Err(Ending::Disconnect(d)),
-        Err(_) => {
-            tracing::warn!(client = %io.conn.id, "session step timed out");
-            Err(Ending::Disconnect(Disconnect::SERVER_ERROR.into()))
-        }
-    }
+    })
 }
 
 /// Writes frames; a write blocked on a client that stopped reading gives up as soon as the
@@ -456,16 +530,12 @@ mod tests {
     impl Handler for Panicky {
         async fn on_message(&mut self, data: Bytes, now: Now) -> Result<(), Disconnect> {
             assert!(&data[..] != b"panic", "injected panic");
-            self.0.handle_frame(&data, now).await
+            self.0.handle_frame(&data, now)
         }
-        fn on_control(
-            &mut self,
-            c: Control,
-            now: Now,
-        ) -> impl Future<Output = Result<(), Disconnect>> + Send {
+        async fn on_control(&mut self, c: Control, now: Now) -> Result<(), Disconnect> {
             self.0.handle_control(c, now)
         }
-        fn tick(&mut self, now: Now) -> impl Future<Output = Result<Instant, Disconnect>> + Send {
+        async fn tick(&mut self, now: Now) -> Result<Instant, Disconnect> {
             self.0.tick(now)
         }
         fn next_wakeup(&self, now: Now) -> Instant {
@@ -476,6 +546,12 @@ mod tests {
         }
         fn close(&mut self) -> impl Future<Output = ()> + Send {
             self.0.close()
+        }
+        fn take_request(&mut self) -> Option<Request> {
+            self.0.take_request()
+        }
+        fn complete(&mut self, c: Completion, now: Now) -> Result<(), Disconnect> {
+            self.0.complete(c, now)
         }
     }
 

@@ -1,10 +1,19 @@
 //! The per-connection state machine: connect and auth, subscribe with recovery, publish,
-//! presence, history, ping/pong, token refresh and limits. It does no socket I/O and reads no
-//! clock: the connection driver hands it frames, controls and the time (`Now`), and drains
-//! the connection's outbox, where the session queues frames already encoded for its client's
-//! mode (full protocol or bare pushes).
+//! presence, history, ping/pong, token refresh and limits. It does no socket I/O, reads no
+//! clock and awaits nothing: the connection driver hands it frames, controls, the time
+//! (`Now`) and the completions of the requests it asked for, and drains the connection's
+//! outbox, where the session queues frames already encoded for its client's mode (full
+//! protocol or bare pushes).
+//!
+//! Engine, proxy and token-key work is a [`Request`]: the session asks for it and waits for
+//! its [`Completion`] while pongs, pings and deadlines go on being served. One request is in
+//! flight at a time, so commands take effect in the order the client sent them.
 
-use std::collections::{BTreeMap, HashMap};
+mod work;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +24,7 @@ use herald_protocol::client::{
     split_commands,
 };
 use herald_protocol::json::Raw;
-use herald_protocol::{Disconnect, ErrorCode, ProtocolError, codes};
+use herald_protocol::{Disconnect, ErrorCode, codes};
 
 use crate::auth;
 use crate::channel;
@@ -28,6 +37,7 @@ use crate::node::{Node, VERSION};
 use crate::options::NamespaceOptions;
 use crate::proxy::{self, ProxyKind};
 use crate::recovery;
+use work::{ProxyCall, SubAuth, Who};
 
 /// How long after a failed refresh or sub-refresh proxy request it is tried again.
 const PROXY_RETRY_SECS: u64 = 10;
@@ -43,6 +53,8 @@ struct Sub {
     expire_at: Option<u64>,
     /// The subscribe proxy set `expire_at`: the sub-refresh proxy extends it.
     proxy_expiry: bool,
+    /// Its expiry is queued or being dealt with (sub-refresh proxy, unsubscribe).
+    expiring: bool,
 }
 
 /// What a subscription needs in order to start.
@@ -76,6 +88,153 @@ struct Prepared {
     sub: Sub,
 }
 
+/// Queued work beyond which the driver stops reading the client: while a request is in
+/// flight commands wait, and past this many the socket pushes back instead of memory.
+const INBOX_LIMIT: usize = 64;
+
+/// Engine, proxy or token-key work the session asks for. The driver runs it beside the
+/// connection's writes, reads and timers, under a timeout, and hands what it returns to
+/// [`Session::complete`]. Dropping it abandons the work; [`Session::close`] then leaves
+/// whatever it had joined.
+pub struct Request(Pin<Box<dyn Future<Output = Completion> + Send>>);
+
+impl Request {
+    pub fn into_future(self) -> Pin<Box<dyn Future<Output = Completion> + Send>> {
+        self.0
+    }
+}
+
+/// What a [`Request`] came back with: the session's next input. Boxed, so that what holds
+/// one for a moment (the driver's loop, whose state every idle connection keeps) stays small.
+pub struct Completion(Box<Done>);
+
+// One per request, moved a few times and gone: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    /// A client command's work; the command finishes with it.
+    Command {
+        id: u32,
+        kind: CommandKind,
+        outcome: Result<Applied, Fail>,
+    },
+    /// A subscribe the server API asked for.
+    ServerSubscribed {
+        channel: String,
+        outcome: Result<Prepared, Fail>,
+    },
+    /// A server-side unsubscribe is done; `push` tells the client.
+    Left {
+        channel: String,
+        push: Option<(u32, String)>,
+    },
+    ProxyRefreshed(Result<proxy::RefreshResult, proxy::Outcome>),
+    ProxySubRefreshed {
+        channel: String,
+        outcome: Result<proxy::RefreshResult, proxy::Outcome>,
+    },
+}
+
+/// What a command's work found, for the session to take.
+// One per request, moved a few times and gone: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Applied {
+    Reply(Option<Reply>),
+    /// Connect: the client is who it says.
+    Authorized(Box<Auth>),
+    /// Connect: the server-side subscriptions are positioned.
+    Connected {
+        data: Option<Raw>,
+        prepared: Vec<Prepared>,
+    },
+    Subscribed(Prepared),
+    Refreshed(Option<u64>),
+    SubRefreshed {
+        channel: String,
+        expire_at: Option<u64>,
+    },
+}
+
+/// Who a connecting client is, from its token, the connect proxy, or nobody (anonymous).
+struct Auth {
+    user: String,
+    conn_info: Option<Raw>,
+    /// The connect proxy's `data` for the reply.
+    data: Option<Raw>,
+    meta: Option<Raw>,
+    expire_at: Option<u64>,
+    proxy_expiry: bool,
+    /// Server-side subscriptions.
+    channels: Vec<String>,
+    server_subs: BTreeMap<String, proxy::SubOptions>,
+    /// The positions the client sent back for them.
+    req_subs: BTreeMap<String, herald_protocol::client::SubscribeRequest>,
+}
+
+/// What waits its turn behind the request in flight.
+enum Work {
+    /// Boxed: a command is large, and a queue keeps room for several.
+    Command(Box<Command>),
+    Unsubscribe {
+        channel: String,
+        code: u32,
+        reason: String,
+    },
+    Subscribe {
+        channel: String,
+        info: Option<Raw>,
+        data: Option<Raw>,
+    },
+    RefreshByProxy,
+    SubExpired(String),
+    /// A malformed command: the ones before it are served, then the connection closes.
+    Fail(Disconnect),
+}
+
+/// Work waiting behind the request in flight: nothing allocated while there is none, which
+/// is always for an idle connection.
+// Boxed on purpose: one pointer in every session instead of a VecDeque's four words; the
+// extra allocation is made only while work waits.
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct Inbox(Option<Box<VecDeque<Work>>>);
+
+impl Inbox {
+    fn push(&mut self, w: Work) {
+        self.0.get_or_insert_with(Default::default).push_back(w);
+    }
+
+    fn pop(&mut self) -> Option<Work> {
+        let q = self.0.as_mut()?;
+        let w = q.pop_front();
+        if q.is_empty() {
+            self.0 = None;
+        }
+        w
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// Where a command stands after the session has handled it.
+// Returned and matched at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    /// Finished; the reply, if any, is queued.
+    Done(Option<Reply>),
+    /// Waiting on its request's completion.
+    Waiting,
+}
+
 pub struct Session {
     node: Arc<Node>,
     conn: Arc<ConnHandle>,
@@ -93,8 +252,9 @@ pub struct Session {
     /// later commands by another name, as HTTP-streaming and SSE emulation do).
     session_id: Option<String>,
     closed: bool,
-    /// Command rate limit (`client.command_rate`); None when unlimited.
-    rate: Option<crate::ratelimit::CommandBucket>,
+    /// Command rate limit (`client.command_rate`); None when unlimited. Boxed: most nodes
+    /// set none, and every idle connection would carry its room.
+    rate: Option<Box<crate::ratelimit::CommandBucket>>,
     /// The transport's name and the client's request headers a proxy may forward.
     transport: &'static str,
     headers: Vec<(String, String)>,
@@ -104,6 +264,14 @@ pub struct Session {
     proxy_expiry: bool,
     /// The transport checks the client is alive itself (MQTT keep-alive): no pong expected.
     transport_keepalive: bool,
+    /// Work waiting behind the request in flight, in arrival order.
+    inbox: Inbox,
+    /// A request asked for and not yet taken by the driver.
+    request: Option<Request>,
+    /// A request taken and not yet completed.
+    in_flight: bool,
+    /// The refresh proxy is being asked about this connection's expiry.
+    refreshing: bool,
 }
 
 impl Session {
@@ -114,7 +282,8 @@ impl Session {
             node.client.command_rate,
             node.client.command_burst,
             now,
-        );
+        )
+        .map(Box::new);
         Self {
             next_ping: now + node.client.ping_interval,
             node,
@@ -135,6 +304,10 @@ impl Session {
             meta: None,
             proxy_expiry: false,
             transport_keepalive: false,
+            inbox: Inbox::default(),
+            request: None,
+            in_flight: false,
+            refreshing: false,
         }
     }
 
@@ -234,47 +407,221 @@ impl Session {
         }
     }
 
+    /// Who the connection is, owned, for the work behind a request.
+    fn who(&self) -> Who {
+        Who {
+            node: self.node.clone(),
+            conn: self.conn.clone(),
+            user: self.user.clone(),
+            conn_info: self.conn_info.clone(),
+        }
+    }
+
+    /// A proxy request's body and the headers it forwards, serialised now.
+    fn proxy_call<B: serde::Serialize>(&self, body: &B) -> Result<ProxyCall, Fail> {
+        let body = serde_json::value::to_raw_value(body).map_err(|e| {
+            tracing::error!(error = %e, "proxy request not serialisable");
+            Fail::from(ErrorCode::INTERNAL)
+        })?;
+        Ok(ProxyCall {
+            headers: self.headers.clone(),
+            body,
+        })
+    }
+
+    /// Whether the driver should read more from the client. While work waits behind a
+    /// request, at most [`INBOX_LIMIT`] items queue; beyond that the socket pushes back.
+    pub fn wants_input(&self) -> bool {
+        self.inbox.len() < INBOX_LIMIT
+    }
+
+    /// The work the session waits on, if it asked for some: the driver runs it and hands
+    /// its result to [`Session::complete`]. One is in flight at a time; commands behind it
+    /// wait their turn, so they take effect in the order the client sent them.
+    pub fn take_request(&mut self) -> Option<Request> {
+        let r = self.request.take()?;
+        self.in_flight = true;
+        Some(r)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight || self.request.is_some()
+    }
+
+    fn begin(&mut self, work: impl Future<Output = Done> + Send + 'static) {
+        debug_assert!(!self.busy(), "one request at a time");
+        self.request = Some(Request(Box::pin(async move {
+            Completion(Box::new(work.await))
+        })));
+    }
+
+    /// Asks for a command's work; its completion finishes the command.
+    fn wait_for(
+        &mut self,
+        id: u32,
+        kind: CommandKind,
+        work: impl Future<Output = Result<Applied, Fail>> + Send + 'static,
+    ) -> Result<Step, Fail> {
+        self.begin(async move {
+            Done::Command {
+                id,
+                kind,
+                outcome: work.await,
+            }
+        });
+        Ok(Step::Waiting)
+    }
+
+    /// Takes the result of the request last taken; then starts what waited behind it.
+    pub fn complete(&mut self, c: Completion, now: Now) -> Result<(), Disconnect> {
+        self.in_flight = false;
+        if self.closed {
+            return Ok(());
+        }
+        match *c.0 {
+            Done::Command { id, kind, outcome } => {
+                let step = outcome.and_then(|a| self.apply(id, a, now));
+                self.finish_command(id, kind, step)?;
+            }
+            Done::ServerSubscribed { channel, outcome } => match outcome {
+                Ok(p) => {
+                    let conn = self.conn.clone();
+                    self.finish_subscription(p, move |result| {
+                        let push = Push {
+                            channel,
+                            subscribe: Some(result),
+                            ..Default::default()
+                        };
+                        Some(encode_push(&conn, push))
+                    });
+                }
+                Err(Fail::Disconnect(d)) => return Err(d),
+                Err(Fail::Error(e)) => {
+                    tracing::warn!(channel = %channel, error = %e, "server subscribe failed");
+                }
+            },
+            Done::Left { channel, push } => {
+                if let Some((code, reason)) = push {
+                    self.push(Push {
+                        channel,
+                        unsubscribe: Some(UnsubscribePush { code, reason }),
+                        ..Default::default()
+                    });
+                }
+            }
+            Done::ProxyRefreshed(outcome) => self.proxy_refreshed(outcome, now)?,
+            Done::ProxySubRefreshed { channel, outcome } => {
+                self.proxy_sub_refreshed(channel, outcome, now)?;
+            }
+        }
+        self.advance(now)
+    }
+
+    /// Runs each request the moment the session asks for it, in place: for hosts that step
+    /// the session inline (MQTT's handler, unit tests, fuzzing) instead of beside a socket.
+    pub async fn settle(&mut self, now: Now) -> Result<(), Disconnect> {
+        while let Some(r) = self.take_request() {
+            let c = r.into_future().await;
+            self.complete(c, now)?;
+        }
+        Ok(())
+    }
+
+    /// Starts queued work while no request is in flight.
+    fn advance(&mut self, now: Now) -> Result<(), Disconnect> {
+        while !self.busy() && !self.closed {
+            let Some(w) = self.inbox.pop() else {
+                break;
+            };
+            match w {
+                Work::Command(cmd) => self.start_command(*cmd, now)?,
+                Work::Fail(d) => return Err(d),
+                Work::Unsubscribe {
+                    channel,
+                    code,
+                    reason,
+                } => self.unsubscribe(&channel, Some((code, reason))),
+                Work::Subscribe {
+                    channel,
+                    info,
+                    data,
+                } => self.start_server_subscribe(channel, info, data, now),
+                Work::RefreshByProxy => self.start_refresh_by_proxy(now),
+                Work::SubExpired(ch) => self.start_sub_expiry(ch, now),
+            }
+        }
+        Ok(())
+    }
+
     /// Handles one incoming frame. Bidirectional: one or more commands, `\n`-separated JSON
-    /// or length-prefixed Protobuf.
+    /// or length-prefixed Protobuf; those before a malformed one are served, then the
+    /// malformed one closes the connection.
     /// Unidirectional: the first message is the connect request, later ones are ignored.
-    pub async fn handle_frame(&mut self, data: &[u8], now: Now) -> Result<(), Disconnect> {
+    pub fn handle_frame(&mut self, data: &[u8], now: Now) -> Result<(), Disconnect> {
         if self.conn.mode == Mode::Unidirectional {
             if std::mem::replace(&mut self.connect_seen, true) {
                 return Ok(());
             }
             let req =
                 parse_uni_connect(data).map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
-            return self.handle_command(uni_connect_command(req), now).await;
+            return self.accept(uni_connect_command(req), now);
         }
         match self.conn.codec {
             Codec::Json => {
                 for line in split_commands(data) {
-                    let cmd: Command = serde_json::from_slice(line)
-                        .map_err(|_| Disconnect::from(Disconnect::BAD_REQUEST))?;
-                    self.handle_command(cmd, now).await?;
+                    match serde_json::from_slice::<Command>(line) {
+                        Ok(cmd) => self.accept(cmd, now)?,
+                        Err(_) => return self.fail(Disconnect::BAD_REQUEST.into()),
+                    }
                 }
             }
             Codec::Protobuf => {
-                // Commands before a malformed one are served; the malformed one closes.
                 for cmd in herald_protocol::proto::decode_commands(data) {
-                    let cmd = cmd.map_err(|e| {
-                        tracing::debug!(client = %self.conn.id, error = %e, "malformed protobuf frame");
-                        Disconnect::from(Disconnect::BAD_REQUEST)
-                    })?;
-                    self.handle_command(cmd.into(), now).await?;
+                    match cmd {
+                        Ok(cmd) => self.accept(cmd.into(), now)?,
+                        Err(e) => {
+                            tracing::debug!(client = %self.conn.id, error = %e, "malformed protobuf frame");
+                            return self.fail(Disconnect::BAD_REQUEST.into());
+                        }
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    pub async fn handle_command(&mut self, cmd: Command, now: Now) -> Result<(), Disconnect> {
-        let kind = CommandKind::of(&cmd);
-        if kind == CommandKind::Pong {
-            self.node.metrics.command(kind, None);
+    /// Handles one command (a transport that decodes its own frames, as MQTT's does).
+    pub fn handle_command(&mut self, cmd: Command, now: Now) -> Result<(), Disconnect> {
+        self.accept(cmd, now)
+    }
+
+    /// Starts a command, or queues it behind the request in flight. A pong is taken at
+    /// once, whatever waits: it only says the client reads, and a command waiting on the
+    /// engine must not make it late.
+    fn accept(&mut self, cmd: Command, now: Now) -> Result<(), Disconnect> {
+        if CommandKind::of(&cmd) == CommandKind::Pong {
+            self.node.metrics.command(CommandKind::Pong, None);
             self.awaiting_pong = None;
             return Ok(());
         }
+        if self.busy() || !self.inbox.is_empty() {
+            self.inbox.push(Work::Command(Box::new(cmd)));
+            return Ok(());
+        }
+        self.start_command(cmd, now)
+    }
+
+    /// A malformed command: the connection closes once the commands before it are served.
+    fn fail(&mut self, d: Disconnect) -> Result<(), Disconnect> {
+        if self.busy() || !self.inbox.is_empty() {
+            self.inbox.push(Work::Fail(d));
+            return Ok(());
+        }
+        Err(d)
+    }
+
+    fn start_command(&mut self, cmd: Command, now: Now) -> Result<(), Disconnect> {
+        let kind = CommandKind::of(&cmd);
         let id = cmd.id;
         if id == 0 && cmd.send.is_none() {
             return Err(Disconnect::BAD_REQUEST.into());
@@ -298,42 +645,51 @@ impl Session {
                 }
             }
         }
-        let outcome = if !self.connected {
+        let step = if !self.connected {
             match cmd.connect {
-                Some(req) => self.cmd_connect(id, req, now).await,
+                Some(req) => self.cmd_connect(id, req, now),
                 None => return Err(Disconnect::BAD_REQUEST.into()),
             }
         } else if cmd.connect.is_some() {
             return Err(Disconnect::BAD_REQUEST.into());
         } else if let Some(req) = cmd.subscribe {
-            self.cmd_subscribe(id, req, now).await
+            self.cmd_subscribe(id, req, now)
         } else if let Some(req) = cmd.unsubscribe {
-            self.unsubscribe(&req.channel, None).await;
-            Ok(Some(Reply {
-                id,
-                unsubscribe: Some(Default::default()),
-                ..Default::default()
-            }))
+            self.cmd_unsubscribe(id, &req.channel)
         } else if let Some(req) = cmd.publish {
-            self.cmd_publish(id, req).await
+            self.cmd_publish(id, req)
         } else if let Some(req) = cmd.presence {
-            self.cmd_presence(id, &req.channel).await
+            self.cmd_presence(id, kind, req.channel)
         } else if let Some(req) = cmd.presence_stats {
-            self.cmd_presence_stats(id, &req.channel).await
+            self.cmd_presence(id, kind, req.channel)
         } else if let Some(req) = cmd.history {
-            self.cmd_history(id, req).await
+            self.cmd_history(id, req)
         } else if let Some(req) = cmd.refresh {
-            self.cmd_refresh(id, &req.token, now).await
+            self.cmd_refresh(id, req.token, now)
         } else if let Some(req) = cmd.sub_refresh {
-            self.cmd_sub_refresh(id, &req.channel, &req.token, now)
-                .await
+            self.cmd_sub_refresh(id, req.channel, req.token, now)
         } else if let Some(req) = cmd.rpc {
-            self.cmd_rpc(id, req).await
+            self.cmd_rpc(id, req)
         } else if cmd.send.is_some() {
             // Asynchronous messages have no handler here and need no reply.
-            Ok(None)
+            Ok(Step::Done(None))
         } else {
             Err(ErrorCode::METHOD_NOT_FOUND.into())
+        };
+        self.finish_command(id, kind, step)
+    }
+
+    /// Records a command's outcome and queues its reply, unless it still waits on work.
+    fn finish_command(
+        &mut self,
+        id: u32,
+        kind: CommandKind,
+        step: Result<Step, Fail>,
+    ) -> Result<(), Disconnect> {
+        let outcome = match step {
+            Ok(Step::Waiting) => return Ok(()),
+            Ok(Step::Done(reply)) => Ok(reply),
+            Err(f) => Err(f),
         };
         let error = match &outcome {
             Err(Fail::Error(e)) => Some(e.code),
@@ -350,6 +706,53 @@ impl Session {
             Err(Fail::Disconnect(d)) => return Err(d),
         }
         Ok(())
+    }
+
+    /// Takes what a command's work returned.
+    fn apply(&mut self, id: u32, a: Applied, now: Now) -> Result<Step, Fail> {
+        match a {
+            Applied::Reply(reply) => Ok(Step::Done(reply)),
+            Applied::Authorized(auth) => self.authorized(id, *auth, now),
+            Applied::Connected { data, prepared } => {
+                Ok(self.connected_reply(id, data, prepared, now))
+            }
+            Applied::Subscribed(prepared) => {
+                let (mode, codec) = (self.conn.mode, self.conn.codec);
+                self.finish_subscription(prepared, |result| {
+                    (mode == Mode::Bidirectional).then(|| {
+                        encode_reply(
+                            codec,
+                            &Reply {
+                                id,
+                                subscribe: Some(result),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                });
+                Ok(Step::Done(None))
+            }
+            Applied::Refreshed(expire_at) => {
+                self.expire_at = expire_at;
+                let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
+                Ok(Step::Done(Some(Reply {
+                    id,
+                    refresh: Some(RefreshResult { expires, ttl }),
+                    ..Default::default()
+                })))
+            }
+            Applied::SubRefreshed { channel, expire_at } => {
+                if let Some(sub) = self.subs.get_mut(&channel) {
+                    sub.expire_at = expire_at;
+                }
+                let (expires, ttl) = Self::ttl_fields(expire_at, now);
+                Ok(Step::Done(Some(Reply {
+                    id,
+                    sub_refresh: Some(RefreshResult { expires, ttl }),
+                    ..Default::default()
+                })))
+            }
+        }
     }
 
     /// `expires` and `ttl` of a result for an expiry at `expire_at` (Unix seconds).
@@ -373,111 +776,125 @@ impl Session {
         now.clamp_expiry(at)
     }
 
-    async fn cmd_connect(
-        &mut self,
-        id: u32,
-        req: ConnectRequest,
-        now: Now,
-    ) -> Result<Option<Reply>, Fail> {
+    /// Connect, first half: who the client is (token, connect proxy or anonymous), checked
+    /// by the work it asks for.
+    fn cmd_connect(&mut self, id: u32, req: ConnectRequest, now: Now) -> Result<Step, Fail> {
         if self.node.is_draining() {
             return Err(Disconnect::SHUTDOWN.into());
         }
-        let mut server_channels: Vec<String> = Vec::new();
-        let mut connect_data = None;
-        let mut server_subs: BTreeMap<String, proxy::SubOptions> = BTreeMap::new();
-        let connect_proxy = &self.node.client.proxy.connect;
-        if req.token.is_empty() && connect_proxy.enabled {
+        let node = self.node.clone();
+        let conn = self.conn.clone();
+        let kind = CommandKind::Connect;
+        let req_subs = req.subs;
+        let anonymous = Auth {
+            user: String::new(),
+            conn_info: None,
+            data: None,
+            meta: None,
+            expire_at: None,
+            proxy_expiry: false,
+            channels: Vec::new(),
+            server_subs: BTreeMap::new(),
+            req_subs,
+        };
+        if req.token.is_empty() && node.client.proxy.connect.enabled {
             // Headers a browser WebSocket cannot set come in the command (SDK emulation).
             self.headers
                 .extend(req.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-            let node = self.node.clone();
-            let body = proxy::ConnectRequest {
+            let call = self.proxy_call(&proxy::ConnectRequest {
                 client: self.client_fields(),
                 name: &req.name,
                 version: &req.version,
                 data: req.data.as_ref(),
-            };
-            let r: proxy::ConnectResult = node
-                .proxy(ProxyKind::Connect, connect_proxy, &self.headers, &body)
-                .await?;
-            if r.user.is_empty() && !self.node.client.allow_anonymous {
-                return Err(ErrorCode::UNAUTHORIZED.into());
-            }
-            self.user = r.user;
-            self.conn_info = proxy::raw_or_b64(r.info, r.b64info.as_deref())?;
-            connect_data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
-            self.meta = r.meta;
-            if r.expire_at > 0 {
-                if r.expire_at <= now.unix {
-                    return Err(Disconnect::EXPIRED.into());
-                }
-                self.expire_at = now.clamp_expiry(Some(r.expire_at));
-                self.proxy_expiry = self.node.client.proxy.refresh.enabled;
-            }
-            server_channels.extend(r.channels);
-            server_channels.extend(r.subs.keys().cloned());
-            server_subs = r.subs;
-        } else if req.token.is_empty() {
-            if !self.node.client.allow_anonymous {
-                return Err(ErrorCode::UNAUTHORIZED.into());
-            }
-        } else {
-            let claims = self
-                .node
-                .tokens
-                .check_connect(&req.token)
-                .await
-                .map_err(|e| failure::token(e, TokenUse::Connect))?;
-            if claims.sub.is_empty() && !self.node.client.allow_anonymous {
-                return Err(Disconnect::INVALID_TOKEN.into());
-            }
-            self.conn_info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
-                .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
-            self.user = claims.sub;
-            self.expire_at = Self::token_expiry(claims.expire_at, claims.exp, now);
-            if let Some(at) = self.expire_at
-                && at <= now.unix
-            {
-                return Err(ErrorCode::TOKEN_EXPIRED.into());
-            }
-            server_channels.extend(claims.channels);
-            server_channels.extend(claims.subs.into_keys());
-        }
-        let limit = self.node.client.user_connection_limit;
-        if limit > 0 && !self.user.is_empty() && self.node.hub.user_conns(&self.user).len() >= limit
-        {
-            return Err(Disconnect::CONNECTION_LIMIT.into());
-        }
-        let personal = &self.node.client.subscribe_to_user_personal_channel;
-        if let Some(ch) = personal.channel(&self.user) {
-            server_channels.push(ch);
-            if personal.single_connection {
-                // The user's other connections, on every node, give way to this one.
-                self.node
-                    .control(crate::engine::ControlCommand::Disconnect {
-                        user: self.user.clone(),
-                        client: String::new(),
-                        session: String::new(),
-                        whitelist: vec![self.conn.id.to_string()],
-                        code: Disconnect::CONNECTION_LIMIT.code,
-                        reason: Disconnect::CONNECTION_LIMIT.reason.to_string(),
-                    })
+            })?;
+            self.wait_for(id, kind, async move {
+                let r: proxy::ConnectResult = call
+                    .send(&node, ProxyKind::Connect, &node.client.proxy.connect)
                     .await?;
+                if r.user.is_empty() && !node.client.allow_anonymous {
+                    return Err(ErrorCode::UNAUTHORIZED.into());
+                }
+                let mut a = Auth {
+                    conn_info: proxy::raw_or_b64(r.info, r.b64info.as_deref())?,
+                    data: proxy::raw_or_b64(r.data, r.b64data.as_deref())?,
+                    user: r.user,
+                    meta: r.meta,
+                    ..anonymous
+                };
+                if r.expire_at > 0 {
+                    if r.expire_at <= now.unix {
+                        return Err(Disconnect::EXPIRED.into());
+                    }
+                    a.expire_at = now.clamp_expiry(Some(r.expire_at));
+                    a.proxy_expiry = node.client.proxy.refresh.enabled;
+                }
+                a.channels.extend(r.channels);
+                a.channels.extend(r.subs.keys().cloned());
+                a.server_subs = r.subs;
+                work::admit(&node, &conn, a).await
+            })
+        } else if req.token.is_empty() {
+            if !node.client.allow_anonymous {
+                return Err(ErrorCode::UNAUTHORIZED.into());
             }
+            self.wait_for(id, kind, async move {
+                work::admit(&node, &conn, anonymous).await
+            })
+        } else {
+            let token = req.token;
+            self.wait_for(id, kind, async move {
+                let claims = node
+                    .tokens
+                    .check_connect(&token)
+                    .await
+                    .map_err(|e| failure::token(e, TokenUse::Connect))?;
+                if claims.sub.is_empty() && !node.client.allow_anonymous {
+                    return Err(Disconnect::INVALID_TOKEN.into());
+                }
+                let conn_info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
+                    .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
+                let expire_at = Self::token_expiry(claims.expire_at, claims.exp, now);
+                if let Some(at) = expire_at
+                    && at <= now.unix
+                {
+                    return Err(ErrorCode::TOKEN_EXPIRED.into());
+                }
+                let mut channels = claims.channels;
+                channels.extend(claims.subs.into_keys());
+                let a = Auth {
+                    user: claims.sub,
+                    conn_info,
+                    expire_at,
+                    channels,
+                    ..anonymous
+                };
+                work::admit(&node, &conn, a).await
+            })
         }
+    }
+
+    /// Connect, second half: the client is in; its server-side subscriptions (from the
+    /// token, recovering from the positions the client sends back in `subs` on reconnect)
+    /// are joined and positioned before the reply.
+    fn authorized(&mut self, id: u32, a: Auth, now: Now) -> Result<Step, Fail> {
+        self.user = a.user;
+        self.conn_info = a.conn_info;
+        self.meta = a.meta;
+        self.expire_at = a.expire_at;
+        self.proxy_expiry = a.proxy_expiry;
         self.conn.set_user(&self.user);
         self.connected = true;
         self.node.hub.add_conn(&self.conn);
         self.node.metrics.connected();
         tracing::debug!(client = %self.conn.id, user = %self.user, "client connected");
 
-        // Server-side subscriptions: from the token, recovering from the positions the
-        // client sends back in `subs` on reconnect.
-        server_channels.sort();
-        server_channels.dedup();
-        let mut req_subs = req.subs;
-        let mut prepared = Vec::new();
-        for ch in server_channels {
+        let mut channels = a.channels;
+        channels.sort();
+        channels.dedup();
+        let (mut req_subs, mut server_subs) = (a.req_subs, a.server_subs);
+        let who = self.who();
+        let mut joining = Vec::new();
+        for ch in channels {
             if self.node.namespace(&ch).is_none() || self.subs.contains_key(&ch) {
                 continue;
             }
@@ -492,14 +909,36 @@ impl Session {
                 data: given.data.map(herald_protocol::json::single_line),
                 ..Default::default()
             };
-            match self.prepare_subscription(&ch, params, now).await {
-                Ok(p) => prepared.push(p),
-                Err(Fail::Disconnect(d)) => return Err(Fail::Disconnect(d)),
-                Err(Fail::Error(e)) => {
-                    tracing::warn!(channel = %ch, error = %e, "server-side subscription failed");
+            joining.push(work::join(&who, &ch, params)?);
+        }
+        let data = a.data;
+        if joining.is_empty() {
+            return Ok(self.connected_reply(id, data, Vec::new(), now));
+        }
+        self.wait_for(id, CommandKind::Connect, async move {
+            let mut prepared = Vec::new();
+            for j in joining {
+                let ch = j.channel.clone();
+                match work::position(&who, j, now).await {
+                    Ok(p) => prepared.push(p),
+                    Err(Fail::Disconnect(d)) => return Err(Fail::Disconnect(d)),
+                    Err(Fail::Error(e)) => {
+                        tracing::warn!(channel = %ch, error = %e, "server-side subscription failed");
+                    }
                 }
             }
-        }
+            Ok(Applied::Connected { data, prepared })
+        })
+    }
+
+    /// The connect reply, followed by what the server-side subscriptions received meanwhile.
+    fn connected_reply(
+        &mut self,
+        id: u32,
+        data: Option<Raw>,
+        prepared: Vec<Prepared>,
+        now: Now,
+    ) -> Step {
         let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
         let mut result = ConnectResult {
             client: self.conn.id.to_string(),
@@ -507,7 +946,7 @@ impl Session {
             // The refresh proxy renews a proxied connection: the client is not asked to.
             expires: expires && !self.proxy_expiry,
             ttl: if self.proxy_expiry { 0 } else { ttl },
-            data: connect_data,
+            data,
             subs: BTreeMap::new(),
             ping: self.node.client.ping_interval.as_secs() as u32,
             pong: self.expects_pong(),
@@ -551,7 +990,7 @@ impl Session {
         for p in settled {
             self.subs.insert(p.channel, p.sub);
         }
-        Ok(None)
+        Step::Done(None)
     }
 
     fn permitted(
@@ -567,46 +1006,24 @@ impl Session {
         for_client || (for_subscriber && self.subs.contains_key(ch))
     }
 
-    /// Checks a subscription token; returns (chan_info, expire_at).
-    async fn check_sub_token(
-        &self,
-        ch: &str,
-        token: &str,
-        usage: TokenUse,
-        now: Now,
-    ) -> Result<(Option<Raw>, Option<u64>), Fail> {
-        let claims = self
-            .node
-            .tokens
-            .check_subscribe(token)
-            .await
-            .map_err(|e| failure::token(e, usage))?;
-        if claims.sub != self.user || claims.channel != ch {
-            return Err(failure::token_mismatch());
-        }
-        let info = auth::info_from_claims(claims.info, claims.b64info.as_deref())
-            .map_err(|_| Fail::from(Disconnect::INVALID_TOKEN))?;
-        Ok((info, Self::token_expiry(claims.expire_at, claims.exp, now)))
-    }
-
-    async fn cmd_subscribe(
+    fn cmd_subscribe(
         &mut self,
         id: u32,
         req: herald_protocol::client::SubscribeRequest,
         now: Now,
-    ) -> Result<Option<Reply>, Fail> {
-        let ch = req.channel.as_str();
+    ) -> Result<Step, Fail> {
+        let ch = req.channel;
         if ch.is_empty() || ch.len() > self.node.client.channel_max_length {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
-        if self.subs.contains_key(ch) {
+        if self.subs.contains_key(&ch) {
             return Err(ErrorCode::ALREADY_SUBSCRIBED.into());
         }
         if self.subs.len() >= self.node.client.max_channels {
             return Err(ErrorCode::LIMIT_EXCEEDED.into());
         }
         let node = self.node.clone();
-        let ns = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
+        let ns = node.namespace(&ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
         // An unknown delta type is a client bug; a known one the namespace does not allow
         // is simply not negotiated (the reply says `delta: false`).
         let delta = match req.delta.as_str() {
@@ -616,45 +1033,33 @@ impl Session {
             }
             _ => return Err(ErrorCode::BAD_REQUEST.into()),
         };
-        let mut chan_info = None;
-        let mut expire_at = None;
-        let mut sub_data = None;
-        let mut ns_override = None;
-        let mut proxy_expiry = false;
         let subscribe_proxy = &node.channel_proxy.subscribe;
-        if req.token.is_empty() && ns.subscribe_proxy_enabled && subscribe_proxy.enabled {
+        let how = if req.token.is_empty() && ns.subscribe_proxy_enabled && subscribe_proxy.enabled {
             // The backend decides instead of the namespace's permissions.
-            let body = proxy::SubscribeRequest {
+            let call = self.proxy_call(&proxy::SubscribeRequest {
                 client: self.client_fields(),
                 user: &self.user,
-                channel: ch,
+                channel: &ch,
                 token: "",
                 data: req.data.as_ref(),
                 meta: self.meta.as_ref(),
-            };
-            let r: proxy::SubscribeResult = node
-                .proxy(ProxyKind::Subscribe, subscribe_proxy, &self.headers, &body)
-                .await?;
-            chan_info = proxy::raw_or_b64(r.info, r.b64info.as_deref())?;
-            sub_data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
-            if r.expire_at > 0 {
-                expire_at = now.clamp_expiry(Some(r.expire_at));
-                proxy_expiry =
-                    ns.sub_refresh_proxy_enabled && node.channel_proxy.sub_refresh.enabled;
+            })?;
+            SubAuth::Proxy {
+                call,
+                proxy_expiry: ns.sub_refresh_proxy_enabled
+                    && node.channel_proxy.sub_refresh.enabled,
             }
-            ns_override = r.r#override;
-        } else if channel::is_private(ch) || ns.require_subscription_token || !req.token.is_empty()
+        } else if channel::is_private(&ch) || ns.require_subscription_token || !req.token.is_empty()
         {
             if req.token.is_empty() {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
-            (chan_info, expire_at) = self
-                .check_sub_token(ch, &req.token, TokenUse::Subscribe, now)
-                .await?;
-        } else if let Some(allowed) = channel::user_allowed(ch, &self.user) {
+            SubAuth::Token(req.token)
+        } else if let Some(allowed) = channel::user_allowed(&ch, &self.user) {
             if !allowed {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
+            SubAuth::Allowed
         } else {
             let ok = if self.user.is_empty() {
                 ns.allow_subscribe_for_anonymous
@@ -664,7 +1069,8 @@ impl Session {
             if !ok {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
-        }
+            SubAuth::Allowed
+        };
         let params = SubParams {
             recover: req.recover,
             reject_unrecovered: req.flag
@@ -675,169 +1081,17 @@ impl Session {
             recoverable: req.recoverable,
             positioned: req.positioned,
             join_leave: req.join_leave,
-            chan_info,
-            data: sub_data,
-            expire_at,
             delta,
-            ns_override,
-            proxy_expiry,
-        };
-        let prepared = self.prepare_subscription(ch, params, now).await?;
-        let (mode, codec) = (self.conn.mode, self.conn.codec);
-        self.finish_subscription(prepared, |result| {
-            (mode == Mode::Bidirectional).then(|| {
-                encode_reply(
-                    codec,
-                    &Reply {
-                        id,
-                        subscribe: Some(result),
-                        ..Default::default()
-                    },
-                )
-            })
-        });
-        Ok(None)
-    }
-
-    /// Joins the hub first (buffering), then reads the stream position and, when recovering,
-    /// the missed publications. The reply is queued by `finish_subscription`.
-    async fn prepare_subscription(
-        &mut self,
-        ch: &str,
-        p: SubParams,
-        now: Now,
-    ) -> Result<Prepared, Fail> {
-        let node = self.node.clone();
-        let base: &NamespaceOptions = node.namespace(ch).ok_or(ErrorCode::UNKNOWN_CHANNEL)?;
-        let overridden;
-        let ns = match p.ns_override {
-            Some(o) => {
-                overridden = apply_override(base.clone(), o);
-                &overridden
-            }
-            None => base,
-        };
-        let push_join_leave = ns.join_leave && (p.join_leave || ns.force_push_join_leave);
-        self.conn.start_buffering(ch);
-        let first = node
-            .hub
-            .add_subscriber_with(ch, &self.conn, push_join_leave, p.delta);
-        match self.position_subscription(ch, ns, first, &p, now).await {
-            Ok((result, history, recovering, after)) => Ok(Prepared {
-                channel: ch.to_string(),
-                result: SubscribeResult {
-                    data: p.data,
-                    delta: p.delta,
-                    ..result
-                },
-                history,
-                recovering,
-                after,
-                sub: Sub {
-                    presence: ns.presence,
-                    join_leave: ns.join_leave,
-                    chan_info: p.chan_info,
-                    expire_at: p.expire_at,
-                    proxy_expiry: p.proxy_expiry,
-                },
-            }),
-            Err(e) => {
-                self.conn.cancel_buffering(ch);
-                if node.hub.remove_subscriber(ch, &self.conn.id) {
-                    let _ = node.engine.unsubscribe(ch).await;
-                }
-                if ns.presence {
-                    let _ = node.engine.remove_presence(ch, &self.conn.id).await;
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn position_subscription(
-        &self,
-        ch: &str,
-        ns: &NamespaceOptions,
-        first: bool,
-        p: &SubParams,
-        now: Now,
-    ) -> Result<
-        (
-            SubscribeResult,
-            Vec<herald_protocol::client::Publication>,
-            bool,
-            u64,
-        ),
-        Fail,
-    > {
-        let engine = &self.node.engine;
-        if first {
-            engine.subscribe(ch).await.map_err(ProtocolError::from)?;
-        }
-        let info = self.client_info(p.chan_info.clone());
-        if ns.presence {
-            engine
-                .add_presence(ch, &self.conn.id, info.clone())
-                .await
-                .map_err(ProtocolError::from)?;
-        }
-        if ns.join_leave {
-            engine
-                .publish_join_leave(ch, info, true)
-                .await
-                .map_err(ProtocolError::from)?;
-        }
-        let history = ns.history_enabled();
-        let recoverable = history && (ns.force_recovery || p.recoverable);
-        let positioned = history && (ns.force_positioning || p.positioned || recoverable);
-        let (expires, ttl) = Self::ttl_fields(p.expire_at, now);
-        let mut result = SubscribeResult {
-            expires,
-            ttl,
-            recoverable,
-            positioned,
             ..Default::default()
         };
-        if !positioned {
-            return Ok((result, Vec::new(), false, 0));
-        }
-        let recovering = recoverable && p.recover;
-        let mut q = Node::history_query(ns);
-        if recovering {
-            q.since = Some(StreamPosition {
-                offset: p.offset,
-                epoch: p.epoch.clone(),
-            });
-            // A client further behind than a recovery may return costs the engine no reads
-            // (NATS reads one message per request): it gets the position only.
-            q.whole_within = Some(self.node.client.recovery_max_publication_limit);
-        } else {
-            q.limit = Some(0);
-        }
-        let h = engine.history(ch, q).await.map_err(ProtocolError::from)?;
-        result.epoch = h.position.epoch.clone();
-        result.offset = h.position.offset;
-        if !recovering {
-            return Ok((result, Vec::new(), false, h.position.offset));
-        }
-        result.was_recovering = true;
-        let top = h.position.offset;
-        let epoch_ok = p.epoch.is_empty() || p.epoch == h.position.epoch;
-        let complete = epoch_ok
-            && p.offset <= top
-            && match h.publications.first() {
-                Some(first) => first.offset == p.offset + 1,
-                None => p.offset == top,
-            }
-            && h.publications.len() <= self.node.client.recovery_max_publication_limit;
-        if complete {
-            Ok((result, h.publications, true, p.offset))
-        } else if p.reject_unrecovered {
-            Err(ErrorCode::UNRECOVERABLE_POSITION.into())
-        } else {
-            // Not recoverable: the client is told so, and goes live from the current top.
-            Ok((result, Vec::new(), false, top))
-        }
+        let who = self.who();
+        self.wait_for(id, CommandKind::Subscribe, async move {
+            let params = work::authorize_subscription(&who, &ch, how, params, now).await?;
+            let joining = work::join(&who, &ch, params)?;
+            Ok(Applied::Subscribed(
+                work::position(&who, joining, now).await?,
+            ))
+        })
     }
 
     fn finish_subscription(
@@ -858,149 +1112,160 @@ impl Session {
         self.subs.insert(ch, p.sub);
     }
 
-    /// Leaves a channel; with `push`, tells the client (server-side unsubscribe).
-    pub async fn unsubscribe(&mut self, ch: &str, push: Option<(u32, String)>) {
-        let Some(sub) = self.subs.remove(ch) else {
-            return;
-        };
+    /// Leaves a channel in the hub at once; returns the engine's side of leaving, or None
+    /// when not subscribed.
+    fn leave(&mut self, ch: &str) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let sub = self.subs.remove(ch)?;
         self.conn.end_delta(ch);
-        self.leave(ch, sub).await;
-        if let Some((code, reason)) = push {
-            self.push(Push {
-                channel: ch.to_string(),
-                unsubscribe: Some(UnsubscribePush { code, reason }),
-                ..Default::default()
+        let last = self.node.hub.remove_subscriber(ch, &self.conn.id);
+        let who = self.who();
+        let ch = ch.to_string();
+        Some(async move { work::leave(&who, &ch, sub, last).await })
+    }
+
+    /// A server-side unsubscribe (the server API, an expiry); `push` tells the client.
+    fn unsubscribe(&mut self, ch: &str, push: Option<(u32, String)>) {
+        if let Some(leaving) = self.leave(ch) {
+            let channel = ch.to_string();
+            self.begin(async move {
+                leaving.await;
+                Done::Left { channel, push }
             });
         }
     }
 
-    async fn leave(&self, ch: &str, sub: Sub) {
-        let engine = &self.node.engine;
-        if self.node.hub.remove_subscriber(ch, &self.conn.id)
-            && let Err(e) = engine.unsubscribe(ch).await
-        {
-            tracing::warn!(channel = %ch, error = %e, "engine unsubscribe failed");
-        }
-        if sub.presence {
-            let _ = engine.remove_presence(ch, &self.conn.id).await;
-        }
-        if sub.join_leave {
-            let _ = engine
-                .publish_join_leave(ch, self.client_info(sub.chan_info), false)
-                .await;
+    fn cmd_unsubscribe(&mut self, id: u32, ch: &str) -> Result<Step, Fail> {
+        let reply = Reply {
+            id,
+            unsubscribe: Some(Default::default()),
+            ..Default::default()
+        };
+        match self.leave(ch) {
+            Some(leaving) => self.wait_for(id, CommandKind::Unsubscribe, async move {
+                leaving.await;
+                Ok(Applied::Reply(Some(reply)))
+            }),
+            None => Ok(Step::Done(Some(reply))),
         }
     }
 
-    async fn cmd_publish(
+    fn cmd_publish(
         &mut self,
         id: u32,
         req: herald_protocol::client::PublishRequest,
-    ) -> Result<Option<Reply>, Fail> {
-        let ch = req.channel.as_str();
+    ) -> Result<Step, Fail> {
+        let ch = req.channel;
         let node = self.node.clone();
-        let ns = node.channel_options(ch)?;
-        let publish_proxy = &node.channel_proxy.publish;
-        let mut data = crate::node::PublishData {
+        let ns = node.channel_options(&ch)?;
+        let data = crate::node::PublishData {
             data: req.data.ok_or(ErrorCode::BAD_REQUEST)?,
             binary: req.binary,
         };
-        let mut skip_history = false;
-        if ns.publish_proxy_enabled && publish_proxy.enabled {
+        let info = self.client_info(self.subs.get(&ch).and_then(|s| s.chan_info.clone()));
+        let reply = Reply {
+            id,
+            publish: Some(Default::default()),
+            ..Default::default()
+        };
+        if ns.publish_proxy_enabled && node.channel_proxy.publish.enabled {
             // The backend decides instead of the namespace's permissions, and may rewrite.
             let b64data = data.binary.then(|| {
                 use base64::Engine as _;
                 let bytes = herald_protocol::json::base64_bytes(&data.data).unwrap_or_default();
                 base64::engine::general_purpose::STANDARD.encode(bytes)
             });
-            let body = proxy::PublishRequest {
+            let call = self.proxy_call(&proxy::PublishRequest {
                 client: self.client_fields(),
                 user: &self.user,
-                channel: ch,
+                channel: &ch,
                 data: (!data.binary).then_some(&data.data),
                 b64data,
                 meta: self.meta.as_ref(),
-            };
-            let r: proxy::PublishResult = node
-                .proxy(ProxyKind::Publish, publish_proxy, &self.headers, &body)
-                .await?;
-            if let Some(raw) = r.data {
-                data = raw.into();
-            } else if let Some(b64) = r.b64data.as_deref() {
-                use base64::Engine as _;
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|_| Fail::from(ErrorCode::INTERNAL))?;
-                data = crate::node::PublishData::from_bytes(&bytes);
-            }
-            skip_history = r.skip_history;
-        } else if !self.permitted(
+            })?;
+            return self.wait_for(id, CommandKind::Publish, async move {
+                let r: proxy::PublishResult = call
+                    .send(&node, ProxyKind::Publish, &node.channel_proxy.publish)
+                    .await?;
+                let mut data = data;
+                if let Some(raw) = r.data {
+                    data = raw.into();
+                } else if let Some(b64) = r.b64data.as_deref() {
+                    use base64::Engine as _;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|_| Fail::from(ErrorCode::INTERNAL))?;
+                    data = crate::node::PublishData::from_bytes(&bytes);
+                }
+                node.publish(&ch, data, Some(info), BTreeMap::new(), r.skip_history, None)
+                    .await?;
+                Ok(Applied::Reply(Some(reply)))
+            });
+        }
+        if !self.permitted(
             ns.allow_publish_for_client,
             ns.allow_publish_for_subscriber,
             ns.allow_publish_for_anonymous,
-            ch,
+            &ch,
         ) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let info = self.client_info(self.subs.get(ch).and_then(|s| s.chan_info.clone()));
-        node.publish(ch, data, Some(info), BTreeMap::new(), skip_history, None)
-            .await?;
-        Ok(Some(Reply {
-            id,
-            publish: Some(Default::default()),
-            ..Default::default()
-        }))
+        self.wait_for(id, CommandKind::Publish, async move {
+            node.publish(&ch, data, Some(info), BTreeMap::new(), false, None)
+                .await?;
+            Ok(Applied::Reply(Some(reply)))
+        })
     }
 
     /// Without an RPC proxy: "not available" (108), as Centrifugo answers.
-    async fn cmd_rpc(
-        &mut self,
-        id: u32,
-        req: herald_protocol::client::RpcRequest,
-    ) -> Result<Option<Reply>, Fail> {
+    fn cmd_rpc(&mut self, id: u32, req: herald_protocol::client::RpcRequest) -> Result<Step, Fail> {
         let node = self.node.clone();
         let options = node
             .rpc_proxy
             .route(&req.method)
             .ok_or(ErrorCode::NOT_AVAILABLE)?;
-        let body = proxy::RpcRequest {
+        let call = self.proxy_call(&proxy::RpcRequest {
             client: self.client_fields(),
             user: &self.user,
             method: &req.method,
             data: req.data.as_ref(),
             meta: self.meta.as_ref(),
-        };
-        let r: proxy::RpcResult = node
-            .proxy(ProxyKind::Rpc, &options, &self.headers, &body)
-            .await?;
-        let data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
-        Ok(Some(Reply {
-            id,
-            rpc: Some(herald_protocol::client::RpcResult { data }),
-            ..Default::default()
-        }))
+        })?;
+        self.wait_for(id, CommandKind::Rpc, async move {
+            let r: proxy::RpcResult = call.send(&node, ProxyKind::Rpc, &options).await?;
+            let data = proxy::raw_or_b64(r.data, r.b64data.as_deref())?;
+            Ok(Applied::Reply(Some(Reply {
+                id,
+                rpc: Some(herald_protocol::client::RpcResult { data }),
+                ..Default::default()
+            })))
+        })
     }
 
-    async fn cmd_presence(&mut self, id: u32, ch: &str) -> Result<Option<Reply>, Fail> {
-        self.check_presence(ch)?;
-        let presence = self.node.presence(ch).await?;
-        Ok(Some(Reply {
-            id,
-            presence: Some(herald_protocol::client::PresenceResult { presence }),
-            ..Default::default()
-        }))
-    }
-
-    async fn cmd_presence_stats(&mut self, id: u32, ch: &str) -> Result<Option<Reply>, Fail> {
-        self.check_presence(ch)?;
-        let (num_clients, num_users) = self.node.presence_stats(ch).await?;
-        Ok(Some(Reply {
-            id,
-            presence_stats: Some(herald_protocol::client::PresenceStatsResult {
-                num_clients,
-                num_users,
-            }),
-            ..Default::default()
-        }))
+    /// Presence, or its counts (`kind` says which).
+    fn cmd_presence(&mut self, id: u32, kind: CommandKind, ch: String) -> Result<Step, Fail> {
+        self.check_presence(&ch)?;
+        let node = self.node.clone();
+        self.wait_for(id, kind, async move {
+            let reply = if kind == CommandKind::PresenceStats {
+                let (num_clients, num_users) = node.presence_stats(&ch).await?;
+                Reply {
+                    id,
+                    presence_stats: Some(herald_protocol::client::PresenceStatsResult {
+                        num_clients,
+                        num_users,
+                    }),
+                    ..Default::default()
+                }
+            } else {
+                let presence = node.presence(&ch).await?;
+                Reply {
+                    id,
+                    presence: Some(herald_protocol::client::PresenceResult { presence }),
+                    ..Default::default()
+                }
+            };
+            Ok(Applied::Reply(Some(reply)))
+        })
     }
 
     fn check_presence(&self, ch: &str) -> Result<(), Fail> {
@@ -1019,13 +1284,13 @@ impl Session {
         Ok(())
     }
 
-    async fn cmd_history(
+    fn cmd_history(
         &mut self,
         id: u32,
         req: herald_protocol::client::HistoryRequest,
-    ) -> Result<Option<Reply>, Fail> {
-        let ch = req.channel.as_str();
-        let ns = self.node.channel_options(ch)?;
+    ) -> Result<Step, Fail> {
+        let ch = req.channel;
+        let ns = self.node.channel_options(&ch)?;
         if !ns.history_enabled() {
             return Err(ErrorCode::NOT_AVAILABLE.into());
         }
@@ -1033,7 +1298,7 @@ impl Session {
             ns.allow_history_for_client,
             ns.allow_history_for_subscriber,
             ns.allow_history_for_anonymous,
-            ch,
+            &ch,
         ) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
@@ -1041,115 +1306,90 @@ impl Session {
             offset: s.offset,
             epoch: s.epoch,
         });
-        let h = self.node.history(ch, req.limit, since, req.reverse).await?;
-        Ok(Some(Reply {
-            id,
-            history: Some(HistoryResult {
-                publications: h.publications,
-                epoch: h.position.epoch,
-                offset: h.position.offset,
-            }),
-            ..Default::default()
-        }))
+        let (limit, reverse) = (req.limit, req.reverse);
+        let node = self.node.clone();
+        self.wait_for(id, CommandKind::History, async move {
+            let h = node.history(&ch, limit, since, reverse).await?;
+            Ok(Applied::Reply(Some(Reply {
+                id,
+                history: Some(HistoryResult {
+                    publications: h.publications,
+                    epoch: h.position.epoch,
+                    offset: h.position.offset,
+                }),
+                ..Default::default()
+            })))
+        })
     }
 
-    async fn cmd_refresh(&mut self, id: u32, token: &str, now: Now) -> Result<Option<Reply>, Fail> {
-        let claims = self
-            .node
-            .tokens
-            .check_connect(token)
-            .await
-            .map_err(|e| failure::token(e, TokenUse::Refresh))?;
-        if claims.sub != self.user {
-            return Err(failure::token_mismatch());
-        }
-        self.expire_at = Self::token_expiry(claims.expire_at, claims.exp, now);
-        let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
-        Ok(Some(Reply {
-            id,
-            refresh: Some(RefreshResult { expires, ttl }),
-            ..Default::default()
-        }))
+    fn cmd_refresh(&mut self, id: u32, token: String, now: Now) -> Result<Step, Fail> {
+        let node = self.node.clone();
+        let user = self.user.clone();
+        self.wait_for(id, CommandKind::Refresh, async move {
+            let claims = node
+                .tokens
+                .check_connect(&token)
+                .await
+                .map_err(|e| failure::token(e, TokenUse::Refresh))?;
+            if claims.sub != user {
+                return Err(failure::token_mismatch());
+            }
+            Ok(Applied::Refreshed(Self::token_expiry(
+                claims.expire_at,
+                claims.exp,
+                now,
+            )))
+        })
     }
 
-    async fn cmd_sub_refresh(
+    fn cmd_sub_refresh(
         &mut self,
         id: u32,
-        ch: &str,
-        token: &str,
+        channel: String,
+        token: String,
         now: Now,
-    ) -> Result<Option<Reply>, Fail> {
-        if !self.subs.contains_key(ch) {
+    ) -> Result<Step, Fail> {
+        if !self.subs.contains_key(&channel) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (_, expire_at) = self
-            .check_sub_token(ch, token, TokenUse::SubRefresh, now)
-            .await?;
-        if let Some(sub) = self.subs.get_mut(ch) {
-            sub.expire_at = expire_at;
-        }
-        let (expires, ttl) = Self::ttl_fields(expire_at, now);
-        Ok(Some(Reply {
-            id,
-            sub_refresh: Some(RefreshResult { expires, ttl }),
-            ..Default::default()
-        }))
+        let who = self.who();
+        self.wait_for(id, CommandKind::SubRefresh, async move {
+            let (_, expire_at) =
+                work::check_sub_token(&who, &channel, &token, TokenUse::SubRefresh, now).await?;
+            Ok(Applied::SubRefreshed { channel, expire_at })
+        })
     }
 
-    /// Carries out what the server API asked of this connection.
-    pub async fn handle_control(&mut self, c: Control, now: Now) -> Result<(), Disconnect> {
-        if let Control::Commands(data) = c {
-            return self.handle_frame(&data, now).await;
-        }
-        if !self.connected {
-            return Ok(());
-        }
+    /// Carries out what the server API asked of this connection. Subscribes and
+    /// unsubscribes take their turn after the client's commands already queued.
+    pub fn handle_control(&mut self, c: Control, now: Now) -> Result<(), Disconnect> {
         match c {
-            Control::Commands(_) => {}
+            Control::Commands(data) => return self.handle_frame(&data, now),
             Control::Unsubscribe {
                 channel,
                 code,
                 reason,
-            } => {
-                self.unsubscribe(&channel, Some((code, reason))).await;
-            }
+            } => self.inbox.push(Work::Unsubscribe {
+                channel,
+                code,
+                reason,
+            }),
             Control::Subscribe {
                 channel,
                 info,
                 data,
-            } => {
-                if self.subs.contains_key(&channel) || self.node.namespace(&channel).is_none() {
-                    return Ok(());
-                }
-                let params = SubParams {
-                    chan_info: info.map(herald_protocol::json::single_line),
-                    data: data.map(herald_protocol::json::single_line),
-                    ..Default::default()
-                };
-                match self.prepare_subscription(&channel, params, now).await {
-                    Ok(p) => {
-                        let ch = channel.clone();
-                        let conn = self.conn.clone();
-                        self.finish_subscription(p, move |result| {
-                            let push = Push {
-                                channel: ch,
-                                subscribe: Some(result),
-                                ..Default::default()
-                            };
-                            Some(encode_push(&conn, push))
-                        });
-                    }
-                    Err(Fail::Disconnect(d)) => return Err(d),
-                    Err(Fail::Error(e)) => {
-                        tracing::warn!(channel = %channel, error = %e, "server subscribe failed");
-                    }
-                }
-            }
+            } => self.inbox.push(Work::Subscribe {
+                channel,
+                info,
+                data,
+            }),
+            Control::Refresh { .. } if !self.connected => {}
             Control::Refresh { expire_at, expired } => {
                 if expired {
                     return Err(Disconnect::EXPIRED.into());
                 }
                 self.expire_at = now.clamp_expiry(expire_at);
+                self.refreshing = false;
                 let (expires, ttl) = Self::ttl_fields(self.expire_at, now);
                 self.push(Push {
                     refresh: Some(RefreshResult { expires, ttl }),
@@ -1157,19 +1397,49 @@ impl Session {
                 });
             }
         }
-        Ok(())
+        self.advance(now)
+    }
+
+    fn start_server_subscribe(
+        &mut self,
+        channel: String,
+        info: Option<Raw>,
+        data: Option<Raw>,
+        now: Now,
+    ) {
+        if !self.connected
+            || self.subs.contains_key(&channel)
+            || self.node.namespace(&channel).is_none()
+        {
+            return;
+        }
+        let params = SubParams {
+            chan_info: info.map(herald_protocol::json::single_line),
+            data: data.map(herald_protocol::json::single_line),
+            ..Default::default()
+        };
+        let who = self.who();
+        match work::join(&who, &channel, params) {
+            Ok(joining) => self.begin(async move {
+                let outcome = work::position(&who, joining, now).await;
+                Done::ServerSubscribed { channel, outcome }
+            }),
+            Err(e) => tracing::warn!(channel = %channel, error = ?e, "server subscribe failed"),
+        }
     }
 
     /// Timer work: connect timeout, pings, missing pongs, expiry. Returns when to call again.
-    pub async fn tick(&mut self, now: Now) -> Result<Instant, Disconnect> {
+    /// Expiries that need the refresh proxy or an unsubscribe are queued as work.
+    pub fn tick(&mut self, now: Now) -> Result<Instant, Disconnect> {
         let node = self.node.clone();
         let opts = &node.client;
         if !self.connected {
+            // A connect being checked (a key fetch, the connect proxy) is not late: it came.
             let deadline = self.created + opts.connect_timeout;
-            if now.mono >= deadline {
+            if now.mono >= deadline && !self.busy() {
                 return Err(Disconnect::STALE.into());
             }
-            return Ok(deadline);
+            return Ok(self.next_wakeup(now));
         }
         if let Some(sent) = self.awaiting_pong
             && now.mono >= sent + opts.pong_timeout
@@ -1177,10 +1447,12 @@ impl Session {
             return Err(Disconnect::NO_PONG.into());
         }
         if self.proxy_expiry
+            && !self.refreshing
             && let Some(at) = self.expire_at
             && now.unix >= at
         {
-            self.refresh_by_proxy(now).await?;
+            self.refreshing = true;
+            self.inbox.push(Work::RefreshByProxy);
         }
         let grace = opts.expired_close_delay.as_secs();
         if !self.proxy_expiry
@@ -1189,19 +1461,11 @@ impl Session {
         {
             return Err(Disconnect::EXPIRED.into());
         }
-        let expired: Vec<(String, bool)> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.expire_at.is_some_and(|at| now.unix >= at))
-            .map(|(c, s)| (c.clone(), s.proxy_expiry))
-            .collect();
-        for (ch, proxied) in expired {
-            if proxied && self.sub_refresh_by_proxy(&ch, now).await? {
-                continue;
+        for (ch, s) in self.subs.iter_mut() {
+            if !s.expiring && s.expire_at.is_some_and(|at| now.unix >= at) {
+                s.expiring = true;
+                self.inbox.push(Work::SubExpired(ch.clone()));
             }
-            let (code, reason) = codes::unsubscribe::EXPIRED;
-            self.unsubscribe(&ch, Some((code, reason.to_string())))
-                .await;
         }
         if now.mono >= self.next_ping {
             // The ping is an empty message; clients answer with an empty command.
@@ -1214,23 +1478,45 @@ impl Session {
             }
             self.next_ping = now.mono + opts.ping_interval;
         }
+        self.advance(now)?;
         Ok(self.next_wakeup(now))
     }
 
-    /// Asks the refresh proxy to extend this connection. The backend may let it expire
-    /// (3005) or disconnect it; a backend that fails is asked again a little later.
-    async fn refresh_by_proxy(&mut self, now: Now) -> Result<(), Disconnect> {
-        let node = self.node.clone();
-        let body = proxy::RefreshRequest {
+    /// Asks the refresh proxy to extend this connection.
+    fn start_refresh_by_proxy(&mut self, now: Now) {
+        if !self.proxy_expiry || self.expire_at.is_none_or(|at| now.unix < at) {
+            // Extended meanwhile (a refresh control).
+            self.refreshing = false;
+            return;
+        }
+        let call = self.proxy_call(&proxy::RefreshRequest {
             client: self.client_fields(),
             user: &self.user,
             meta: self.meta.as_ref(),
+        });
+        let Ok(call) = call else {
+            self.proxy_refreshed(Err(proxy::Outcome::Error(ErrorCode::INTERNAL.error())), now)
+                .unwrap_or(());
+            return;
         };
-        let options = &node.client.proxy.refresh;
-        match node
-            .proxy::<proxy::RefreshResult, _>(ProxyKind::Refresh, options, &self.headers, &body)
-            .await
-        {
+        let node = self.node.clone();
+        self.begin(async move {
+            Done::ProxyRefreshed(
+                call.send(&node, ProxyKind::Refresh, &node.client.proxy.refresh)
+                    .await,
+            )
+        });
+    }
+
+    /// The refresh proxy's answer. The backend may let the connection expire (3005) or
+    /// disconnect it; a backend that fails is asked again a little later.
+    fn proxy_refreshed(
+        &mut self,
+        outcome: Result<proxy::RefreshResult, proxy::Outcome>,
+        now: Now,
+    ) -> Result<(), Disconnect> {
+        self.refreshing = false;
+        match outcome {
             Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= now.unix) => {
                 Err(Disconnect::EXPIRED.into())
             }
@@ -1250,45 +1536,88 @@ impl Session {
         }
     }
 
-    /// Asks the sub-refresh proxy to extend a subscription; false when it expired (the
-    /// caller unsubscribes it with 2501).
-    async fn sub_refresh_by_proxy(&mut self, ch: &str, now: Now) -> Result<bool, Disconnect> {
-        let node = self.node.clone();
-        let body = proxy::SubRefreshRequest {
+    /// An expired subscription: the sub-refresh proxy may extend it; otherwise it ends
+    /// with 2501.
+    fn start_sub_expiry(&mut self, ch: String, now: Now) {
+        let Some(sub) = self.subs.get_mut(&ch) else {
+            return;
+        };
+        if sub.expire_at.is_none_or(|at| now.unix < at) {
+            // Extended meanwhile (a sub-refresh command).
+            sub.expiring = false;
+            return;
+        }
+        if !sub.proxy_expiry {
+            let (code, reason) = codes::unsubscribe::EXPIRED;
+            self.unsubscribe(&ch, Some((code, reason.to_string())));
+            return;
+        }
+        let call = self.proxy_call(&proxy::SubRefreshRequest {
             client: self.client_fields(),
             user: &self.user,
-            channel: ch,
+            channel: &ch,
             meta: self.meta.as_ref(),
+        });
+        let node = self.node.clone();
+        self.begin(async move {
+            let outcome = match call {
+                Ok(call) => {
+                    call.send(
+                        &node,
+                        ProxyKind::SubRefresh,
+                        &node.channel_proxy.sub_refresh,
+                    )
+                    .await
+                }
+                Err(_) => Err(proxy::Outcome::Error(ErrorCode::INTERNAL.error())),
+            };
+            Done::ProxySubRefreshed {
+                channel: ch,
+                outcome,
+            }
+        });
+    }
+
+    /// The sub-refresh proxy's answer: extended, expired (unsubscribed with 2501), or asked
+    /// again a little later when the backend failed.
+    fn proxy_sub_refreshed(
+        &mut self,
+        ch: String,
+        outcome: Result<proxy::RefreshResult, proxy::Outcome>,
+        now: Now,
+    ) -> Result<(), Disconnect> {
+        let Some(sub) = self.subs.get_mut(&ch) else {
+            return Ok(());
         };
-        let options = &node.channel_proxy.sub_refresh;
-        let outcome = node
-            .proxy::<proxy::RefreshResult, _>(ProxyKind::SubRefresh, options, &self.headers, &body)
-            .await;
-        let Some(sub) = self.subs.get_mut(ch) else {
-            return Ok(true);
-        };
+        sub.expiring = false;
         match outcome {
-            Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= now.unix) => Ok(false),
+            Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= now.unix) => {
+                let (code, reason) = codes::unsubscribe::EXPIRED;
+                self.unsubscribe(&ch, Some((code, reason.to_string())));
+            }
             Ok(r) => {
                 if let Ok(Some(info)) = proxy::raw_or_b64(r.info, r.b64info.as_deref()) {
                     sub.chan_info = Some(info);
                 }
                 sub.expire_at = now.clamp_expiry(Some(r.expire_at));
                 sub.proxy_expiry = sub.expire_at.is_some();
-                Ok(true)
             }
-            Err(proxy::Outcome::Disconnect(d)) => Err(d),
+            Err(proxy::Outcome::Disconnect(d)) => return Err(d),
             Err(_) => {
                 sub.expire_at = Some(now.unix.saturating_add(PROXY_RETRY_SECS));
-                Ok(true)
             }
         }
+        Ok(())
     }
 
-    /// When `tick` must run next: connect timeout, ping, pong deadline or an expiry.
+    /// When `tick` must run next: connect timeout, ping, pong deadline or an expiry not
+    /// already being dealt with.
     pub fn next_wakeup(&self, now: Now) -> Instant {
         let opts = &self.node.client;
         if !self.connected {
+            if self.busy() {
+                return now.mono + opts.connect_timeout;
+            }
             return self.created + opts.connect_timeout;
         }
         let mut next = self.next_ping;
@@ -1301,11 +1630,18 @@ impl Session {
         } else {
             opts.expired_close_delay.as_secs()
         };
-        let soonest_expiry = self
+        let own = self
             .expire_at
-            .map(|at| at.saturating_add(grace))
+            .filter(|_| !self.refreshing)
+            .map(|at| at.saturating_add(grace));
+        let soonest_expiry = own
             .into_iter()
-            .chain(self.subs.values().filter_map(|s| s.expire_at))
+            .chain(
+                self.subs
+                    .values()
+                    .filter(|s| !s.expiring)
+                    .filter_map(|s| s.expire_at),
+            )
             .min();
         if let Some(at) = soonest_expiry {
             next = next.min(now.mono_at(at));
@@ -1313,35 +1649,50 @@ impl Session {
         next
     }
 
-    /// Leaves every channel and the hub. Called once when the connection ends.
-    pub async fn close(&mut self) {
-        if self.closed {
-            return;
-        }
-        self.closed = true;
-        let subs: Vec<(String, Sub)> = self.subs.drain().collect();
-        for (ch, sub) in subs {
-            self.leave(&ch, sub).await;
-        }
-        // A connection cut short in the middle of a subscribe (panic, timeout) is in the hub
-        // for channels it has no subscription for yet.
-        for ch in self.conn.buffering_channels() {
-            self.conn.cancel_buffering(&ch);
-            if self.node.hub.remove_subscriber(&ch, &self.conn.id) {
-                let _ = self.node.engine.unsubscribe(&ch).await;
+    /// Leaves every channel and the hub; returns the engine's side of it (presence, join
+    /// and leave messages, engine unsubscribes), which the host runs to its end. Work still
+    /// in flight is abandoned: channels it had joined are left here too.
+    pub fn close(&mut self) -> impl Future<Output = ()> + Send + 'static {
+        let first = !std::mem::replace(&mut self.closed, true);
+        self.inbox.clear();
+        self.request = None;
+        let subs: Vec<(String, Sub)> = if first {
+            self.subs.drain().collect()
+        } else {
+            Vec::new()
+        };
+        let who = self.who();
+        let connected = self.connected;
+        async move {
+            if !first {
+                return;
             }
-            let _ = self.node.engine.remove_presence(&ch, &self.conn.id).await;
-        }
-        // The transport records why the connection ended with `ConnHandle::close` before
-        // calling this; no reason recorded means the client or the network closed it.
-        let code = self.conn.close_reason().map_or(3000, |d| d.code);
-        self.node.metrics.disconnected(code);
-        if code == Disconnect::SLOW.code {
-            tracing::warn!(client = %self.conn.id, user = %self.user, "slow consumer disconnected");
-        }
-        if self.connected {
-            self.node.hub.remove_conn(&self.conn);
-            tracing::debug!(client = %self.conn.id, user = %self.user, code, "client disconnected");
+            let (node, conn) = (&who.node, &who.conn);
+            for (ch, sub) in subs {
+                conn.end_delta(&ch);
+                let last = node.hub.remove_subscriber(&ch, &conn.id);
+                work::leave(&who, &ch, sub, last).await;
+            }
+            // A connection cut short in the middle of a subscribe (panic, timeout) is in the
+            // hub for channels it has no subscription for yet.
+            for ch in conn.buffering_channels() {
+                conn.cancel_buffering(&ch);
+                if node.hub.remove_subscriber(&ch, &conn.id) {
+                    let _ = node.engine.unsubscribe(&ch).await;
+                }
+                let _ = node.engine.remove_presence(&ch, &conn.id).await;
+            }
+            // The transport records why the connection ended with `ConnHandle::close` before
+            // calling this; no reason recorded means the client or the network closed it.
+            let code = conn.close_reason().map_or(3000, |d| d.code);
+            node.metrics.disconnected(code);
+            if code == Disconnect::SLOW.code {
+                tracing::warn!(client = %conn.id, user = %who.user, "slow consumer disconnected");
+            }
+            if connected {
+                node.hub.remove_conn(conn);
+                tracing::debug!(client = %conn.id, user = %who.user, code, "client disconnected");
+            }
         }
     }
 }
@@ -1545,6 +1896,8 @@ mod tests {
         let ns = NamespaceOptions {
             allow_subscribe_for_client: true,
             allow_subscribe_for_anonymous: true,
+            allow_presence_for_anonymous: true,
+            allow_presence_for_client: true,
             presence: true,
             ..Default::default()
         };
@@ -1567,10 +1920,21 @@ mod tests {
     /// A bidirectional session connected anonymously at `t0`.
     async fn connected(node: &Arc<Node>, t0: Now) -> (Arc<ConnHandle>, Session) {
         let (conn, mut s) = session(node, Mode::Bidirectional, t0);
-        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0)
+        frame(&mut s, br#"{"id":1,"connect":{}}"#, t0)
             .await
             .unwrap();
         (conn, s)
+    }
+
+    /// A frame, and the requests it makes run to their end.
+    async fn frame(s: &mut Session, data: &[u8], now: Now) -> Result<(), Disconnect> {
+        s.handle_frame(data, now)?;
+        s.settle(now).await
+    }
+
+    async fn control(s: &mut Session, c: Control, now: Now) -> Result<(), Disconnect> {
+        s.handle_control(c, now)?;
+        s.settle(now).await
     }
 
     fn frames(conn: &ConnHandle) -> Vec<String> {
@@ -1590,10 +1954,10 @@ mod tests {
         let node = node();
         let t0 = Now::system();
         let (_, mut s) = session(&node, Mode::Bidirectional, t0);
-        let deadline = s.tick(t0).await.expect("not yet");
+        let deadline = s.tick(t0).expect("not yet");
         assert_eq!(deadline, t0.mono + node.client.connect_timeout);
         let late = t0.after(node.client.connect_timeout);
-        assert_eq!(s.tick(late).await.map_err(|d| d.code), Err(3502));
+        assert_eq!(s.tick(late).map_err(|d| d.code), Err(3502));
     }
 
     #[tokio::test]
@@ -1604,14 +1968,14 @@ mod tests {
         assert!(frames(&conn)[0].contains("\"connect\""));
         let ping_at = t0.after(node.client.ping_interval);
         assert_eq!(s.next_wakeup(t0), ping_at.mono);
-        s.tick(ping_at).await.unwrap();
+        s.tick(ping_at).unwrap();
         assert_eq!(frames(&conn), ["{}"]);
         // The pong deadline is next; one second before it nothing happens.
         let pong_deadline = ping_at.after(node.client.pong_timeout);
         assert_eq!(s.next_wakeup(ping_at), pong_deadline.mono);
         let almost = ping_at.after(node.client.pong_timeout - Duration::from_secs(1));
-        s.tick(almost).await.unwrap();
-        assert_eq!(s.tick(pong_deadline).await.map_err(|d| d.code), Err(3012));
+        s.tick(almost).unwrap();
+        assert_eq!(s.tick(pong_deadline).map_err(|d| d.code), Err(3012));
     }
 
     #[tokio::test]
@@ -1620,10 +1984,10 @@ mod tests {
         let t0 = Now::system();
         let (conn, mut s) = connected(&node, t0).await;
         let ping_at = t0.after(node.client.ping_interval);
-        s.tick(ping_at).await.unwrap();
-        s.handle_frame(b"{}", ping_at).await.unwrap();
+        s.tick(ping_at).unwrap();
+        frame(&mut s, b"{}", ping_at).await.unwrap();
         let later = ping_at.after(node.client.pong_timeout + Duration::from_secs(1));
-        s.tick(later).await.expect("pong answered");
+        s.tick(later).expect("pong answered");
         let _ = frames(&conn);
     }
 
@@ -1635,7 +1999,7 @@ mod tests {
         let exp = t0.unix + 60;
         let t = token(serde_json::json!({"sub": "alice", "exp": exp}));
         let cmd = format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#);
-        s.handle_frame(cmd.as_bytes(), t0).await.unwrap();
+        frame(&mut s, cmd.as_bytes(), t0).await.unwrap();
         let grace = node.client.expired_close_delay.as_secs();
         let close_at = Now {
             mono: t0.mono + Duration::from_secs(60 + grace),
@@ -1647,10 +2011,10 @@ mod tests {
             mono: t0.mono + Duration::from_secs(30),
             unix: t0.unix + 30,
         };
-        s.tick(before).await.expect("not expired yet");
+        s.tick(before).expect("not expired yet");
         // The ping that tick sent is answered.
-        s.handle_frame(b"{}", before).await.unwrap();
-        assert_eq!(s.tick(close_at).await.map_err(|d| d.code), Err(3005));
+        frame(&mut s, b"{}", before).await.unwrap();
+        assert_eq!(s.tick(close_at).map_err(|d| d.code), Err(3005));
     }
 
     #[tokio::test]
@@ -1660,9 +2024,10 @@ mod tests {
         let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
         let t = token(serde_json::json!({"sub": "alice", "exp": t0.unix + 60}));
         let cmd = format!(r#"{{"id":1,"connect":{{"token":"{t}"}}}}"#);
-        s.handle_frame(cmd.as_bytes(), t0).await.unwrap();
+        frame(&mut s, cmd.as_bytes(), t0).await.unwrap();
         let _ = frames(&conn);
-        s.handle_control(
+        control(
+            &mut s,
             Control::Refresh {
                 expire_at: Some(u64::MAX),
                 expired: false,
@@ -1673,7 +2038,7 @@ mod tests {
         .unwrap();
         assert!(frames(&conn)[0].contains("\"refresh\""));
         let a_year = t0.after(Duration::from_secs(365 * 24 * 3600));
-        let next = s.tick(a_year).await.expect("still valid a year later");
+        let next = s.tick(a_year).expect("still valid a year later");
         assert!(next > a_year.mono);
     }
 
@@ -1682,14 +2047,15 @@ mod tests {
         let node = node();
         let t0 = Now::system();
         let (conn, mut s) = session(&node, Mode::Unidirectional, t0);
-        s.handle_frame(br#"{"subs":{}}"#, t0).await.unwrap();
+        frame(&mut s, br#"{"subs":{}}"#, t0).await.unwrap();
         let out = frames(&conn);
         assert!(out[0].starts_with("{\"connect\":{"), "{out:?}");
         assert!(out[0].contains("\"pong\":false") || !out[0].contains("\"pong\":true"));
         // Later messages are ignored, not parsed.
-        s.handle_frame(b"not json", t0).await.unwrap();
+        frame(&mut s, b"not json", t0).await.unwrap();
         // A server-side subscribe arrives as a bare push.
-        s.handle_control(
+        control(
+            &mut s,
             Control::Subscribe {
                 channel: "news".into(),
                 info: None,
@@ -1709,11 +2075,85 @@ mod tests {
         let t = token(serde_json::json!({"sub": "bob", "exp": t0.unix - 10}));
         let req = format!(r#"{{"token":"{t}"}}"#);
         assert_eq!(
-            s2.handle_frame(req.as_bytes(), t0)
-                .await
-                .map_err(|d| d.code),
+            frame(&mut s2, req.as_bytes(), t0).await.map_err(|d| d.code),
             Err(3005)
         );
+    }
+
+    /// While a command waits on its request, pings go out, pongs are taken and later
+    /// commands wait their turn; the completion then answers them in order.
+    #[tokio::test]
+    async fn a_command_waiting_on_the_engine_leaves_timers_and_pongs_served() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = connected(&node, t0).await;
+        let _ = frames(&conn);
+        s.handle_frame(br#"{"id":2,"subscribe":{"channel":"news"}}"#, t0)
+            .unwrap();
+        let subscribe = s.take_request().expect("the subscribe waits on the engine");
+        // The engine is slow: a ping interval passes, the ping goes out and is answered.
+        let ping_at = t0.after(node.client.ping_interval);
+        s.tick(ping_at).expect("ping");
+        assert_eq!(frames(&conn), ["{}"]);
+        s.handle_frame(b"{}", ping_at).unwrap();
+        let late = ping_at.after(node.client.pong_timeout + Duration::from_secs(1));
+        s.tick(late)
+            .expect("the pong was taken while the subscribe waited");
+        // A later command waits behind the first.
+        s.handle_frame(br#"{"id":3,"presence":{"channel":"news"}}"#, late)
+            .unwrap();
+        assert!(s.take_request().is_none(), "one request at a time");
+        assert!(frames(&conn).is_empty());
+        let done = subscribe.into_future().await;
+        s.complete(done, late).unwrap();
+        let out = frames(&conn);
+        assert!(out[0].contains(r#""id":2,"subscribe""#), "{out:?}");
+        let presence = s.take_request().expect("the next command starts");
+        s.complete(presence.into_future().await, late).unwrap();
+        let out = frames(&conn);
+        assert!(out[0].contains(r#""id":3,"presence""#), "{out:?}");
+        assert!(
+            out[0].contains(r#""c1""#),
+            "subscribed before presence was read: {out:?}"
+        );
+    }
+
+    /// A completion is an input like any other: an engine failure is answered with the
+    /// command's error and the connection stays.
+    #[tokio::test]
+    async fn an_engine_failure_completes_the_command_with_its_error() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = connected(&node, t0).await;
+        let _ = frames(&conn);
+        s.handle_frame(br#"{"id":4,"presence":{"channel":"news"}}"#, t0)
+            .unwrap();
+        drop(s.take_request().expect("presence waits on the engine"));
+        let failed = Completion(Box::new(Done::Command {
+            id: 4,
+            kind: CommandKind::Presence,
+            outcome: Err(ErrorCode::INTERNAL.into()),
+        }));
+        s.complete(failed, t0)
+            .expect("an error reply, not a disconnect");
+        let out = frames(&conn);
+        assert!(out[0].contains(r#""id":4,"error":{"code":100"#), "{out:?}");
+    }
+
+    /// The connect timeout counts until the connect command comes, not while its token key
+    /// or the connect proxy is being asked.
+    #[tokio::test]
+    async fn a_connect_being_checked_is_not_stale() {
+        let node = node();
+        let t0 = Now::system();
+        let (conn, mut s) = session(&node, Mode::Bidirectional, t0);
+        s.handle_frame(br#"{"id":1,"connect":{}}"#, t0).unwrap();
+        let admitting = s.take_request().expect("connect waits on its checks");
+        let late = t0.after(node.client.connect_timeout + Duration::from_secs(1));
+        s.tick(late).expect("not stale while being checked");
+        s.complete(admitting.into_future().await, late).unwrap();
+        assert!(s.is_connected());
+        assert!(frames(&conn)[0].contains(r#""connect""#));
     }
 
     #[tokio::test]
@@ -1757,6 +2197,7 @@ mod tests {
                 chan_info: None,
                 expire_at: None,
                 proxy_expiry: false,
+                expiring: false,
             },
         };
         (p, live_msgs(live))
