@@ -72,6 +72,9 @@ pub enum Transport {
     /// `--url` itself (bidirectional WebSocket).
     #[default]
     Websocket,
+    /// `--url` with permessage-deflate negotiated (`server_no_context_takeover` required):
+    /// compressed server messages are inflated; the client sends uncompressed frames.
+    WebsocketDeflate,
     /// `POST /connection/uni_sse` beside `--url`'s `/connection/websocket`: server-sent
     /// events, subscribed through the token's `channels` claim.
     UniSse,
@@ -83,9 +86,15 @@ impl Transport {
     pub fn name(self) -> &'static str {
         match self {
             Transport::Websocket => "websocket",
+            Transport::WebsocketDeflate => "websocket-deflate",
             Transport::UniSse => "uni-sse",
             Transport::UniHttpStream => "uni-http-stream",
         }
+    }
+
+    /// One of the unidirectional HTTP transports (subscribed through the token).
+    pub fn is_uni(self) -> bool {
+        matches!(self, Transport::UniSse | Transport::UniHttpStream)
     }
 }
 

@@ -21,7 +21,7 @@ use crate::nchan;
 use crate::net::Endpoint;
 use crate::payload::{self, now_ns};
 use crate::stats::{Recorder, SeqTracker};
-use crate::ws::{Kind, Ws, ws_connect, ws_connect_url};
+use crate::ws::{Kind, Ws, ws_connect, ws_connect_url, ws_connect_with};
 
 /// Largest protocol message accepted from a server.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -241,7 +241,8 @@ async fn reconnect(ctx: &ConnCtx, spec: &ConnSpec, d: &mut Delivery<'_>) -> Opti
     for attempt in 0u64.. {
         let again = async {
             let endpoint = arbiter_pick(ctx, spec.index, attempt).await;
-            let mut ws = ws_connect(&endpoint, spec.src, None).await?;
+            let deflate = ctx.transport == Transport::WebsocketDeflate;
+            let mut ws = ws_connect_with(&endpoint, spec.src, None, deflate).await?;
             let r = herald_resubscribe(&mut ws, spec, d.position.as_ref(), &d.server_subs).await?;
             Ok::<_, BenchError>((ws, r))
         };
@@ -371,8 +372,9 @@ async fn herald_setup(ws: &mut Ws, frame: String, asked: bool) -> Result<Resubsc
 
 async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError> {
     let endpoint = &ctx.endpoints[(spec.index % ctx.endpoints.len() as u64) as usize];
+    let deflate = ctx.transport == Transport::WebsocketDeflate;
     match ctx.target {
-        Target::Herald if ctx.transport != Transport::Websocket => {
+        Target::Herald if ctx.transport.is_uni() => {
             let sse = ctx.transport == Transport::UniSse;
             let token = spec.token.as_deref();
             let tcp =
@@ -380,12 +382,13 @@ async fn establish(ctx: &ConnCtx, spec: &ConnSpec) -> Result<Session, BenchError
             Ok(Session::Uni(tcp))
         }
         Target::Herald if ctx.protocol == Protocol::Protobuf => {
-            let mut ws = ws_connect(endpoint, spec.src, Some(herald_proto::SUBPROTOCOL)).await?;
+            let sub = Some(herald_proto::SUBPROTOCOL);
+            let mut ws = ws_connect_with(endpoint, spec.src, sub, deflate).await?;
             herald_proto_setup(&mut ws, spec.token.as_deref(), &spec.channel).await?;
             Ok(Session::HeraldProtobuf(ws))
         }
         Target::Herald => {
-            let mut ws = ws_connect(endpoint, spec.src, None).await?;
+            let mut ws = ws_connect_with(endpoint, spec.src, None, deflate).await?;
             let r = if ctx.reconnect {
                 herald_resubscribe(&mut ws, spec, None, &[]).await?
             } else {

@@ -427,7 +427,10 @@ pub async fn connect(args: ConnectArgs) -> Result<Report, BenchError> {
     let c = &args.common;
     check_target_options(c, None)?;
     check_range("duration", args.duration, 0.0, MAX_DURATION_S)?;
-    if args.transport != Transport::Websocket {
+    if args.transport == Transport::WebsocketDeflate && c.target != Target::Herald {
+        return Err(bad("--transport websocket-deflate needs --target herald"));
+    }
+    if args.transport.is_uni() {
         if c.target != Target::Herald || c.protocol != Protocol::Json || c.reconnect {
             return Err(bad(format!(
                 "--transport {} needs --target herald with the JSON protocol, without --reconnect",

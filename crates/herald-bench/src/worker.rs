@@ -248,10 +248,10 @@ pub async fn run_worker(
                 &format!("bench-{i}"),
                 token_ttl,
                 // Unidirectional clients cannot subscribe: the token does it.
-                if job.transport == Transport::Websocket {
-                    &[]
-                } else {
+                if job.transport.is_uni() {
                     std::slice::from_ref(&job.channels[ch])
+                } else {
+                    &[]
                 },
             )?),
             (None, None) => None,

@@ -1,5 +1,6 @@
-//! The generator's WebSocket client (RFC 6455, client side, no extensions), shared by
-//! every target and the NATS / MQTT publisher.
+//! The generator's WebSocket client (RFC 6455, client side), shared by every target and the
+//! NATS / MQTT publisher. permessage-deflate (RFC 7692) is offered on request, with the
+//! server resetting its compressor per message, so inflating needs no per-connection state.
 //!
 //! Written for the idle cost of a connection: a connection holds its socket and nothing
 //! else between messages. Reads go through one scratch buffer per thread, a frame the read
@@ -13,6 +14,7 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -39,6 +41,44 @@ thread_local! {
     /// Masking keys (RFC 6455 5.3): the servers here are on loopback and ours, so a
     /// fast per-thread generator is enough.
     static MASK_STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+    /// Inflates compressed messages; reset per message (the server keeps no context).
+    static INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// The permessage-deflate offer: the server must reset its compressor per message.
+const DEFLATE_OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; \
+                             server_no_context_takeover; client_no_context_takeover\r\n";
+
+/// Inflates one message's payload (RFC 7692: the flush tail the sender removed is put
+/// back), into at most MAX_MESSAGE bytes.
+fn inflate(payload: &[u8]) -> Result<Vec<u8>, BenchError> {
+    INFLATER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let z = cell.get_or_insert_with(|| Decompress::new(false));
+        z.reset(false);
+        let mut out = Vec::with_capacity((payload.len() * 4).min(MAX_MESSAGE) + 64);
+        for input in [payload, &[0x00, 0x00, 0xff, 0xff][..]] {
+            let mut rest = input;
+            while !rest.is_empty() {
+                if out.len() == out.capacity() {
+                    if out.len() >= MAX_MESSAGE {
+                        return Err(protocol("compressed message too large"));
+                    }
+                    out.reserve(out.len().max(1024));
+                }
+                let before = z.total_in();
+                let status = z
+                    .decompress_vec(rest, &mut out, FlushDecompress::Sync)
+                    .map_err(|_| protocol("bad deflate data"))?;
+                let used = (z.total_in() - before) as usize;
+                rest = &rest[used..];
+                if status == Status::StreamEnd {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 fn seed() -> u64 {
@@ -96,8 +136,10 @@ struct Control {
 struct Frames {
     /// The start of a frame the last read cut; unallocated between frames.
     carry: Vec<u8>,
-    /// A fragmented message being joined.
-    partial: Option<(Kind, Vec<u8>)>,
+    /// A fragmented message being joined, and whether it is compressed.
+    partial: Option<(Kind, bool, Vec<u8>)>,
+    /// permessage-deflate was agreed: RSV1 marks a compressed message.
+    deflate: bool,
 }
 
 impl Frames {
@@ -109,12 +151,12 @@ impl Frames {
         ctl: &mut Control,
         f: &mut impl FnMut(Kind, &[u8]),
     ) -> Result<(), BenchError> {
-        let partial = &mut self.partial;
+        let (partial, deflate) = (&mut self.partial, self.deflate);
         feed(&mut self.carry, data, |buf| {
             if ctl.close.is_some() {
                 return Ok(None);
             }
-            let Some((head, len)) = frame_head(buf)? else {
+            let Some((head, len)) = frame_head(buf, deflate)? else {
                 return Ok(None);
             };
             let Some(end) = head.checked_add(len).filter(|e| *e <= buf.len()) else {
@@ -128,13 +170,23 @@ impl Frames {
 
 /// Acts on one whole frame: its first byte `b0` and its payload.
 fn frame(
-    partial: &mut Option<(Kind, Vec<u8>)>,
+    partial: &mut Option<(Kind, bool, Vec<u8>)>,
     b0: u8,
     payload: &[u8],
     ctl: &mut Control,
     f: &mut impl FnMut(Kind, &[u8]),
 ) -> Result<(), BenchError> {
     let fin = b0 & 0x80 != 0;
+    let rsv1 = b0 & 0x40 != 0;
+    // A whole message: inflated first when compressed.
+    let mut deliver = |kind: Kind, compressed: bool, data: &[u8]| -> Result<(), BenchError> {
+        if compressed {
+            f(kind, &inflate(data)?);
+        } else {
+            f(kind, data);
+        }
+        Ok(())
+    };
     match b0 & 0x0f {
         op @ (OP_TEXT | OP_BINARY) => {
             if partial.is_some() {
@@ -146,27 +198,30 @@ fn frame(
                 Kind::Binary
             };
             if fin {
-                f(kind, payload);
+                deliver(kind, rsv1, payload)?;
             } else {
-                *partial = Some((kind, payload.to_vec()));
+                *partial = Some((kind, rsv1, payload.to_vec()));
             }
         }
         OP_CONTINUATION => {
-            let Some((kind, mut joined)) = partial.take() else {
+            let Some((kind, compressed, mut joined)) = partial.take() else {
                 return Err(protocol("a continuation frame without a message"));
             };
+            if rsv1 {
+                return Err(protocol("RSV1 on a continuation frame"));
+            }
             if joined.len() + payload.len() > MAX_MESSAGE {
                 return Err(protocol("message too large"));
             }
             joined.extend_from_slice(payload);
             if fin {
-                f(kind, &joined);
+                deliver(kind, compressed, &joined)?;
             } else {
-                *partial = Some((kind, joined));
+                *partial = Some((kind, compressed, joined));
             }
         }
         op @ (OP_CLOSE | OP_PING | OP_PONG) => {
-            if !fin || payload.len() > 125 {
+            if !fin || payload.len() > 125 || rsv1 {
                 return Err(protocol("a fragmented or oversized control frame"));
             }
             match op {
@@ -185,13 +240,14 @@ fn protocol(what: &str) -> BenchError {
 }
 
 /// Header length and payload length of the frame at the front of `b`; None while the
-/// header is incomplete.
-fn frame_head(b: &[u8]) -> Result<Option<(usize, usize)>, BenchError> {
+/// header is incomplete. `deflate`: RSV1 (a compressed message) is allowed.
+fn frame_head(b: &[u8], deflate: bool) -> Result<Option<(usize, usize)>, BenchError> {
     if b.len() < 2 {
         return Ok(None);
     }
-    if b[0] & 0x70 != 0 {
-        return Err(protocol("reserved bits set (no extension was negotiated)"));
+    let allowed = if deflate { 0x40 } else { 0 };
+    if b[0] & 0x70 & !allowed != 0 {
+        return Err(protocol("reserved bits set that no extension allows"));
     }
     if b[1] & 0x80 != 0 {
         return Err(protocol("a masked frame from the server"));
@@ -366,7 +422,18 @@ pub async fn ws_connect(
     src: Option<IpAddr>,
     subprotocol: Option<&'static str>,
 ) -> Result<Ws, BenchError> {
-    handshake(ep.addr, &ep.authority, &ep.path, src, subprotocol).await
+    handshake(ep.addr, &ep.authority, &ep.path, src, subprotocol, false).await
+}
+
+/// As [`ws_connect`], offering permessage-deflate when `deflate` (refused unless the
+/// server agrees to reset its compressor per message).
+pub async fn ws_connect_with(
+    ep: &Endpoint,
+    src: Option<IpAddr>,
+    subprotocol: Option<&'static str>,
+    deflate: bool,
+) -> Result<Ws, BenchError> {
+    handshake(ep.addr, &ep.authority, &ep.path, src, subprotocol, deflate).await
 }
 
 /// As [`ws_connect`], for a URL derived from an already checked endpoint (same
@@ -378,7 +445,7 @@ pub async fn ws_connect_url(
     subprotocol: Option<&'static str>,
 ) -> Result<Ws, BenchError> {
     let ep = loopback_endpoint(url, &["ws"])?;
-    handshake(addr, &ep.authority, &ep.path, src, subprotocol).await
+    handshake(addr, &ep.authority, &ep.path, src, subprotocol, false).await
 }
 
 async fn handshake(
@@ -387,12 +454,16 @@ async fn handshake(
     path: &str,
     src: Option<IpAddr>,
     subprotocol: Option<&'static str>,
+    deflate: bool,
 ) -> Result<Ws, BenchError> {
     let mut tcp = connect_tcp(addr, src).await?;
     let key = generate_key();
-    let offer = subprotocol
+    let mut offer = subprotocol
         .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
         .unwrap_or_default();
+    if deflate {
+        offer.push_str(DEFLATE_OFFER);
+    }
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{offer}\r\n"
@@ -408,12 +479,29 @@ async fn handshake(
         if accept != Some(expected.as_bytes()) {
             return Err(protocol("wrong Sec-WebSocket-Accept"));
         }
-        Ok(())
+        let extensions = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-extensions"))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned());
+        match (deflate, extensions) {
+            (_, None) if deflate => Err(protocol("permessage-deflate was not agreed")),
+            (_, None) => Ok(()),
+            (true, Some(e))
+                if e.contains("permessage-deflate") && e.contains("server_no_context_takeover") =>
+            {
+                Ok(())
+            }
+            (_, Some(e)) => Err(protocol(&format!("unexpected extensions: {e}"))),
+        }
     })
     .await?;
     let mut ws = Ws {
         tcp,
-        frames: Frames::default(),
+        frames: Frames {
+            deflate,
+            ..Frames::default()
+        },
         ready: VecDeque::new(),
         pong: None,
     };
@@ -575,6 +663,54 @@ mod tests {
             let mut ctl = Control::default();
             let r = Frames::default().feed(&b, &mut ctl, &mut |_, _| {});
             assert!(r.is_err(), "{b:?}");
+        }
+    }
+
+    /// `data` compressed as RFC 7692 sends it: raw deflate, sync flush, tail removed.
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let mut z = flate2::Compress::new(flate2::Compression::fast(), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        z.compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_when_deflate_was_agreed() {
+        let text = "a compressed publication ".repeat(20);
+        let packed = deflated(text.as_bytes());
+        let mut stream = server_frame(0xC0 | OP_TEXT, &packed);
+        // The same message in two fragments: RSV1 on the first only.
+        let (a, b) = packed.split_at(packed.len() / 2);
+        stream.extend(server_frame(0x40 | OP_TEXT, a));
+        stream.extend(server_frame(0x80 | OP_CONTINUATION, b));
+        stream.extend(server_frame(0x80 | OP_TEXT, b"plain"));
+        for cut in 1..stream.len() {
+            let mut frames = Frames {
+                deflate: true,
+                ..Frames::default()
+            };
+            let (got, _) = run(&mut frames, &[&stream[..cut], &stream[cut..]]);
+            let texts: Vec<&[u8]> = got.iter().map(|m| m.data.as_slice()).collect();
+            assert_eq!(
+                texts,
+                [text.as_bytes(), text.as_bytes(), b"plain"],
+                "cut at {cut}"
+            );
+        }
+        // RSV1 on a continuation or a control frame stays an error.
+        for bad in [
+            [server_frame(0x40 | OP_TEXT, a), server_frame(0xC0, b)].concat(),
+            server_frame(0xC0 | OP_PING, b""),
+        ] {
+            let mut frames = Frames {
+                deflate: true,
+                ..Frames::default()
+            };
+            let r = frames.feed(&bad, &mut Control::default(), &mut |_, _| {});
+            assert!(r.is_err(), "{bad:?}");
         }
     }
 

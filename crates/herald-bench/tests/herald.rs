@@ -442,6 +442,39 @@ fn connect_over_the_unidirectional_http_transports() {
     drop(server);
 }
 
+/// Connections with permessage-deflate agreed. The channel's name is long enough that the
+/// replies naming it are over Herald's compression threshold (128 bytes), so they arrive
+/// compressed and the bench must inflate them to see its subscription confirmed. A node with
+/// compression off does not agree, which the bench counts as failed connections.
+#[test]
+fn connect_with_permessage_deflate() {
+    let dir = TempDir::new("herald-deflate");
+    let (server, url) = start_herald(&dir);
+    let pid = server.pid().to_string();
+    let channel = "c".repeat(150);
+    let extra = [
+        "--transport",
+        "websocket-deflate",
+        "--channel",
+        &channel,
+        "--server-pid",
+        &pid,
+    ];
+    let r = herald_connect(&url, "bench-secret", "200", "1", &extra, &dir);
+    assert_eq!(r["transport"].as_str(), Some("websocket-deflate"), "{r}");
+    assert_eq!(u(&r, "established"), 200, "{r}");
+    assert_eq!(u(&r, "failed"), 0, "{r}");
+    assert_eq!(u(&r, "disconnected"), 0, "{r}");
+    drop(server);
+
+    let off = CONFIG.replacen("[server]\n", "[server]\nwebsocket_compression = false\n", 1);
+    let (server, url) = start_herald_with(&dir, "no-deflate.toml", &off);
+    let r = herald_connect(&url, "bench-secret", "20", "0", &extra[..4], &dir);
+    assert_eq!(u(&r, "established"), 0, "{r}");
+    assert_eq!(u(&r, "failed"), 20, "{r}");
+    drop(server);
+}
+
 #[test]
 fn fanout_against_herald_over_protobuf_and_json() {
     let dir = TempDir::new("herald-protobuf");

@@ -129,3 +129,24 @@ async fn compression_still_works_and_reserved_opcodes_still_close_with_1002() {
     s.write_all(&masked_frame(0xC3, &deflated)).await.unwrap();
     assert_eq!(close_code(&mut s).await, 1002);
 }
+
+#[tokio::test]
+async fn a_close_frame_in_the_refused_read_ends_the_socket_without_waiting() {
+    let server = server().await;
+    for path in ["/connection/websocket", "/connection/echo"] {
+        let (mut s, _) = upgrade(server.addr, path, "").await;
+        // The refused frame and the client's close in one write, so one read.
+        let mut bytes = masked_frame(0x83, b"??");
+        bytes.extend_from_slice(&masked_frame(0x88, &1000u16.to_be_bytes()));
+        s.write_all(&bytes).await.unwrap();
+        assert_eq!(close_code(&mut s).await, 1002, "{path}");
+        // The server has the client's close already: it shuts the socket at once rather than
+        // reading for another close until its 2 s close timeout.
+        let mut rest = Vec::new();
+        let eof = tokio::time::timeout(Duration::from_millis(1500), s.read_to_end(&mut rest));
+        assert!(
+            eof.await.is_ok(),
+            "{path}: the server waited for a close frame it already had"
+        );
+    }
+}

@@ -140,6 +140,6 @@ pub async fn websocket(
         ws,
         max,
         offered.then_some(SUBPROTOCOL),
-        move |socket| serve(&state, wire::WebSocket(socket), peer),
+        move |socket| serve(&state, wire::WebSocket(socket, None), peer),
     )
 }

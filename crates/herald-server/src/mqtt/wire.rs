@@ -13,13 +13,13 @@ use herald_protocol::Disconnect;
 use herald_protocol::codes::mqtt::{self as codes, v5};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use yawc::close::CloseCode;
-use yawc::{Frame, OpCode};
 
 use super::handler::TAKEN_OVER;
 use super::link::Link;
 use crate::transport::driver::{Received, Wire};
 use crate::transport::websocket::Socket;
+use crate::transport::websocket::codec::{Kind, WsError};
+use crate::transport::websocket::socket::Read;
 use herald_protocol::mqtt::frame_len;
 
 /// Read buffer a connection starts with; it grows for larger packets.
@@ -55,53 +55,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Carrier for Stream<S> {
 }
 
 /// MQTT over WebSocket: the byte stream is the concatenated binary messages (MQTT 5.0
-/// §6: a message may hold part of a packet or several).
-pub struct WebSocket(pub Socket);
+/// §6: a message may hold part of a packet or several). The second field is why the
+/// socket refused the client's bytes, for the close frame.
+pub struct WebSocket(pub Socket, pub Option<WsError>);
+
+/// The close code of a normal end.
+const CLOSE_NORMAL: u16 = 1000;
 
 impl Carrier for WebSocket {
     async fn read(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
-            let frame = self
-                .0
-                .next_frame()
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            match frame.opcode() {
-                OpCode::Binary => {
-                    buf.extend_from_slice(frame.payload());
-                    if !frame.payload().is_empty() {
-                        return Ok(frame.payload().len());
+            match self.0.recv().await {
+                Read::Message(Kind::Binary, data) => {
+                    buf.extend_from_slice(&data);
+                    if !data.is_empty() {
+                        return Ok(data.len());
                     }
                 }
-                OpCode::Close => return Ok(0),
-                OpCode::Text => {
+                Read::Message(Kind::Text, _) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "MQTT over WebSocket is binary",
                     ));
                 }
-                _ => {}
+                Read::Closed => return Ok(0),
+                Read::Refused(e) => {
+                    self.1 = Some(e);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "websocket refused",
+                    ));
+                }
             }
         }
     }
 
     async fn write(&mut self, data: Bytes) -> io::Result<()> {
-        use futures_util::SinkExt;
-        self.0
-            .send(Frame::binary(data))
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))
+        self.0.send([(Kind::Binary, data)]).await
     }
 
     async fn shutdown(&mut self) {
-        use futures_util::SinkExt;
-        if self
-            .0
-            .send(Frame::close(CloseCode::Normal, b""))
-            .await
-            .is_ok()
-        {
-            let _ = self.0.close().await;
+        match self.1.take() {
+            Some(e) => self.0.finish(Some(&e)).await,
+            None => self.0.close(CLOSE_NORMAL, "").await,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `/connection/echo`: sends back every message it receives, for WebSocket conformance suites
 //! (Autobahn). It runs on the same stack as the client endpoints — same listener, upgrade,
-//! yawc options, [`WsWire`] and connection driver — with an echo in place of the session. It
+//! framing ([`WsWire`] on Herald's socket) and connection driver — with an echo in place of the session. It
 //! exists only with `server.websocket_echo = true`; otherwise it answers 404.
 
 use std::sync::Arc;

@@ -1,17 +1,17 @@
-//! WebSocket: the wire every WebSocket endpoint shares (one yawc stack, one set of options,
-//! one close path) and its three endpoints — the bidirectional client protocol
+//! WebSocket: the wire every WebSocket endpoint shares (the upgrade, Herald's own framing
+//! on the socket, one close path) and its three endpoints — the bidirectional client protocol
 //! (`/connection/websocket`), unidirectional pushes (`/connection/uni_websocket`) and the
 //! conformance echo (`/connection/echo`).
 
 pub mod bidi;
+pub mod codec;
 pub mod echo;
-mod opcode_guard;
+pub mod socket;
 pub mod uni;
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
 
 use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
@@ -19,56 +19,28 @@ use axum::http::header::SEC_WEBSOCKET_EXTENSIONS;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::SinkExt;
 use herald_core::conn::{Codec, Mode};
 use herald_protocol::Disconnect;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use yawc::close::CloseCode;
-use yawc::{CompressionLevel, DeflatePool, Frame, OpCode, Options, Role, WebSocket};
+use yawc::{CompressionLevel, Options};
 
-use self::opcode_guard::OpcodeGuard;
-use super::driver::{CLOSE_TIMEOUT, Received, Wire};
+use self::codec::{Deflate, Kind, WsError};
+use self::socket::{Read, WsSocket};
+use super::driver::{Received, Wire};
 use crate::http::Peer;
 use crate::state::AppState;
 
-/// Messages smaller than this go out uncompressed: pings, replies and small pushes rarely
-/// shrink, and a connection that only sends them never builds a compressor.
-const COMPRESSION_THRESHOLD: usize = 128;
-
-/// Deflate state shared by all connections of the process (no context takeover means no
-/// state survives a message); sized for messages compressed at the same moment.
-fn deflate_pool() -> DeflatePool {
-    static POOL: OnceLock<DeflatePool> = OnceLock::new();
-    POOL.get_or_init(|| DeflatePool::new(64)).clone()
-}
-
-/// Initial read and write buffer of a connection. Buffers grow for larger messages; keeping
-/// the start small is what an idle connection costs: 4 KiB each measured 17.0 KiB RSS per
-/// idle connection, 512 B measured 11.2 KiB (`herald-bench connect`, 5,000 connections).
-const IDLE_BUFFER: usize = 512;
-
-/// The yawc options of a client WebSocket: bounded incoming messages (`max_message` bytes:
-/// larger closes with 1009), UTF-8 checked text, small buffers, and permessage-deflate when
-/// `server.websocket_compression` is on and the client offers it.
-///
-/// Compression is negotiated with no context takeover in both directions (RFC 7692 lets the
-/// server impose it) and pooled deflate state, so an idle connection holds no compressor
-/// (about 2 KiB instead of about 370 KiB).
-pub fn websocket_options(state: &AppState, max_message: usize) -> Options {
-    let opts = Options::default()
-        .with_max_payload_read(max_message)
-        .with_max_read_buffer(max_message)
-        .with_read_buffer_capacity(IDLE_BUFFER)
-        .with_write_buffer_capacity(IDLE_BUFFER)
-        .with_utf8()
-        .with_no_delay();
+/// What the handshake offers: permessage-deflate when `server.websocket_compression` is on
+/// and the client asks for it, with no context takeover in both directions (RFC 7692 lets
+/// the server impose it), so an idle connection holds no compressor or decompressor. The
+/// library only negotiates; the socket is Herald's ([`socket::WsSocket`]).
+pub fn websocket_options(state: &AppState) -> Options {
+    let opts = Options::default();
     if state.config.server.websocket_compression {
         opts.with_compression_level(CompressionLevel::fast())
             .server_no_context_takeover()
             .client_no_context_takeover()
-            .with_deflate_pool(deflate_pool())
-            .with_compression_threshold(COMPRESSION_THRESHOLD)
     } else {
         opts.without_compression()
     }
@@ -87,13 +59,12 @@ pub fn offers_subprotocol(headers: &axum::http::HeaderMap, name: &str) -> bool {
 /// The WebSocket subprotocol of the Protobuf client protocol.
 pub const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
 
-/// A client WebSocket after the upgrade: yawc over the upgraded socket (after TLS), with
-/// [`OpcodeGuard`] in between so a reserved opcode closes with 1002.
-pub type Socket = WebSocket<OpcodeGuard<TokioIo<Upgraded>>>;
+/// A client WebSocket after the upgrade: Herald's framing on the upgraded socket (after TLS).
+pub type Socket = WsSocket<TokioIo<Upgraded>>;
 
 /// A WebSocket upgrade request, as every endpoint takes it: yawc checks the handshake headers
 /// and writes the 101 response; Herald keeps a handle on hyper's upgrade (a clone of the one
-/// yawc takes) to get the socket itself and put [`OpcodeGuard`] in front of yawc.
+/// yawc takes) to get the socket itself.
 pub struct WsUpgrade {
     ws: yawc::IncomingUpgrade,
     on_upgrade: OnUpgrade,
@@ -146,20 +117,20 @@ where
     }
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
-    let options = websocket_options(state, max_message);
     let WsUpgrade { ws, on_upgrade } = ws;
     // yawc's own upgrade future is dropped unpolled: Herald's handle receives the socket.
-    match ws.upgrade(options.clone()) {
+    match ws.upgrade(websocket_options(state)) {
         Ok((response, _)) => {
             let extensions = response
                 .headers()
                 .get(SEC_WEBSOCKET_EXTENSIONS)
                 .and_then(|v| v.to_str().ok())
-                .map(agreed_extensions);
+                .map(agreed_extensions)
+                .and_then(|v| Deflate::from_response(&v));
             // What is needed only until the socket exists, boxed: a task keeps what its
             // future captured for as long as it runs, so captured by value it would stay
             // part of every connection.
-            let setup = Box::new((options, extensions, serve));
+            let setup = Box::new((max_message, extensions, serve));
             tokio::spawn(async move {
                 let _guard = guard;
                 let io = match on_upgrade.await {
@@ -189,28 +160,25 @@ where
     }
 }
 
-/// The WebSocket over an upgraded connection, with the same options and agreed terms
-/// yawc's upgrade would have used, and its connection future, boxed.
+/// The WebSocket over an upgraded connection, with the largest message it takes and the
+/// compression terms of the handshake, and its connection future, boxed.
 ///
 /// Takes the setup boxed: unboxed at the call, it would be a temporary of the task's future
 /// and take room there for the life of the connection (measured: 0.4 KiB).
 #[allow(clippy::boxed_local)]
 fn open_socket<F, Fut>(
     io: Upgraded,
-    setup: Box<(Options, Option<String>, F)>,
+    setup: Box<(usize, Option<Deflate>, F)>,
 ) -> Option<Pin<Box<Fut>>>
 where
     F: FnOnce(Socket) -> Fut,
 {
-    let (options, extensions, serve) = *setup;
-    let io = OpcodeGuard::new(TokioIo::new(io));
-    match WebSocket::from_stream_with_extensions(io, Role::Server, extensions.as_deref(), options) {
-        Ok(socket) => Some(Box::pin(serve(socket))),
-        Err(e) => {
-            tracing::debug!(error = %e, "websocket setup failed");
-            None
-        }
-    }
+    let (max_message, deflate, serve) = *setup;
+    Some(Box::pin(serve(WsSocket::new(
+        TokioIo::new(io),
+        max_message,
+        deflate,
+    ))))
 }
 
 /// What a client WebSocket endpoint serves.
@@ -279,15 +247,15 @@ pub enum Framing {
     /// One text frame per message (unidirectional clients read one JSON per message).
     PerMessage,
     /// One frame per message, of the kind of the message it answers (text or binary).
-    Echo(VecDeque<OpCode>),
+    Echo(VecDeque<Kind>),
 }
 
 /// A WebSocket as the driver sees it.
 pub struct WsWire {
     ws: Socket,
     framing: Framing,
-    /// Why reading stopped, for the close handshake (None: the client sent a close frame).
-    ended: Option<yawc::WebSocketError>,
+    /// Why reading stopped, for the close handshake (None: the client closed).
+    ended: Option<WsError>,
 }
 
 impl WsWire {
@@ -323,26 +291,18 @@ impl Wire for WsWire {
     const ABANDON_SAFE: bool = false;
 
     async fn recv(&mut self) -> Received {
-        loop {
-            match self.ws.next_frame().await {
-                Ok(f) => match f.opcode() {
-                    OpCode::Text | OpCode::Binary => {
-                        if let Framing::Echo(kinds) = &mut self.framing {
-                            kinds.push_back(f.opcode());
-                        }
-                        return Received::Message(f.payload().clone());
-                    }
-                    OpCode::Close => {
-                        self.ended = None;
-                        return Received::Gone;
-                    }
-                    _ => {}
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket read ended");
-                    self.ended = Some(e);
-                    return Received::Gone;
+        match self.ws.recv().await {
+            Read::Message(kind, data) => {
+                if let Framing::Echo(kinds) = &mut self.framing {
+                    kinds.push_back(kind);
                 }
+                Received::Message(data)
+            }
+            Read::Closed => Received::Gone,
+            Read::Refused(e) => {
+                tracing::debug!(error = %e, "websocket read refused");
+                self.ended = Some(e);
+                Received::Gone
             }
         }
     }
@@ -351,40 +311,32 @@ impl Wire for WsWire {
         let n: usize = batch.iter().map(Bytes::len).sum();
         let sent = match &mut self.framing {
             Framing::Batched => match join_lines(batch) {
-                Some(payload) => self.ws.send(Frame::text(payload)).await,
+                Some(payload) => self.ws.send([(Kind::Text, payload)]).await,
                 None => Ok(()),
             },
             Framing::Binary => match batch.len() {
                 0 => Ok(()),
                 1 => match batch.pop_front() {
-                    Some(m) => self.ws.send(Frame::binary(m)).await,
+                    Some(m) => self.ws.send([(Kind::Binary, m)]).await,
                     None => Ok(()),
                 },
                 _ => {
                     let frame = herald_protocol::proto::concat(batch);
-                    self.ws.send(Frame::binary(frame)).await
+                    self.ws.send([(Kind::Binary, frame)]).await
                 }
             },
-            framing => {
-                // One frame per message: text, or for the echo the kind of the message it
-                // answers.
-                let ws = &mut self.ws;
-                async {
-                    for m in batch {
-                        let binary = match framing {
-                            Framing::Echo(kinds) => kinds.pop_front() == Some(OpCode::Binary),
-                            _ => false,
-                        };
-                        let frame = if binary {
-                            Frame::binary(m)
-                        } else {
-                            Frame::text(m)
-                        };
-                        ws.feed(frame).await?;
-                    }
-                    ws.flush().await
-                }
-                .await
+            Framing::PerMessage => {
+                self.ws
+                    .send(batch.into_iter().map(|m| (Kind::Text, m)))
+                    .await
+            }
+            // Each answer in the kind of the message it answers.
+            Framing::Echo(kinds) => {
+                let frames: Vec<_> = batch
+                    .into_iter()
+                    .map(|m| (kinds.pop_front().unwrap_or(Kind::Text), m))
+                    .collect();
+                self.ws.send(frames).await
             }
         };
         sent.map(|()| n).map_err(|_| ())
@@ -400,65 +352,15 @@ impl Wire for WsWire {
         if !pending.is_empty() && self.send(pending).await.is_err() {
             return;
         }
-        let close = Frame::close(CloseCode::from(d.code), d.reason.as_bytes());
-        if self.ws.send(close).await.is_ok() {
-            let _ = self.ws.close().await;
-        }
+        self.ws.close(d.code, &d.reason).await;
     }
 
+    /// A refused message gets its close frame (1007 invalid UTF-8, 1009 too big, 1002 any
+    /// other protocol violation); a client's close frame its reply. The driver bounds it.
     async fn farewell(&mut self) {
-        finish(&mut self.ws, self.ended.take()).await;
+        let ended = self.ended.take();
+        self.ws.finish(ended.as_ref()).await;
     }
-}
-
-/// Ends a WebSocket after its read loop stopped: `error` is why the read failed (None when the
-/// client sent its close frame, which the library already answered). A refused message gets
-/// its close frame — 1007 invalid UTF-8, 1009 too big, 1002 any other protocol violation —
-/// unless the library queued one already; then the queued frames are flushed and what the
-/// client still sends is read up to its close frame, so the socket ends without a reset.
-/// Bounded by [`CLOSE_TIMEOUT`] on a client that does not read.
-async fn finish(socket: &mut Socket, error: Option<yawc::WebSocketError>) {
-    use futures_util::FutureExt;
-    use yawc::WebSocketError as E;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        let _ = socket.flush().await;
-        let error = match error {
-            None | Some(E::ConnectionClosed) => {
-                // The read side is closed: this returns at once, after writing the close
-                // frame the library queued in answer to the client's.
-                let _ = socket.next_frame().await;
-                return;
-            }
-            Some(e) => e,
-        };
-        // Errors found while reading a frame already queued their close frame and closed the
-        // read side, which answers at once; errors found on a whole message (UTF-8, fragment
-        // assembly) did not.
-        let library_closed = matches!(
-            socket.next_frame().now_or_never(),
-            Some(Err(E::ConnectionClosed))
-        );
-        if !library_closed {
-            let code = match error {
-                E::InvalidUTF8 => CloseCode::Invalid,
-                E::FrameTooLarge => CloseCode::Size,
-                _ => CloseCode::Protocol,
-            };
-            if socket
-                .send(Frame::close(code, error.to_string().as_bytes()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        while let Ok(f) = socket.next_frame().await {
-            if f.opcode() == OpCode::Close {
-                break;
-            }
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]
