@@ -539,6 +539,11 @@ impl Decoder {
         self.mode = Mode::Draining;
     }
 
+    /// The permessage-deflate terms the decoder was made with (None: not agreed).
+    pub fn deflate(&self) -> Option<&Deflate> {
+        self.deflate.as_ref()
+    }
+
     /// Whether the client's close frame has been read, yielded or not: nothing more is to
     /// be read from it.
     pub fn close_seen(&self) -> bool {

@@ -49,8 +49,8 @@ pub enum Read {
 /// A server WebSocket on `S`.
 pub struct WsSocket<S> {
     io: S,
+    /// Also holds the permessage-deflate terms, which the writing side compresses by.
     decoder: Decoder,
-    deflate: Option<Deflate>,
     /// Events a read decoded and the caller has not taken yet; unallocated when empty.
     inbox: VecDeque<Incoming>,
     /// Control frames (pongs, the close) not yet written; unallocated when empty.
@@ -80,7 +80,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsSocket<S> {
         Self {
             io,
             decoder: Decoder::new(max_message, deflate),
-            deflate,
             inbox: VecDeque::new(),
             out: Vec::new(),
             out_at: 0,
@@ -209,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsSocket<S> {
                 Kind::Text => OpCode::Text,
                 Kind::Binary => OpCode::Binary,
             };
-            let (payload, compressed) = match &self.deflate {
+            let (payload, compressed) = match self.decoder.deflate() {
                 Some(terms) if payload.len() >= COMPRESSION_THRESHOLD => {
                     (Bytes::from(compress(&payload, terms)), true)
                 }
@@ -249,16 +248,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> WsSocket<S> {
     /// refusal what the client still sends is read up to its close frame, so the socket ends
     /// without a reset. The caller bounds the wait.
     pub async fn finish(&mut self, refused: Option<&WsError>) {
-        if let Some(e) = refused
-            && !self.close_sent
-        {
-            self.queue(
-                OpCode::Close,
-                &close_payload(e.close_code(), &e.to_string()),
-            );
-            self.close_sent = true;
+        match refused {
+            Some(e) => self.close(e.close_code(), &e.to_string()).await,
+            None => self.drain().await,
         }
-        self.drain().await;
     }
 
     /// Writes what is queued, reads up to the client's close frame (or the end of its
