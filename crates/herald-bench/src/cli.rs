@@ -148,7 +148,9 @@ pub struct CommonArgs {
     pub connect_timeout: f64,
     /// A lost connection is made again, as an SDK would: the node to use comes from
     /// `GET /connection/nodes`, and the subscribe recovers from the last publication
-    /// received, so loss across a node failure is measured (herald, JSON).
+    /// received, so loss across a node failure is measured (herald, JSON). A first connect
+    /// that fails (refused, timed out, closed by an overloaded node) is also tried again,
+    /// with backoff; the retries are counted among the errors.
     #[arg(long)]
     pub reconnect: bool,
     /// Write every figure to this JSON file.

@@ -203,27 +203,44 @@ async fn connection(ctx: &ConnCtx, spec: &mut ConnSpec) {
 }
 
 /// Connects and subscribes within the connect timeout, recording the outcome; None when
-/// it failed or the run stopped first.
+/// it failed or the run stopped first. With reconnects on (Herald), a failed attempt is
+/// made again with backoff, as an SDK does, until it works or the run stops; each retry
+/// is counted among the errors.
 async fn first_connect(ctx: &ConnCtx, spec: &ConnSpec) -> Option<Box<Session>> {
     let started = Instant::now();
     ctx.recorder.lock().attempt(now_ns());
-    let setup = tokio::select! {
-        r = timeout(ctx.connect_timeout, establish(ctx, spec)) => r,
-        _ = ctx.stop.wait() => {
-            ctx.recorder.lock().failed("stopped while connecting".into());
+    let retries = ctx.reconnect && matches!(ctx.target, Target::Herald);
+    let mut backoff = MIN_BACKOFF;
+    let mut attempt = 0u64;
+    let session = loop {
+        let setup = tokio::select! {
+            r = timeout(ctx.connect_timeout, establish(ctx, spec)) => r,
+            _ = ctx.stop.wait() => {
+                ctx.recorder.lock().failed("stopped while connecting".into());
+                return None;
+            }
+        };
+        let failure = match setup {
+            Ok(Ok(s)) => break s,
+            Ok(Err(e)) => e.kind(),
+            Err(_) => "timeout connecting".to_string(),
+        };
+        if !retries {
+            ctx.recorder.lock().failed(failure);
             return None;
         }
-    };
-    let session = match setup {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            ctx.recorder.lock().failed(e.kind());
-            return None;
+        ctx.recorder
+            .lock()
+            .error(format!("connect retried: {failure}"));
+        tokio::select! {
+            _ = tokio::time::sleep(jittered(backoff, spec.index, attempt)) => {}
+            _ = ctx.stop.wait() => {
+                ctx.recorder.lock().failed(failure);
+                return None;
+            }
         }
-        Err(_) => {
-            ctx.recorder.lock().failed("timeout connecting".into());
-            return None;
-        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        attempt += 1;
     };
     let latency_us = started.elapsed().as_micros() as u64;
     ctx.recorder
@@ -266,17 +283,20 @@ async fn reconnect(ctx: &ConnCtx, spec: &ConnSpec, d: &mut Delivery<'_>) -> Opti
                 .error(format!("reconnect: {}", e.kind())),
             Err(_) => ctx.recorder.lock().error("reconnect: timeout".into()),
         }
-        // Backoff with full jitter, as the SDKs do, so a dead node's clients do not retry
-        // in step (no RNG needed: the connection index and attempt scatter them).
-        let spread = spec.index.wrapping_add(attempt).wrapping_mul(2_654_435_761) % 1000;
-        let wait = backoff.mul_f64((500 + spread) as f64 / 1500.0);
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(jittered(backoff, spec.index, attempt)) => {}
             _ = ctx.stop.wait() => return None,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     None
+}
+
+/// Backoff with jitter, as the SDKs do, so the clients of a dead or overloaded node do not
+/// retry in step (no RNG needed: the connection index and attempt scatter them).
+fn jittered(backoff: Duration, index: u64, attempt: u64) -> Duration {
+    let spread = index.wrapping_add(attempt).wrapping_mul(2_654_435_761) % 1000;
+    backoff.mul_f64((500 + spread) as f64 / 1500.0)
 }
 
 /// Where the arbiter says to connect: the `attempt`-th node (wrapping) of the list

@@ -299,10 +299,12 @@ async fn slow_consumer_fills_its_queue_and_is_counted() {
     s.shutdown().await;
 }
 
-/// The memory engine, with a switch that makes every operation fail and readiness drop.
+/// The memory engine, with a switch that makes every operation fail and readiness drop,
+/// and one that fails the history reads of a single channel.
 struct FlakyEngine {
     inner: MemoryEngine,
     down: Arc<AtomicBool>,
+    refuse_history_of: Arc<std::sync::Mutex<String>>,
 }
 
 impl FlakyEngine {
@@ -350,6 +352,9 @@ impl Engine for FlakyEngine {
         channel: &'a str,
         query: HistoryQuery,
     ) -> BoxFut<'a, Result<HistoryResult, EngineError>> {
+        if *self.refuse_history_of.lock().unwrap() == channel {
+            return Box::pin(async { Err(EngineError::Unavailable("timed out".into())) });
+        }
         self.gate(self.inner.history(channel, query))
     }
     fn remove_history<'a>(&'a self, channel: &'a str) -> BoxFut<'a, Result<(), EngineError>> {
@@ -390,17 +395,25 @@ impl Engine for FlakyEngine {
     }
 }
 
-#[tokio::test]
-async fn engine_failures_are_counted_and_fail_readiness() {
-    // A node on the flaky engine, served by the same router the binary uses.
+/// A node on the flaky engine, served by the same router the binary uses.
+struct FlakyNode {
+    addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    refuse_history_of: Arc<std::sync::Mutex<String>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn start_flaky() -> FlakyNode {
     let config = herald_server::Config::from_toml(&config("")).unwrap();
     let (metrics, prometheus) = herald_server::ops::new_metrics();
     let down = Arc::new(AtomicBool::new(false));
-    let switch = down.clone();
+    let refuse_history_of = Arc::new(std::sync::Mutex::new(String::new()));
+    let (switch, refuse) = (down.clone(), refuse_history_of.clone());
     let node = herald_core::Node::with_metrics(config.node_config(), metrics, move |hub| {
         Arc::new(FlakyEngine {
             inner: MemoryEngine::new(hub),
             down: switch,
+            refuse_history_of: refuse,
         })
     });
     let state = herald_server::state::AppState {
@@ -415,6 +428,19 @@ async fn engine_failures_are_counted_and_fail_readiness() {
     let addr = listener.local_addr().unwrap();
     let app = herald_server::server::router(state);
     let served = tokio::spawn(async move { axum_serve(listener, app).await });
+    FlakyNode {
+        addr,
+        down,
+        refuse_history_of,
+        served,
+    }
+}
+
+#[tokio::test]
+async fn engine_failures_are_counted_and_fail_readiness() {
+    let FlakyNode {
+        addr, down, served, ..
+    } = start_flaky().await;
 
     let ready = request(addr, "GET", "/ready", &[], "").await.unwrap();
     assert_eq!(
@@ -467,6 +493,61 @@ async fn engine_failures_are_counted_and_fail_readiness() {
         200
     );
     served.abort();
+}
+
+#[tokio::test]
+async fn a_connect_whose_server_side_subscription_fails_is_refused_and_leaves_nothing() {
+    let node = start_flaky().await;
+    let addr = node.addr;
+    // Server-side subscriptions are joined in channel order: "alpha" is positioned before
+    // the history read of "beta" fails, so it has to be undone.
+    *node.refuse_history_of.lock().unwrap() = "beta".into();
+    let claims = json!({"sub": "ann", "channels": ["beta", "alpha"]});
+    let url = format!("ws://{addr}/connection/websocket");
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut c = Client::from_stream(ws);
+    c.send(json!({"id": 1, "connect": {"token": token_with(claims.clone(), 3600)}}))
+        .await
+        .unwrap();
+    assert!(
+        c.reply(1).await.is_err(),
+        "a connect without one of its server-side subscriptions was answered"
+    );
+    assert_eq!(c.close.as_ref().map(|(code, _)| *code), Some(3004));
+    let s = until(addr, "the refused client to leave", |m| {
+        m.get("herald_clients", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(s.get("herald_subscriptions", &[]), 0.0, "{s:?}");
+    assert_eq!(s.get("herald_channels", &[]), 0.0, "{s:?}");
+
+    // Once the engine answers, the same token connects with both channels, live.
+    node.refuse_history_of.lock().unwrap().clear();
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut c = Client::from_stream(ws);
+    c.send(json!({"id": 1, "connect": {"token": token_with(claims, 3600)}}))
+        .await
+        .unwrap();
+    let r = c.reply(1).await.unwrap();
+    let subs = r["connect"]["subs"].as_object().unwrap();
+    assert!(
+        subs.contains_key("alpha") && subs.contains_key("beta"),
+        "{r}"
+    );
+    for ch in ["alpha", "beta"] {
+        let r = request(
+            addr,
+            "POST",
+            "/api/publish",
+            &[("X-API-Key", API_KEY)],
+            &json!({"channel": ch, "data": {"to": ch}}).to_string(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(c.publication(ch).await.unwrap()["data"]["to"], ch);
+    }
+    node.served.abort();
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {

@@ -917,15 +917,30 @@ impl Session {
         }
         self.wait_for(id, CommandKind::Connect, async move {
             let mut prepared = Vec::new();
-            for j in joining {
+            let mut joining = joining.into_iter();
+            while let Some(j) = joining.next() {
                 let ch = j.channel.clone();
-                match work::position(&who, j, now).await {
-                    Ok(p) => prepared.push(p),
-                    Err(Fail::Disconnect(d)) => return Err(Fail::Disconnect(d)),
-                    Err(Fail::Error(e)) => {
-                        tracing::warn!(channel = %ch, error = %e, "server-side subscription failed");
+                let fail = match work::position(&who, j, now).await {
+                    Ok(p) => {
+                        prepared.push(p);
+                        continue;
                     }
+                    Err(Fail::Disconnect(d)) => Fail::Disconnect(d),
+                    Err(Fail::Error(e)) => {
+                        // A connect without one of its server-side subscriptions would miss
+                        // that channel's publications unnoticed: it fails instead, and the
+                        // client reconnects (Centrifugo fails it too).
+                        tracing::warn!(channel = %ch, error = %e, "server-side subscription failed; connect refused");
+                        Disconnect::SERVER_ERROR.into()
+                    }
+                };
+                for p in prepared {
+                    work::abandon(&who, &p.channel, p.sub.presence).await;
                 }
+                for j in joining {
+                    work::abandon(&who, &j.channel, j.presence()).await;
+                }
+                return Err(fail);
             }
             Ok(Applied::Connected { data, prepared })
         })

@@ -208,16 +208,30 @@ pub(super) async fn position(who: &Who, j: Joining, now: Now) -> Result<Prepared
             channel: ch,
         }),
         Err(e) => {
-            let node = &who.node;
-            who.conn.cancel_buffering(&ch);
-            if node.hub.remove_subscriber(&ch, &who.conn.id) {
-                let _ = node.engine.unsubscribe(&ch).await;
-            }
-            if ns.presence {
-                let _ = node.engine.remove_presence(&ch, &who.conn.id).await;
-            }
+            abandon(who, &ch, ns.presence).await;
             Err(e)
         }
+    }
+}
+
+/// Leaves a channel `join` joined whose subscription will not be finished: it stops
+/// buffering, leaves the hub (and the engine when it was the node's last subscriber) and
+/// drops its presence.
+pub(super) async fn abandon(who: &Who, ch: &str, presence: bool) {
+    let node = &who.node;
+    who.conn.cancel_buffering(ch);
+    if node.hub.remove_subscriber(ch, &who.conn.id) {
+        let _ = node.engine.unsubscribe(ch).await;
+    }
+    if presence {
+        let _ = node.engine.remove_presence(ch, &who.conn.id).await;
+    }
+}
+
+impl Joining {
+    /// Whether the namespace keeps presence for this channel.
+    pub(super) fn presence(&self) -> bool {
+        self.ns.presence
     }
 }
 

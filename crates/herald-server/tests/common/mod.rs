@@ -104,6 +104,15 @@ impl Client {
         })
     }
 
+    /// Wraps a WebSocket opened elsewhere (a node started outside `start`).
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
+            ws,
+            pending: VecDeque::new(),
+            close: None,
+        }
+    }
+
     /// Opens with extra request headers (a cookie, an `Origin`).
     pub async fn open_with(server: &Server, headers: &[(&str, &str)]) -> Result<Self> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
