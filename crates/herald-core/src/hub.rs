@@ -59,7 +59,10 @@ impl Channel {
 type ChannelMap = HashMap<Arc<str>, Channel>;
 
 /// Non-empty users → their connections by client id.
-type UserMap = HashMap<Arc<str>, HashMap<Arc<str>, Arc<ConnHandle>>>;
+/// A user's connections are few (one per device or tab): a vector, grown one slot at a time,
+/// costs 8 bytes a connection where a map cost ~115 (idle-memory measurements,
+/// docs/performance.md).
+type UserMap = HashMap<Arc<str>, Vec<Arc<ConnHandle>>>;
 
 /// A connected client and the user it was registered under (its index key in `users`).
 struct ConnEntry {
@@ -157,10 +160,9 @@ impl Hub {
             Self::unindex_user(&mut users, &old.user, &conn.id);
         }
         if !user.is_empty() {
-            users
-                .entry(user)
-                .or_default()
-                .insert(conn.id.clone(), conn.clone());
+            let by_user = users.entry(user).or_default();
+            by_user.reserve_exact(1);
+            by_user.push(conn.clone());
         }
     }
 
@@ -172,10 +174,12 @@ impl Hub {
     }
 
     fn unindex_user(users: &mut UserMap, user: &str, client_id: &str) {
-        if let Some(by_id) = users.get_mut(user) {
-            by_id.remove(client_id);
-            if by_id.is_empty() {
+        if let Some(conns) = users.get_mut(user) {
+            conns.retain(|c| *c.id != *client_id);
+            if conns.is_empty() {
                 users.remove(user);
+            } else if conns.capacity() > 2 * conns.len() {
+                conns.shrink_to_fit();
             }
         }
     }
@@ -193,7 +197,7 @@ impl Hub {
         self.users
             .read()
             .get(user)
-            .map(|by_id| by_id.values().cloned().collect())
+            .map(|conns| conns.to_vec())
             .unwrap_or_default()
     }
 
@@ -779,6 +783,9 @@ mod tests {
         let st = hub.stats();
         assert_eq!((st.clients, st.users), (4, 2));
         assert!(hub.conn("anon1").is_none());
+        assert_eq!(hub.user_conns("alice").len(), 1);
+        // Registered again (as a reconnecting session is), it is still indexed once.
+        hub.add_conn(&named[1]);
         assert_eq!(hub.user_conns("alice").len(), 1);
         hub.remove_conn(&named[1]);
         assert_eq!(hub.stats().users, 1);

@@ -9,9 +9,10 @@
 //! its [`Completion`] while pongs, pings and deadlines go on being served. One request is in
 //! flight at a time, so commands take effect in the order the client sent them.
 
+mod channels;
 mod work;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use herald_protocol::client::{
 use herald_protocol::json::Raw;
 use herald_protocol::{Disconnect, ErrorCode, codes};
 
+use self::channels::SubsByChannel;
 use crate::auth;
 use crate::channel;
 use crate::clock::Now;
@@ -245,7 +247,7 @@ pub struct Session {
     user: String,
     conn_info: Option<Raw>,
     expire_at: Option<u64>,
-    subs: HashMap<String, Sub>,
+    subs: SubsByChannel<Sub>,
     next_ping: Instant,
     awaiting_pong: Option<Instant>,
     /// What the connect reply calls the session (the client id unless a transport routes
@@ -294,7 +296,7 @@ impl Session {
             user: String::new(),
             conn_info: None,
             expire_at: None,
-            subs: HashMap::new(),
+            subs: SubsByChannel::default(),
             awaiting_pong: None,
             session_id: None,
             closed: false,
@@ -1672,7 +1674,7 @@ impl Session {
         self.inbox.clear();
         self.request = None;
         let subs: Vec<(String, Sub)> = if first {
-            self.subs.drain().collect()
+            self.subs.take_all()
         } else {
             Vec::new()
         };
