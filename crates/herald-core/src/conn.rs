@@ -270,7 +270,9 @@ struct Outbox {
     /// queued in each (0: none yet).
     deltas: Vec<(Arc<str>, u64)>,
     controls: Vec<Control>,
-    closing: Option<Disconnect>,
+    /// Boxed: set once, at the end, and 24 bytes smaller inline, which keeps the handle in a
+    /// smaller allocation class (idle memory per connection, docs/performance.md).
+    closing: Option<Box<Disconnect>>,
     /// When the oldest publication among `frames` reached the hub.
     oldest_publication: Option<Instant>,
 }
@@ -373,7 +375,7 @@ impl ConnHandle {
             st.frames.clear();
             st.bytes = 0;
             st.oldest_publication = None;
-            st.closing = Some(Disconnect::SLOW.into());
+            st.closing = Some(Box::new(Disconnect::SLOW.into()));
             self.closed.notify_waiters();
             return false;
         }
@@ -593,7 +595,7 @@ impl ConnHandle {
         {
             let mut st = self.state.lock();
             if st.closing.is_none() {
-                st.closing = Some(d);
+                st.closing = Some(Box::new(d));
                 self.closed.notify_waiters();
             }
         }
@@ -615,7 +617,7 @@ impl ConnHandle {
 
     /// Why the connection is closing, once it is.
     pub fn close_reason(&self) -> Option<Disconnect> {
-        self.state.lock().closing.clone()
+        self.state.lock().closing.as_deref().cloned()
     }
 
     /// Takes every queued frame and control at once (the writer batches them).
@@ -625,7 +627,7 @@ impl ConnHandle {
         Drained {
             frames: std::mem::take(&mut st.frames),
             controls: std::mem::take(&mut st.controls),
-            closing: st.closing.clone(),
+            closing: st.closing.as_deref().cloned(),
             oldest_publication: st.oldest_publication.take(),
         }
     }
@@ -666,6 +668,18 @@ impl ConnHandle {
 
 #[cfg(test)]
 mod tests {
+    /// Every connection holds one handle, allocated with its two reference counts: kept
+    /// within mimalloc's 320-byte class (it was in the 384-byte one), docs/performance.md.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_handle_fits_its_allocation_class() {
+        let with_counts = std::mem::size_of::<ConnHandle>() + 2 * std::mem::size_of::<usize>();
+        assert!(
+            with_counts <= 320,
+            "ConnHandle allocation grew to {with_counts} bytes"
+        );
+    }
+
     use super::*;
 
     fn msg(offset: u64) -> Arc<PubMessage> {
