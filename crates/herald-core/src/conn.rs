@@ -668,6 +668,8 @@ impl ConnHandle {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Every connection holds one handle, allocated with its two reference counts: kept
     /// within mimalloc's 320-byte class (it was in the 384-byte one), docs/performance.md.
     #[cfg(target_pointer_width = "64")]
@@ -679,8 +681,6 @@ mod tests {
             "ConnHandle allocation grew to {with_counts} bytes"
         );
     }
-
-    use super::*;
 
     fn msg(offset: u64) -> Arc<PubMessage> {
         let mut m = PubMessage::new(Arc::from("ch"), test_publication(offset), Instant::now());

@@ -503,9 +503,7 @@ async fn a_connect_whose_server_side_subscription_fails_is_refused_and_leaves_no
     // the history read of "beta" fails, so it has to be undone.
     *node.refuse_history_of.lock().unwrap() = "beta".into();
     let claims = json!({"sub": "ann", "channels": ["beta", "alpha"]});
-    let url = format!("ws://{addr}/connection/websocket");
-    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let mut c = Client::from_stream(ws);
+    let mut c = Client::open_at(addr).await.unwrap();
     c.send(json!({"id": 1, "connect": {"token": token_with(claims.clone(), 3600)}}))
         .await
         .unwrap();
@@ -523,8 +521,7 @@ async fn a_connect_whose_server_side_subscription_fails_is_refused_and_leaves_no
 
     // Once the engine answers, the same token connects with both channels, live.
     node.refuse_history_of.lock().unwrap().clear();
-    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-    let mut c = Client::from_stream(ws);
+    let mut c = Client::open_at(addr).await.unwrap();
     c.send(json!({"id": 1, "connect": {"token": token_with(claims, 3600)}}))
         .await
         .unwrap();

@@ -95,22 +95,18 @@ pub struct Client {
 
 impl Client {
     pub async fn open(server: &Server) -> Result<Self> {
-        let url = format!("ws://{}/connection/websocket", server.addr);
+        Self::open_at(server.addr).await
+    }
+
+    /// Opens to a node listening at `addr` (one started outside `start`).
+    pub async fn open_at(addr: SocketAddr) -> Result<Self> {
+        let url = format!("ws://{addr}/connection/websocket");
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         Ok(Self {
             ws,
             pending: VecDeque::new(),
             close: None,
         })
-    }
-
-    /// Wraps a WebSocket opened elsewhere (a node started outside `start`).
-    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
-        Self {
-            ws,
-            pending: VecDeque::new(),
-            close: None,
-        }
     }
 
     /// Opens with extra request headers (a cookie, an `Origin`).

@@ -368,6 +368,8 @@ impl Wire for WsWire {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Every WebSocket connection holds one boxed wire: kept within mimalloc's 256-byte
     /// class (it was in the 320-byte one), docs/performance.md.
     #[cfg(target_pointer_width = "64")]
@@ -376,8 +378,6 @@ mod tests {
         let size = std::mem::size_of::<WsWire>();
         assert!(size <= 256, "WsWire grew to {size} bytes");
     }
-
-    use super::*;
 
     #[test]
     fn batches_with_newlines() {
