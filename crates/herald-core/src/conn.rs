@@ -3,9 +3,13 @@
 //! task; the connection's own task drains it.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Instant;
+
+use atomic_waker::AtomicWaker;
 
 use bytes::Bytes;
 use herald_protocol::Disconnect;
@@ -303,7 +307,11 @@ pub struct ConnHandle {
     pub codec: Codec,
     user: parking_lot::RwLock<Arc<str>>,
     state: Mutex<Outbox>,
-    notify: Notify,
+    /// The connection's task is its only waiter: a flag and a waker, where a `Notify` would
+    /// put an 80-byte wait state in every idle connection's task (idle memory per
+    /// connection, docs/performance.md).
+    pending: AtomicBool,
+    waker: AtomicWaker,
     /// Signalled once when the connection starts closing, so a blocked write can give up.
     closed: Notify,
     max_queue_bytes: usize,
@@ -327,7 +335,8 @@ impl ConnHandle {
             codec: Codec::Json,
             user: parking_lot::RwLock::new(Arc::from("")),
             state: Mutex::new(Outbox::default()),
-            notify: Notify::new(),
+            pending: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             closed: Notify::new(),
             max_queue_bytes,
         }
@@ -347,9 +356,20 @@ impl ConnHandle {
         *self.user.write() = Arc::from(user);
     }
 
-    /// Waits until there is something to drain.
-    pub async fn wait(&self) {
-        self.notify.notified().await
+    /// Waits until there is something to drain (or a deadline scheduled on the node's
+    /// timers came). One task at a time may wait: the connection's own.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::poll_fn(|cx| {
+            if self.pending.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.pending.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Resolves once the connection is closing (slow, kicked, shut down).
@@ -389,7 +409,7 @@ impl ConnHandle {
             let mut st = self.state.lock();
             self.push_locked(&mut st, frame)
         };
-        self.notify.notify_one();
+        self.wake();
         ok
     }
 
@@ -422,7 +442,7 @@ impl ConnHandle {
                     // the channel back and have the client resubscribe and recover them.
                     Self::hold_back(&mut st, channel);
                     drop(st);
-                    self.notify.notify_one();
+                    self.wake();
                     return;
                 }
                 // The live stream has caught up with the reply: no more filtering.
@@ -437,7 +457,7 @@ impl ConnHandle {
                 st.oldest_publication.get_or_insert(msg.received);
             }
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Delivers a frame that is not part of the stream (join/leave), already in this
@@ -451,7 +471,7 @@ impl ConnHandle {
             }
             self.push_locked(&mut st, frame);
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// A publication push encoded once for every subscriber, as this connection's client
@@ -560,12 +580,12 @@ impl ConnHandle {
                 }
             }
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     pub fn control(&self, c: Control) {
         self.state.lock().controls.push(c);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Tells the client to resubscribe to `channel` and recover (2500), holding back every
@@ -573,7 +593,7 @@ impl ConnHandle {
     /// unsubscribe push would move the client's position past what it missed.
     pub fn insufficient_state(&self, channel: &str) {
         Self::hold_back(&mut self.state.lock(), channel);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Holds `channel` back and queues the 2500 control, once until it is subscribed again.
@@ -599,7 +619,7 @@ impl ConnHandle {
                 self.closed.notify_waiters();
             }
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Closing because its queue overflowed.
@@ -647,7 +667,8 @@ impl ConnHandle {
 
     /// Wakes the connection's task (it rechecks its queue).
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Channels in the middle of being subscribed (joined to the hub, reply not yet queued):

@@ -16,5 +16,6 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod recovery;
 pub mod session;
+pub mod timers;
 
 pub use node::Node;

@@ -76,6 +76,8 @@ pub struct Node {
     pub tokens: TokenVerifier,
     /// Metric handles (see `crate::metrics`).
     pub metrics: Arc<Metrics>,
+    /// Every connection's deadlines, in one structure (see `crate::timers`).
+    pub timers: crate::timers::Timers,
     draining: AtomicBool,
     pub channel_proxy: crate::proxy::ChannelProxies,
     pub rpc_proxy: crate::proxy::RpcProxy,
@@ -157,6 +159,7 @@ impl Node {
             hub,
             engine,
             metrics,
+            timers: crate::timers::Timers::new(),
             draining: AtomicBool::new(false),
             channel_proxy: config.channel_proxy,
             rpc_proxy: config.rpc_proxy,

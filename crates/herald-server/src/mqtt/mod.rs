@@ -73,7 +73,7 @@ pub fn serve<C: Carrier>(
         wire,
         None,
         state.node.metrics.transport(TRANSPORT),
-        state.node.metrics.clone(),
+        state.node.clone(),
         peer,
     )
 }

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use crate::http::Peer;
 use bytes::Bytes;
+use herald_core::Node;
 use herald_core::clock::Now;
 use herald_core::conn::{ConnHandle, Control};
-use herald_core::metrics::{Metrics, TransportMetrics};
+use herald_core::metrics::{ConnectionGuard, TransportMetrics};
 use herald_core::session::{Completion, Request, Session};
 use herald_protocol::Disconnect;
 
@@ -161,7 +162,7 @@ impl<H: Handler> Guard<H> {
         self.handler.as_mut().expect("handler present until close")
     }
 
-    async fn close(mut self) {
+    async fn close(&mut self) {
         if let Some(mut h) = self.handler.take() {
             h.close().await;
         }
@@ -188,75 +189,97 @@ impl<H: Handler> Drop for Guard<H> {
 
 /// The pieces of a connection that frames flow through.
 struct Io<'a, W> {
-    conn: &'a ConnHandle,
+    conn: &'a Arc<ConnHandle>,
     wire: &'a mut W,
     transport: &'a TransportMetrics,
-    metrics: &'a Metrics,
+    node: &'a Node,
+}
+
+/// One connection's parts, in one box made before the connection's future exists: a future
+/// keeps its arguments both as they were passed and where its body moved them, so passed by
+/// value they would be held twice for the life of the connection (docs/performance.md,
+/// "Idle memory per connection" and "One timer per node").
+struct Connection<W, H: Handler> {
+    conn: Arc<ConnHandle>,
+    guard: Guard<H>,
+    wire: W,
+    first: Option<Bytes>,
+    transport: Arc<TransportMetrics>,
+    node: Arc<Node>,
+    peer: Peer,
+    _counted: ConnectionGuard,
 }
 
 /// Runs one connection to its end. `first` is a message the transport already received
 /// (the connect request of an HTTP stream, a `cf_connect` parameter).
-///
-/// The handler and the wire go to the heap before the future exists: a future keeps its
-/// arguments both as they were passed and where its body moved them, so by value they would
-/// be held twice for the life of the connection (the WebSocket connection's future went from
-/// 3.9 KiB to 0.36 KiB; docs/performance.md, "Idle memory per connection").
 pub fn drive<W: Wire, H: Handler>(
     conn: Arc<ConnHandle>,
     handler: H,
     wire: W,
     first: Option<Bytes>,
     transport: Arc<TransportMetrics>,
-    metrics: Arc<Metrics>,
+    node: Arc<Node>,
     peer: Peer,
 ) -> impl Future<Output = ()> + Send {
-    drive_boxed(
+    drive_boxed(Box::new(Connection {
+        guard: Guard {
+            handler: Some(Box::new(handler)),
+            conn: conn.clone(),
+        },
         conn,
-        Box::new(handler),
-        Box::new(wire),
+        wire,
         first,
+        _counted: transport.open(),
         transport,
-        metrics,
+        node,
         peer,
-    )
+    }))
 }
 
-async fn drive_boxed<W: Wire, H: Handler>(
-    conn: Arc<ConnHandle>,
-    handler: Box<H>,
-    mut wire: Box<W>,
-    first: Option<Bytes>,
-    transport: Arc<TransportMetrics>,
-    metrics: Arc<Metrics>,
-    peer: Peer,
-) {
-    let _counted = transport.open();
-    let mut guard = Guard {
-        handler: Some(handler),
-        conn: conn.clone(),
-    };
+async fn drive_boxed<W: Wire, H: Handler>(mut c: Box<Connection<W, H>>) {
     let mut leftover = VecDeque::new();
     let ending = {
+        let c = &mut *c;
         let mut io = Io {
-            conn: &conn,
-            wire: &mut *wire,
-            transport: &transport,
-            metrics: &metrics,
+            conn: &c.conn,
+            wire: &mut c.wire,
+            transport: &c.transport,
+            node: &c.node,
         };
-        Box::pin(run(guard.get(), &mut io, first, &mut leftover)).await
+        let first = match c.first.take() {
+            Some(data) => Box::pin(step(&mut io, c.guard.get().on_message(data, Now::system())))
+                .await
+                .err(),
+            None => None,
+        };
+        match first {
+            Some(ending) => ending,
+            None => Box::pin(run(c.guard.get(), &mut io, &mut leftover)).await,
+        }
     };
+    Box::pin(finish(c, ending, leftover)).await;
+}
+
+/// Ends the connection the way the loop ended: the session lets go, then the wire says
+/// goodbye (bounded).
+async fn finish<W: Wire, H: Handler>(
+    mut c: Box<Connection<W, H>>,
+    ending: Ending,
+    leftover: VecDeque<Bytes>,
+) {
+    let conn = c.conn.clone();
     match ending {
         Ending::Disconnect(d) => {
             if d.is_protocol_error() {
                 tracing::debug!(
                     client = %conn.id,
-                    addr = %peer,
-                    transport = transport.name,
+                    addr = %c.peer,
+                    transport = c.transport.name,
                     code = d.code,
                     reason = %d.reason,
                     "closing a connection for a protocol error"
                 );
-                transport.protocol_error(d.code);
+                c.transport.protocol_error(d.code);
             }
             // Recorded as the reason (metrics and logs read it when the session closes).
             conn.close(d.clone());
@@ -267,49 +290,39 @@ async fn drive_boxed<W: Wire, H: Handler>(
             } else {
                 pending.extend(conn.drain_frames().0);
             }
-            let push = guard.get().goodbye(&d);
+            let push = c.guard.get().goodbye(&d);
             // The session lets go first: a client that sees the close can count on it.
             conn.close(Disconnect::new(3000, "closed"));
-            Box::pin(guard.close()).await;
-            let _ = Box::pin(tokio::time::timeout(
-                CLOSE_TIMEOUT,
-                wire.goodbye(pending, push, &d),
-            ))
-            .await;
+            c.guard.close().await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, c.wire.goodbye(pending, push, &d)).await;
         }
         Ending::ClientGone => {
             conn.close(Disconnect::new(3000, "closed"));
-            Box::pin(guard.close()).await;
-            let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, wire.farewell())).await;
+            c.guard.close().await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, c.wire.farewell()).await;
         }
         Ending::Broken => {
             conn.close(Disconnect::new(3000, "closed"));
-            Box::pin(guard.close()).await;
+            c.guard.close().await;
         }
     }
 }
 
-/// The steps and writes are boxed: an idle connection's task then holds only the small
-/// waiting state, and the large futures exist while they run (idle RSS per connection).
+/// Everything the loop awaits besides its wait is boxed: an idle connection's task then
+/// holds only the small waiting state, and the large futures exist while they run (idle
+/// RSS per connection). Deadlines are kept by the node's timers, which wake the task
+/// through the outbox's signal; the loop itself checks whether one came.
 async fn run<W: Wire, H: Handler>(
     h: &mut H,
     io: &mut Io<'_, W>,
-    first: Option<Bytes>,
     leftover: &mut VecDeque<Bytes>,
 ) -> Ending {
-    if let Some(data) = first
-        && let Err(e) = Box::pin(step(io, h.on_message(data, Now::system()))).await
-    {
-        return e;
-    }
     let mut deadline = h.next_wakeup(Now::system());
     // The request in flight, boxed by the session; an idle connection holds none.
     let mut in_flight: Option<InFlight> = None;
     let mut request_deadline: Option<Instant> = None;
-    // One timer for the connection's life, moved when the deadline moves rather than made
-    // again on every pass of the loop (each delivery is one).
-    let timer = tokio::time::sleep_until(deadline.into());
-    tokio::pin!(timer);
+    // The deadline last given to the node's timers, while it has not come.
+    let mut scheduled: Option<Instant> = None;
     loop {
         if in_flight.is_none()
             && let Some(r) = h.take_request()
@@ -317,61 +330,83 @@ async fn run<W: Wire, H: Handler>(
             in_flight = Some(r.into_future());
             request_deadline = Some(Instant::now() + STEP_TIMEOUT);
         }
-        let wake = request_deadline.map_or(deadline, |r| r.min(deadline));
-        if timer.deadline() != wake.into() {
-            timer.as_mut().reset(wake.into());
+        let due = {
+            let wake = request_deadline.map_or(deadline, |r| r.min(deadline));
+            let now = Instant::now();
+            if request_deadline.is_some_and(|at| now >= at) {
+                tracing::warn!(client = %io.conn.id, "session request timed out");
+                return Ending::Disconnect(Disconnect::SERVER_ERROR.into());
+            }
+            // A deadline already scheduled and not yet come still wakes the task in time; a
+            // later one is scheduled when that wakeup comes.
+            if now < wake && scheduled.is_none_or(|at| at <= now || wake < at) {
+                io.node.timers.schedule(io.conn, wake);
+                scheduled = Some(wake);
+            }
+            now >= wake
+        };
+        if due {
+            match Box::pin(step(io, h.tick(Now::system()))).await {
+                Ok(next) => deadline = next,
+                Err(e) => return e,
+            }
+            continue;
         }
-        tokio::select! {
-            _ = io.conn.wait() => {
-                let drained = io.conn.drain();
-                if let Some(d) = drained.closing {
-                    *leftover = drained.frames;
-                    return Ending::Disconnect(d);
-                }
-                if let Err(e) = Box::pin(write(io, drained.frames, drained.oldest_publication)).await {
-                    return e;
-                }
-                // Only a control can move the session's deadline; written frames cannot, so
-                // the plain write path (every delivery) does not recompute it.
-                if !drained.controls.is_empty() {
-                    for c in drained.controls {
-                        io.wire.on_control(&c);
-                        if let Err(e) = Box::pin(step(io, h.on_control(c, Now::system()))).await {
-                            return e;
-                        }
-                    }
-                    deadline = h.next_wakeup(Now::system());
-                }
-            }
+        let turn = tokio::select! {
+            () = io.conn.wait() => Box::pin(flush(io, h, &mut deadline, leftover)).await,
             received = io.wire.recv(), if h.wants_input() => match received {
-                Received::Message(data) => {
-                    io.transport.bytes_received.increment(data.len() as u64);
-                    if let Err(e) = Box::pin(step(io, h.on_message(data, Now::system()))).await {
-                        return e;
-                    }
-                    deadline = h.next_wakeup(Now::system());
-                }
-                Received::Gone => return Ending::ClientGone,
+                Received::Message(data) => Box::pin(message(io, h, data, &mut deadline)).await,
+                Received::Gone => Err(Ending::ClientGone),
             },
-            () = &mut timer => {
-                if request_deadline.is_some_and(|at| Instant::now() >= at) {
-                    tracing::warn!(client = %io.conn.id, "session request timed out");
-                    return Ending::Disconnect(Disconnect::SERVER_ERROR.into());
-                }
-                match Box::pin(step(io, h.tick(Now::system()))).await {
-                    Ok(next) => deadline = next,
-                    Err(e) => return e,
-                }
-            }
             done = completion(&mut in_flight) => {
                 (in_flight, request_deadline) = (None, None);
-                if let Err(d) = h.complete(done, Now::system()) {
-                    return Ending::Disconnect(d);
-                }
-                deadline = h.next_wakeup(Now::system());
+                h.complete(done, Now::system()).map_err(Ending::Disconnect).map(|()| {
+                    deadline = h.next_wakeup(Now::system());
+                })
             }
+        };
+        if let Err(e) = turn {
+            return e;
         }
     }
+}
+
+/// The outbox's turn: writes what is queued and hands the controls to the handler.
+async fn flush<W: Wire, H: Handler>(
+    io: &mut Io<'_, W>,
+    h: &mut H,
+    deadline: &mut Instant,
+    leftover: &mut VecDeque<Bytes>,
+) -> Result<(), Ending> {
+    let drained = io.conn.drain();
+    if let Some(d) = drained.closing {
+        *leftover = drained.frames;
+        return Err(Ending::Disconnect(d));
+    }
+    write(io, drained.frames, drained.oldest_publication).await?;
+    // Only a control can move the session's deadline; written frames cannot, so the plain
+    // write path (every delivery) does not recompute it.
+    if !drained.controls.is_empty() {
+        for c in drained.controls {
+            io.wire.on_control(&c);
+            step(io, h.on_control(c, Now::system())).await?;
+        }
+        *deadline = h.next_wakeup(Now::system());
+    }
+    Ok(())
+}
+
+/// A message from the client, handled to its end.
+async fn message<W: Wire, H: Handler>(
+    io: &mut Io<'_, W>,
+    h: &mut H,
+    data: Bytes,
+    deadline: &mut Instant,
+) -> Result<(), Ending> {
+    io.transport.bytes_received.increment(data.len() as u64);
+    step(io, h.on_message(data, Now::system())).await?;
+    *deadline = h.next_wakeup(Now::system());
+    Ok(())
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Completion> + Send>>;
@@ -479,7 +514,7 @@ async fn write<W: Wire>(
     };
     io.transport.bytes_sent.increment(n as u64);
     if let Some(t) = oldest {
-        io.metrics.written(t);
+        io.node.metrics.written(t);
     }
     Ok(())
 }
@@ -597,6 +632,34 @@ mod tests {
         }
     }
 
+    /// The loop's waiting state is what an idle connection's task holds. With the timers on
+    /// the node and every turn boxed it is 256 bytes with the WebSocket wire (608, in
+    /// mimalloc's 640-byte class, with a `Sleep` and a `Notified` of its own and the turns
+    /// inline); docs/performance.md, "One timer per node".
+    #[cfg(target_pointer_width = "64")]
+    #[tokio::test]
+    async fn the_waiting_loop_fits_its_allocation_class() {
+        let node = node();
+        let conn = Arc::new(ConnHandle::new(Arc::from("c-size"), 1 << 20));
+        let mut session = Session::new(node.clone(), conn.clone(), Instant::now());
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let (out, _written) = mpsc::unbounded_channel();
+        let mut wire = TestWire { rx, out };
+        let transport = node.metrics.transport("test");
+        let mut io = Io {
+            conn: &conn,
+            wire: &mut wire,
+            transport: &transport,
+            node: &node,
+        };
+        let mut leftover = VecDeque::new();
+        let size = std::mem::size_of_val(&run(&mut session, &mut io, &mut leftover));
+        assert!(
+            size <= 256,
+            "the connection loop's state grew to {size} bytes"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_connection_is_cleaned_up_like_a_disconnect() {
         let node = node();
@@ -614,7 +677,7 @@ mod tests {
             TestWire { rx, out: out_tx },
             None,
             node.metrics.transport("test"),
-            node.metrics.clone(),
+            node.clone(),
             Peer::default(),
         ));
         tx.send(Bytes::from_static(br#"{"id":1,"connect":{}}"#))
@@ -649,7 +712,7 @@ mod tests {
             TestWire { rx, out: out_tx },
             None,
             node.metrics.transport("test"),
-            node.metrics.clone(),
+            node.clone(),
             Peer::default(),
         ));
         tx.send(Bytes::from_static(

@@ -281,7 +281,7 @@ fn open(
         wire,
         Some(first),
         transport,
-        state.node.metrics.clone(),
+        state.node.clone(),
         peer,
     );
     tokio::spawn(async move {

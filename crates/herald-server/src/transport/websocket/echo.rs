@@ -65,7 +65,7 @@ pub async fn handle(State(state): State<AppState>, ws: WsUpgrade) -> Response {
             WsWire::new(socket, Framing::Echo(Default::default())),
             None,
             state.node.metrics.transport("echo"),
-            state.node.metrics.clone(),
+            state.node.clone(),
             Default::default(),
         )
         .await;

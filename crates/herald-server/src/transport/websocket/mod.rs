@@ -229,7 +229,7 @@ pub fn serve_session(
                 WsWire::new(socket, framing),
                 first,
                 state.node.metrics.transport(transport),
-                state.node.metrics.clone(),
+                state.node.clone(),
                 peer,
             )
         },
