@@ -309,6 +309,13 @@ impl TransportMetrics {
 /// Keeps a connection counted in `herald_connections` while alive.
 pub struct ConnectionGuard(Arc<TransportMetrics>);
 
+impl ConnectionGuard {
+    /// The transport's metrics the connection is counted in.
+    pub fn transport(&self) -> &TransportMetrics {
+        &self.0
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.decrement(1.0);

@@ -10,6 +10,8 @@ pub mod sessions;
 pub mod settings;
 pub mod wire;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use herald_core::conn::{Codec, Mode};
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub use self::settings::{Mqtt, Settings};
@@ -106,23 +108,44 @@ pub async fn listen(
         let guard = state.tracker.enter();
         let state = state.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        // The task and the connection each boxed, the TLS handshake in a box of its own:
+        // inline, the handshake's state sized the task's cell for the connection's whole life
+        // (2,944 bytes).
+        tokio::spawn(Box::pin(async move {
             let _guard = guard;
             let peer = Peer(Some(addr));
             match tls {
-                None => serve(&state, wire::Stream(stream), peer).await,
+                None => Box::pin(serve(&state, wire::Stream(stream), peer)).await,
                 Some(tls) => {
-                    let accept = tls.acceptor().accept(stream);
-                    match tokio::time::timeout(handshake_timeout, accept).await {
-                        Ok(Ok(s)) => serve(&state, wire::Stream(s), peer).await,
-                        Ok(Err(e)) => {
-                            tracing::debug!(addr = %addr, error = %e, "MQTT TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(addr = %addr, "MQTT TLS handshake timed out"),
+                    let handshake = over_tls(&state, &tls, stream, handshake_timeout, peer);
+                    if let Some(connection) = Box::pin(handshake).await {
+                        connection.await;
                     }
                 }
             }
-        });
+        }));
+    }
+}
+
+/// The TLS handshake of an MQTT client, bounded by `timeout`; then its connection's future,
+/// boxed.
+async fn over_tls(
+    state: &AppState,
+    tls: &Tls,
+    stream: TcpStream,
+    timeout: Duration,
+    peer: Peer,
+) -> Option<Pin<Box<impl Future<Output = ()> + Send + use<>>>> {
+    match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => Some(Box::pin(serve(state, wire::Stream(s), peer))),
+        Ok(Err(e)) => {
+            tracing::debug!(addr = %peer, error = %e, "MQTT TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(addr = %peer, "MQTT TLS handshake timed out");
+            None
+        }
     }
 }
 

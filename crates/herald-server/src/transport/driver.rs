@@ -200,14 +200,14 @@ struct Io<'a, W> {
 /// value they would be held twice for the life of the connection (docs/performance.md,
 /// "Idle memory per connection" and "One timer per node").
 struct Connection<W, H: Handler> {
-    conn: Arc<ConnHandle>,
     guard: Guard<H>,
     wire: W,
-    first: Option<Bytes>,
-    transport: Arc<TransportMetrics>,
+    /// Boxed: only the HTTP streams and a `cf_connect` parameter bring one.
+    first: Option<Box<Bytes>>,
+    /// Counts the connection, and holds its transport's metrics.
+    counted: ConnectionGuard,
     node: Arc<Node>,
     peer: Peer,
-    _counted: ConnectionGuard,
 }
 
 /// Runs one connection to its end. `first` is a message the transport already received
@@ -224,13 +224,11 @@ pub fn drive<W: Wire, H: Handler>(
     drive_boxed(Box::new(Connection {
         guard: Guard {
             handler: Some(Box::new(handler)),
-            conn: conn.clone(),
+            conn,
         },
-        conn,
         wire,
-        first,
-        _counted: transport.open(),
-        transport,
+        first: first.map(Box::new),
+        counted: transport.open(),
         node,
         peer,
     }))
@@ -240,21 +238,24 @@ async fn drive_boxed<W: Wire, H: Handler>(mut c: Box<Connection<W, H>>) {
     let mut leftover = VecDeque::new();
     let ending = {
         let c = &mut *c;
+        let Guard { handler, conn } = &mut c.guard;
+        // Only `Guard::close` and its `Drop` take the handler, both after this.
+        let h = handler.as_deref_mut().expect("handler present until close");
         let mut io = Io {
-            conn: &c.conn,
+            conn,
             wire: &mut c.wire,
-            transport: &c.transport,
+            transport: c.counted.transport(),
             node: &c.node,
         };
         let first = match c.first.take() {
-            Some(data) => Box::pin(step(&mut io, c.guard.get().on_message(data, Now::system())))
+            Some(data) => Box::pin(step(&mut io, h.on_message(*data, Now::system())))
                 .await
                 .err(),
             None => None,
         };
         match first {
             Some(ending) => ending,
-            None => Box::pin(run(c.guard.get(), &mut io, &mut leftover)).await,
+            None => Box::pin(run(h, &mut io, &mut leftover)).await,
         }
     };
     Box::pin(finish(c, ending, leftover)).await;
@@ -267,19 +268,20 @@ async fn finish<W: Wire, H: Handler>(
     ending: Ending,
     leftover: VecDeque<Bytes>,
 ) {
-    let conn = c.conn.clone();
+    let conn = c.guard.conn.clone();
+    let transport = c.counted.transport();
     match ending {
         Ending::Disconnect(d) => {
             if d.is_protocol_error() {
                 tracing::debug!(
                     client = %conn.id,
                     addr = %c.peer,
-                    transport = c.transport.name,
+                    transport = transport.name,
                     code = d.code,
                     reason = %d.reason,
                     "closing a connection for a protocol error"
                 );
-                c.transport.protocol_error(d.code);
+                transport.protocol_error(d.code);
             }
             // Recorded as the reason (metrics and logs read it when the session closes).
             conn.close(d.clone());

@@ -284,10 +284,13 @@ fn open(
         state.node.clone(),
         peer,
     );
-    tokio::spawn(async move {
+    // Spawned boxed, the driver's future boxed too: inline, it made the task's cell (aligned
+    // to 128 bytes) 512 bytes, and the task held it twice (as captured and as awaited).
+    let connection = Box::pin(connection);
+    tokio::spawn(Box::pin(async move {
         let _guard = guard;
         connection.await;
-    });
+    }));
     let stream = futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)
             .map(|c| c.map(Ok::<Bytes, std::convert::Infallible>))

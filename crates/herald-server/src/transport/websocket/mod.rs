@@ -131,7 +131,10 @@ where
             // future captured for as long as it runs, so captured by value it would stay
             // part of every connection.
             let setup = Box::new((max_message, extensions, serve));
-            tokio::spawn(async move {
+            // Spawned boxed: a task's cell is aligned to 128 bytes, so a future of a few
+            // dozen bytes inline in it took a 256-byte cell, boxed it takes 128 (idle memory
+            // per connection, docs/performance.md, "One timer per node").
+            tokio::spawn(Box::pin(async move {
                 let _guard = guard;
                 let io = match on_upgrade.await {
                     Ok(io) => io,
@@ -146,7 +149,7 @@ where
                     return;
                 };
                 connection.await;
-            });
+            }));
             let mut response = response.map(axum::body::Body::new);
             if let Some(p) = subprotocol {
                 response.headers_mut().insert(
