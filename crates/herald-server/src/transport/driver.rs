@@ -158,8 +158,17 @@ struct Guard<H: Handler> {
 
 impl<H: Handler> Guard<H> {
     fn get(&mut self) -> &mut H {
+        self.parts().0
+    }
+
+    /// The handler and the handle, borrowed together.
+    fn parts(&mut self) -> (&mut H, &Arc<ConnHandle>) {
         // Only `close` and `Drop` take the handler, and both end the guard's use.
-        self.handler.as_mut().expect("handler present until close")
+        let h = self
+            .handler
+            .as_deref_mut()
+            .expect("handler present until close");
+        (h, &self.conn)
     }
 
     async fn close(&mut self) {
@@ -238,9 +247,7 @@ async fn drive_boxed<W: Wire, H: Handler>(mut c: Box<Connection<W, H>>) {
     let mut leftover = VecDeque::new();
     let ending = {
         let c = &mut *c;
-        let Guard { handler, conn } = &mut c.guard;
-        // Only `Guard::close` and its `Drop` take the handler, both after this.
-        let h = handler.as_deref_mut().expect("handler present until close");
+        let (h, conn) = c.guard.parts();
         let mut io = Io {
             conn,
             wire: &mut c.wire,
