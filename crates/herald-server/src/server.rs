@@ -283,6 +283,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         };
         (l, state.clone(), tls)
     });
+    // Only the main listener serves the streams; the API and admin listeners do not.
+    let main_listen = crate::http::listener::ListenOptions {
+        streams: tls.is_none().then(|| state.clone()),
+        ..listen.clone()
+    };
     let app = router(state);
     let task_node = node.clone();
     let task_ops = ops.clone();
@@ -292,7 +297,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         let mut listeners = vec![tokio::spawn(serve_http(
             listener,
             app,
-            listen.clone(),
+            main_listen,
             listening.clone(),
         ))];
         if let Some((l, app)) = api_app {

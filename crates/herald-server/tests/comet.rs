@@ -75,9 +75,21 @@ impl HttpStream {
         );
         sock.write_all(req.as_bytes()).await?;
         sock.write_all(body).await?;
+        Self::attach(sock, Vec::new()).await
+    }
+
+    /// Sends `request` as it is (head and body) and reads the response head.
+    async fn raw(server: &Server, request: &[u8]) -> Result<Self> {
+        let mut sock = tokio::time::timeout(WAIT, TcpStream::connect(server.addr)).await??;
+        sock.write_all(request).await?;
+        Self::attach(sock, Vec::new()).await
+    }
+
+    /// The response on `sock`, of which `raw` has been read already.
+    async fn attach(sock: TcpStream, raw: Vec<u8>) -> Result<Self> {
         let mut s = Self {
             sock,
-            raw: Vec::new(),
+            raw,
             body: Vec::new(),
             status: 0,
             headers: String::new(),
@@ -85,6 +97,7 @@ impl HttpStream {
             sse: false,
             messages: VecDeque::new(),
         };
+        s.decode()?;
         while s.status == 0 {
             s.read_more().await?;
         }
@@ -785,6 +798,131 @@ async fn uni_sse_get_and_post_receive_api_publications() {
         .unwrap();
     assert!(st.sse);
     uni_flow(&s, st, "feed").await;
+    s.shutdown().await;
+}
+
+/// The unidirectional streams are served on the socket, outside the HTTP library: the
+/// request forms clients use must all work there.
+#[tokio::test]
+async fn uni_streams_take_chunked_bodies_expect_continue_and_http_10() {
+    let s = start("max_message_size = 4096").await;
+    let body = json!({"token": uni_token("dev", &["c1"])}).to_string();
+
+    // A chunked body in two chunks, with a trailer.
+    let (a, b) = body.split_at(10);
+    let req = format!(
+        "POST /connection/uni_http_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let st = HttpStream::raw(&s, req.as_bytes()).await.unwrap();
+    // The connection closes when the stream ends: it is never reused for another request.
+    assert_eq!(st.header("connection").as_deref(), Some("close"));
+    assert_eq!(
+        st.header("cache-control").as_deref(),
+        Some("private, no-cache, no-store, must-revalidate, max-age=0")
+    );
+    uni_flow(&s, st, "c1").await;
+
+    // Expect: 100-continue: the body follows the interim answer.
+    let mut sock = TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /connection/uni_sse HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; interim.len()];
+    tokio::time::timeout(WAIT, sock.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, interim);
+    sock.write_all(body.as_bytes()).await.unwrap();
+    let st = HttpStream::attach(sock, Vec::new()).await.unwrap();
+    assert!(st.sse);
+    uni_flow(&s, st, "c1").await;
+
+    // HTTP/1.0: no chunked encoding; the body ends with the connection.
+    let req = format!(
+        "POST /connection/uni_http_stream HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let st = HttpStream::raw(&s, req.as_bytes()).await.unwrap();
+    assert_eq!(st.header("transfer-encoding"), None);
+    uni_flow(&s, st, "c1").await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn uni_stream_requests_that_cannot_be_served_get_http_errors() {
+    let s = start("max_message_size = 4096").await;
+    let token = uni_token("dev", &["c1"]);
+    let cases: Vec<(String, u16)> = vec![
+        // Larger than client.max_message_size, declared or chunked.
+        (
+            "POST /connection/uni_http_stream HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n".into(),
+            413,
+        ),
+        (
+            format!(
+                "POST /connection/uni_sse HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(0x2000)
+            ),
+            413,
+        ),
+        // Bad chunked encoding, an unknown transfer coding, two lengths.
+        (
+            "POST /connection/uni_sse HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "POST /connection/uni_sse HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n".into(),
+            501,
+        ),
+        (
+            "POST /connection/uni_sse HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}".into(),
+            400,
+        ),
+        // Protobuf is not spoken here; a malformed connect request.
+        (
+            "POST /connection/uni_http_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\nContent-Length: 2\r\n\r\n{}".into(),
+            415,
+        ),
+        (
+            "GET /connection/uni_sse?cf_connect=%5B%5B HTTP/1.1\r\nHost: t\r\n\r\n".into(),
+            400,
+        ),
+        // A head that is not HTTP after the request line.
+        (
+            "GET /connection/uni_sse?cf_connect=%7B%7D HTTP/1.1\r\nnot a header\r\n\r\n".into(),
+            400,
+        ),
+        // A head past its limit (three times the message size and 16 KiB).
+        (
+            format!(
+                "GET /connection/uni_sse?cf_connect=%7B%7D HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(40 << 10)
+            ),
+            431,
+        ),
+    ];
+    for (req, status) in cases {
+        let mut st = HttpStream::raw(&s, req.as_bytes()).await.unwrap();
+        assert_eq!(st.status, status, "{req:.120}");
+        assert_eq!(st.header("connection").as_deref(), Some("close"));
+        // The connection closes after the answer.
+        while st.read_more().await.is_ok() {}
+    }
+    // The node still serves streams.
+    let req = format!(
+        "/connection/uni_sse?cf_connect={}",
+        urlencode(&json!({"token": token}).to_string())
+    );
+    let st = HttpStream::open(&s, "GET", &req, "text/plain", "")
+        .await
+        .unwrap();
+    uni_flow(&s, st, "c1").await;
     s.shutdown().await;
 }
 

@@ -395,6 +395,16 @@ async fn node_connection_limit_refuses_with_503() {
     let (a, _) = Client::connect(&s, "a").await.unwrap();
     let (_b, _) = Client::connect(&s, "b").await.unwrap();
     assert_eq!(ws_with_origin(&s, None).await, Err(503));
+    // The streams served on the socket count the same connections.
+    let (status, _) = http_on(
+        TcpStream::connect(s.addr).await.unwrap(),
+        "GET",
+        "/connection/uni_sse?cf_connect=%7B%7D",
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 503);
     // The API still answers, and a freed slot is taken again.
     api(&s, "info", json!({})).await.unwrap();
     drop(a);

@@ -106,6 +106,35 @@ pub fn pick_deflate_offer(header: &str) -> Option<String> {
     None
 }
 
+/// Whether a request to open a client connection passes the origin check (counted and
+/// logged when it does not).
+pub fn connection_origin_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    let client = &state.node.client;
+    let allowed = if client.allowed_origins.is_empty() && cookie_auth(client) {
+        same_origin(headers)
+    } else {
+        origin_ok(&client.allowed_origins, headers)
+    };
+    if !allowed {
+        state.node.metrics.refused("origin");
+        tracing::debug!(
+            origin = ?headers.get(header::ORIGIN),
+            "connection refused: origin not allowed"
+        );
+    }
+    allowed
+}
+
+/// Whether the node holds `client.max_connections` already (counted when it does).
+pub fn at_capacity(state: &AppState) -> bool {
+    let max = state.node.client.max_connections;
+    let full = max > 0 && state.tracker.live() >= max;
+    if full {
+        state.node.metrics.refused("max_connections");
+    }
+    full
+}
+
 /// Axum middleware for the main listener: origin and connection-count checks on the client
 /// transports, and `/api` hidden when it has a listener of its own. A WebSocket upgrade's
 /// list of permessage-deflate offers is narrowed to the first one Herald can accept.
@@ -128,22 +157,10 @@ pub async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -
     }
     // The node list is public and the way out of a full node: no origin or capacity check.
     if path.starts_with("/connection/") && path != "/connection/nodes" {
-        let client = &state.node.client;
-        let allowed = if client.allowed_origins.is_empty() && cookie_auth(client) {
-            same_origin(req.headers())
-        } else {
-            origin_ok(&client.allowed_origins, req.headers())
-        };
-        if !allowed {
-            state.node.metrics.refused("origin");
-            tracing::debug!(
-                origin = ?req.headers().get(header::ORIGIN),
-                "connection refused: origin not allowed"
-            );
+        if !connection_origin_ok(&state, req.headers()) {
             return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
         }
-        if client.max_connections > 0 && state.tracker.live() >= client.max_connections {
-            state.node.metrics.refused("max_connections");
+        if at_capacity(&state) {
             return (StatusCode::SERVICE_UNAVAILABLE, "connection limit reached").into_response();
         }
     }

@@ -16,6 +16,8 @@ use tokio::task::JoinSet;
 
 use crate::http::Peer;
 use crate::http::tls::Tls;
+use crate::state::AppState;
+use crate::transport::stream::direct;
 
 /// The router as this connection's service: each request carries the client's address.
 fn with_peer(
@@ -41,6 +43,9 @@ pub struct ListenOptions {
     pub tls: Option<Arc<Tls>>,
     /// Bound on the TLS handshake and on reading each request's headers.
     pub handshake_timeout: Duration,
+    /// Where the unidirectional streams are served on the socket (plain TCP, main listener
+    /// only; see `transport::stream::direct`).
+    pub streams: Option<AppState>,
 }
 
 impl ListenOptions {
@@ -48,6 +53,7 @@ impl ListenOptions {
         Self {
             tls,
             handshake_timeout: config.server.handshake_timeout,
+            streams: None,
         }
     }
 }
@@ -114,7 +120,23 @@ async fn connection(
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         }
-        None => http(stream, peer, app, opts.handshake_timeout, stop).await,
+        None => {
+            if let Some(state) = &opts.streams {
+                // Peeked, not read: a request that is not a stream goes to hyper intact.
+                let mut first = [0u8; direct::PEEK];
+                match tokio::time::timeout(opts.handshake_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        if let Some(framing) = direct::recognise(&first[..n]) {
+                            let wait = opts.handshake_timeout;
+                            return direct::serve(stream, peer, state.clone(), framing, wait).await;
+                        }
+                    }
+                    // Closed, failed, or silent past the handshake timeout.
+                    _ => return,
+                }
+            }
+            http(stream, peer, app, opts.handshake_timeout, stop).await
+        }
     }
 }
 

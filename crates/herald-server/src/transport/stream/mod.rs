@@ -14,6 +14,7 @@
 //! stops the writes and its outbox fills up to `client.max_queue_bytes`, where it is closed
 //! as slow (3008).
 
+pub(crate) mod direct;
 pub mod emulation;
 
 use std::collections::VecDeque;
@@ -242,36 +243,27 @@ fn transport_name(mode: Mode, framing: Framing) -> &'static str {
     }
 }
 
-/// Starts the connection task and answers with the streaming body it feeds.
-fn open(
-    state: AppState,
-    peer: Peer,
+/// Starts a stream's connection task: its session from the request's headers, and the wire
+/// `wire` builds for it. Shared by the routed streams and the ones served on the socket.
+#[allow(clippy::too_many_arguments)]
+fn launch<W: Wire + 'static>(
+    state: &AppState,
     headers: &HeaderMap,
     mode: Mode,
-    framing: Framing,
+    codec: Codec,
+    name: &'static str,
     first: Bytes,
-) -> Response {
-    if state.node.is_draining() {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let forwarded = super::forwarded_headers(&state, headers);
+    peer: Peer,
+    wire: impl FnOnce(
+        &std::sync::Arc<herald_core::conn::ConnHandle>,
+        &mut herald_core::session::Session,
+    ) -> W,
+) {
+    let forwarded = super::forwarded_headers(state, headers);
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
-    let (tx, mut rx) = mpsc::channel::<Bytes>(1);
-    let codec = match framing {
-        Framing::Binary => Codec::Protobuf,
-        Framing::Lines | Framing::Sse => Codec::Json,
-    };
-    let name = transport_name(mode, framing);
-    let (conn, mut session) = super::connection(&state, mode, codec, name, forwarded);
-    // Bidirectional streams take later commands on `/emulation`, routed by a token that
-    // the connect reply names as the session.
-    let route = (mode == Mode::Bidirectional).then(|| {
-        let r = emulation::register(&state.node.id, &conn);
-        session.set_session_id(r.token().to_string());
-        r
-    });
-    let wire = StreamWire { tx, framing, route };
+    let (conn, mut session) = super::connection(state, mode, codec, name, forwarded);
+    let wire = wire(&conn, &mut session);
     let transport = state.node.metrics.transport(name);
     // Built here rather than inside the task: the task then holds only the driver's future,
     // not the state it was built from (idle memory per connection).
@@ -291,6 +283,57 @@ fn open(
         let _guard = guard;
         connection.await;
     }));
+}
+
+/// The response's `Content-Type` for a framing.
+fn content_type(framing: Framing) -> &'static str {
+    match framing {
+        Framing::Sse => "text/event-stream; charset=utf-8",
+        Framing::Lines => "application/x-ndjson",
+        Framing::Binary => "application/octet-stream",
+    }
+}
+
+/// The response's `Cache-Control`: a stream is never cached.
+const NO_CACHE: &str = "private, no-cache, no-store, must-revalidate, max-age=0";
+
+/// Starts the connection task and answers with the streaming body it feeds.
+fn open(
+    state: AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+    mode: Mode,
+    framing: Framing,
+    first: Bytes,
+) -> Response {
+    if state.node.is_draining() {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+    let codec = match framing {
+        Framing::Binary => Codec::Protobuf,
+        Framing::Lines | Framing::Sse => Codec::Json,
+    };
+    let node_id = state.node.id.clone();
+    launch(
+        &state,
+        headers,
+        mode,
+        codec,
+        transport_name(mode, framing),
+        first,
+        peer,
+        |conn, session| {
+            // Bidirectional streams take later commands on `/emulation`, routed by a token
+            // that the connect reply names as the session.
+            let route = (mode == Mode::Bidirectional).then(|| {
+                let r = emulation::register(&node_id, conn);
+                session.set_session_id(r.token().to_string());
+                r
+            });
+            StreamWire { tx, framing, route }
+        },
+    );
     let stream = futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)
             .map(|c| c.map(Ok::<Bytes, std::convert::Infallible>))
@@ -299,16 +342,9 @@ fn open(
     let h = response.headers_mut();
     h.insert(
         CONTENT_TYPE,
-        HeaderValue::from_static(match framing {
-            Framing::Sse => "text/event-stream; charset=utf-8",
-            Framing::Lines => "application/x-ndjson",
-            Framing::Binary => "application/octet-stream",
-        }),
+        HeaderValue::from_static(content_type(framing)),
     );
-    h.insert(
-        CACHE_CONTROL,
-        HeaderValue::from_static("private, no-cache, no-store, must-revalidate, max-age=0"),
-    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
     h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
     // Buffering proxies (nginx) would hold messages back until their buffer fills.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
