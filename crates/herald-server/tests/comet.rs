@@ -467,6 +467,8 @@ async fn sse_connect_subscribe_publish_receive() {
 async fn emulation_request_errors() {
     let s = start("max_message_size = 1024").await;
     let c = Emulated::http_stream(&s, "bob").await.unwrap();
+    // Served on the socket: the connection ends with the stream.
+    assert_eq!(c.stream.header("connection").as_deref(), Some("close"));
     let post = |body: String| {
         let s = &s;
         async move { http(s, "POST", "/emulation", None, &body).await.unwrap() }
@@ -504,6 +506,11 @@ async fn emulation_request_errors() {
         .await
         .unwrap();
     assert_eq!(r.status, 400);
+    let path = format!("/connection/sse?cf_connect={}", "x".repeat(2000));
+    let r = HttpStream::open(&s, "GET", &path, "text/plain", "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413);
     let r = HttpStream::open(
         &s,
         "POST",

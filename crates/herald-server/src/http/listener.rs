@@ -126,9 +126,9 @@ async fn connection(
                 let mut first = [0u8; direct::PEEK];
                 match tokio::time::timeout(opts.handshake_timeout, stream.peek(&mut first)).await {
                     Ok(Ok(n)) if n > 0 => {
-                        if let Some(framing) = direct::recognise(&first[..n]) {
+                        if let Some(route) = direct::recognise(&first[..n]) {
                             let wait = opts.handshake_timeout;
-                            return direct::serve(stream, peer, state.clone(), framing, wait).await;
+                            return direct::serve(stream, peer, state.clone(), route, wait).await;
                         }
                     }
                     // Closed, failed, or silent past the handshake timeout.

@@ -1,5 +1,6 @@
-//! The unidirectional streams (`/connection/uni_sse`, `/connection/uni_http_stream`) served
-//! on the socket itself, without hyper.
+//! The HTTP streams (`/connection/uni_sse`, `/connection/uni_http_stream`, and the
+//! bidirectional `/connection/sse` and `/connection/http_stream`) served on the socket
+//! itself, without hyper.
 //!
 //! A stream lives for hours and carries little. Served through hyper, each one kept its
 //! HTTP/1 connection, with read and write buffers of 8 KiB each, for its whole life: ~27 KiB
@@ -7,7 +8,8 @@
 //! socket"). The accept loop recognises these requests by their first bytes, peeked without
 //! reading them ([`recognise`]); this module then reads the request, runs the checks the
 //! router's gate and handlers run, writes the response head and gives the socket to the
-//! connection driver. Every other request, and these ones over TLS, stay with hyper.
+//! connection driver. Every other request (`/emulation` among them), and these ones over
+//! TLS, stay with hyper.
 //!
 //! The request (head and body) must arrive within `server.handshake_timeout`. Bodies come
 //! with `Content-Length` or chunked; `Expect: 100-continue` is answered. The response is
@@ -24,21 +26,36 @@ use std::time::Duration;
 use axum::http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::{BufMut, Bytes, BytesMut};
-use herald_core::conn::{Codec, Mode};
+use herald_core::conn::{Codec, Control, Mode};
 use herald_protocol::Disconnect;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Framing, Refusal, check_json, frame_chunk, uni_connect};
+use super::{Framing, Refusal, check_json, frame_chunk, is_binary, uni_connect};
 use crate::http::Peer;
 use crate::state::AppState;
 use crate::transport::driver::{Received, Wire};
 
+/// What a recognised request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `GET|POST /connection/uni_sse`.
+    UniSse,
+    /// `POST /connection/uni_http_stream`.
+    UniHttpStream,
+    /// `GET /connection/sse?cf_connect=…`, commands on `/emulation`.
+    Sse,
+    /// `POST /connection/http_stream`, JSON or Protobuf, commands on `/emulation`.
+    HttpStream,
+}
+
 /// The request lines this module serves; anything after the path must be `?` or a space.
-const ROUTES: [(&[u8], Framing); 3] = [
-    (b"GET /connection/uni_sse", Framing::Sse),
-    (b"POST /connection/uni_sse", Framing::Sse),
-    (b"POST /connection/uni_http_stream", Framing::Lines),
+const ROUTES: [(&[u8], Route); 5] = [
+    (b"GET /connection/uni_sse", Route::UniSse),
+    (b"POST /connection/uni_sse", Route::UniSse),
+    (b"POST /connection/uni_http_stream", Route::UniHttpStream),
+    (b"GET /connection/sse", Route::Sse),
+    (b"POST /connection/http_stream", Route::HttpStream),
 ];
 
 /// Bytes the accept loop peeks to recognise a request: the longest route and one more.
@@ -47,12 +64,12 @@ pub(crate) const PEEK: usize = 33;
 /// Most headers a request may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
 
-/// The framing of a request this module serves, from its first bytes; None for any other
+/// The route of a request this module serves, from its first bytes; None for any other
 /// request, or when too few bytes have arrived to tell (hyper then serves it as before).
-pub(crate) fn recognise(prefix: &[u8]) -> Option<Framing> {
-    ROUTES.iter().find_map(|(line, framing)| {
+pub(crate) fn recognise(prefix: &[u8]) -> Option<Route> {
+    ROUTES.iter().find_map(|(line, route)| {
         let rest = prefix.strip_prefix(*line)?;
-        matches!(rest.first(), Some(b'?' | b' ')).then_some(*framing)
+        matches!(rest.first(), Some(b'?' | b' ')).then_some(*route)
     })
 }
 
@@ -70,35 +87,18 @@ pub(crate) async fn serve(
     mut io: TcpStream,
     peer: SocketAddr,
     state: AppState,
-    framing: Framing,
+    route: Route,
     wait: Duration,
 ) {
     let limit = state.node.client.max_message_size;
     let request = match tokio::time::timeout(wait, read_request(&mut io, limit)).await {
         Ok(Ok(r)) => r,
         // Incomplete in time, or the socket failed: nothing to answer.
-        Err(_) | Ok(Err(Refusal(StatusCode::OK, _))) => return,
-        Ok(Err(refusal)) => return refuse(io, refusal, wait).await,
+        Err(_) | Ok(Err(Unread::Gone)) => return,
+        Ok(Err(Unread::Refused(refusal))) => return refuse(io, refusal, wait).await,
     };
-    if let Err(refusal) = admit(&state, &request) {
-        return refuse(io, refusal, wait).await;
-    }
-    let first = if request.get {
-        let text = request
-            .query
-            .as_deref()
-            .and_then(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .find(|(k, _)| k == "cf_connect")
-                    .map(|(_, v)| v.into_owned())
-            })
-            .unwrap_or_default();
-        Bytes::from(text)
-    } else {
-        request.body.clone()
-    };
-    let first = match uni_connect(first) {
-        Ok(f) => f,
+    let (mode, framing, first) = match admit(&state, route, &request) {
+        Ok(admitted) => admitted,
         Err(refusal) => return refuse(io, refusal, wait).await,
     };
     let chunked = !request.http10;
@@ -107,25 +107,38 @@ pub(crate) async fn serve(
         Ok(Ok(())) => {}
         _ => return,
     }
+    let codec = match framing {
+        Framing::Binary => Codec::Protobuf,
+        Framing::Lines | Framing::Sse => Codec::Json,
+    };
+    let node_id = state.node.id.clone();
     super::launch(
         &state,
         &request.headers,
-        Mode::Unidirectional,
-        Codec::Json,
-        super::transport_name(Mode::Unidirectional, framing),
+        mode,
+        codec,
+        super::transport_name(mode, framing),
         first,
         Peer(Some(peer)),
-        |_, _| SocketWire {
+        |conn, session| SocketWire {
             io,
             framing,
             chunked,
+            route: (mode == Mode::Bidirectional).then(|| super::route_to(&node_id, conn, session)),
         },
     );
 }
 
-/// The gate's and the handlers' checks, in their order: origin, capacity, media type,
-/// draining.
-fn admit(state: &AppState, r: &Request) -> Result<(), Refusal> {
+/// The value of the `cf_connect` URL parameter, if any.
+fn cf_connect(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "cf_connect")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The gate's and the handlers' checks, in their order (origin, capacity, the request's
+/// own, draining), and what the stream will be: its mode, framing and first message.
+fn admit(state: &AppState, route: Route, r: &Request) -> Result<(Mode, Framing, Bytes), Refusal> {
     if !crate::http::gate::connection_origin_ok(state, &r.headers) {
         return Err(Refusal(StatusCode::FORBIDDEN, "origin not allowed"));
     }
@@ -135,19 +148,74 @@ fn admit(state: &AppState, r: &Request) -> Result<(), Refusal> {
             "connection limit reached",
         ));
     }
-    if !r.get {
-        check_json(&r.headers)?;
-    }
+    let admitted = match route {
+        Route::UniSse | Route::UniHttpStream => {
+            let framing = if route == Route::UniSse {
+                Framing::Sse
+            } else {
+                Framing::Lines
+            };
+            let first = if r.get {
+                Bytes::from(cf_connect(r.query.as_deref()).unwrap_or_default())
+            } else {
+                check_json(&r.headers)?;
+                r.body.clone()
+            };
+            (Mode::Unidirectional, framing, uni_connect(first)?)
+        }
+        Route::Sse => {
+            let Some(c) = cf_connect(r.query.as_deref()).filter(|c| !c.trim().is_empty()) else {
+                return Err(Refusal(
+                    StatusCode::BAD_REQUEST,
+                    "no cf_connect parameter\n",
+                ));
+            };
+            if c.len() > state.node.client.max_message_size {
+                return Err(Refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "connect command too large\n",
+                ));
+            }
+            (Mode::Bidirectional, Framing::Sse, Bytes::from(c))
+        }
+        Route::HttpStream => {
+            let framing = if is_binary(&r.headers) {
+                Framing::Binary
+            } else {
+                Framing::Lines
+            };
+            let empty = match framing {
+                Framing::Binary => r.body.is_empty(),
+                _ => r.body.iter().all(u8::is_ascii_whitespace),
+            };
+            if empty {
+                return Err(Refusal(StatusCode::BAD_REQUEST, "no connect command\n"));
+            }
+            (Mode::Bidirectional, framing, r.body.clone())
+        }
+    };
     if state.node.is_draining() {
         return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, ""));
     }
-    Ok(())
+    Ok(admitted)
 }
 
-/// Reads the request head and body. A refusal with status 200 means the socket failed or
-/// closed: there is no one to answer.
-async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Refusal> {
-    const GONE: Refusal = Refusal(StatusCode::OK, "");
+/// Why a request was not read whole.
+enum Unread {
+    /// The socket failed or closed: there is no one to answer.
+    Gone,
+    /// Answered with an HTTP status.
+    Refused(Refusal),
+}
+
+impl From<Refusal> for Unread {
+    fn from(r: Refusal) -> Self {
+        Unread::Refused(r)
+    }
+}
+
+/// Reads the request head and body.
+async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Unread> {
     // The connect request may ride in the URL, percent-encoded (up to three bytes each).
     let head_limit = max_body.saturating_mul(3).saturating_add(16 << 10);
     let mut buf = BytesMut::with_capacity(1024);
@@ -156,10 +224,13 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
             return Err(Refusal(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request head too large\n",
-            ));
+            )
+            .into());
         }
-        if io.read_buf(&mut buf).await.map_err(|_| GONE)? == 0 {
-            return Err(GONE);
+        // Reads of at least 4 KiB: a large head takes few reads and few parses.
+        buf.reserve(4 << 10);
+        if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
+            return Err(Unread::Gone);
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
@@ -170,13 +241,15 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
                 return Err(Refusal(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "too many headers\n",
-                ));
+                )
+                .into());
             }
-            Err(_) => return Err(Refusal(StatusCode::BAD_REQUEST, "malformed request\n")),
+            Err(_) => return Err(Refusal(StatusCode::BAD_REQUEST, "malformed request\n").into()),
         }
     };
     let _ = buf.split_to(len);
     if request.get {
+        // A GET's body, if it has one, is not read: the connection ends with the stream.
         return Ok(request);
     }
     let chunked = match request.headers.get(TRANSFER_ENCODING) {
@@ -186,7 +259,8 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
             return Err(Refusal(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer coding not supported\n",
-            ));
+            )
+            .into());
         }
     };
     let length = if chunked {
@@ -202,7 +276,7 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad content-length\n"))?,
             ),
-            _ => return Err(Refusal(StatusCode::BAD_REQUEST, "bad content-length\n")),
+            _ => return Err(Refusal(StatusCode::BAD_REQUEST, "bad content-length\n").into()),
         }
     };
     let too_large = Refusal(
@@ -210,7 +284,7 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
         "request body larger than client.max_message_size\n",
     );
     if length.is_some_and(|n| n > max_body as u64) {
-        return Err(too_large);
+        return Err(too_large.into());
     }
     let continues = request
         .headers
@@ -219,15 +293,16 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Re
     if continues && buf.is_empty() && length != Some(0) {
         io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
-            .map_err(|_| GONE)?;
+            .map_err(|_| Unread::Gone)?;
     }
     request.body = match length {
         Some(n) => {
             // Checked against `max_body` above.
             let n = usize::try_from(n).map_err(|_| too_large)?;
+            buf.reserve(n.saturating_sub(buf.len()));
             while buf.len() < n {
-                if io.read_buf(&mut buf).await.map_err(|_| GONE)? == 0 {
-                    return Err(GONE);
+                if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
+                    return Err(Unread::Gone);
                 }
             }
             buf.split_to(n).freeze()
@@ -261,8 +336,7 @@ async fn read_chunked(
     io: &mut TcpStream,
     mut buf: BytesMut,
     max_body: usize,
-) -> Result<Bytes, Refusal> {
-    const GONE: Refusal = Refusal(StatusCode::OK, "");
+) -> Result<Bytes, Unread> {
     let bad = Refusal(StatusCode::BAD_REQUEST, "bad chunked body\n");
     let mut body = BytesMut::new();
     loop {
@@ -270,11 +344,12 @@ async fn read_chunked(
             match httparse::parse_chunk_size(&buf) {
                 Ok(httparse::Status::Complete(found)) => break found,
                 Ok(httparse::Status::Partial) if buf.len() < 1024 => {
-                    if io.read_buf(&mut buf).await.map_err(|_| GONE)? == 0 {
-                        return Err(GONE);
+                    buf.reserve(1024);
+                    if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
+                        return Err(Unread::Gone);
                     }
                 }
-                _ => return Err(bad),
+                _ => return Err(bad.into()),
             }
         };
         let _ = buf.split_to(skip);
@@ -288,7 +363,8 @@ async fn read_chunked(
             return Err(Refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body larger than client.max_message_size\n",
-            ));
+            )
+            .into());
         }
         if size == 0 {
             // Trailers, if any, then the empty line.
@@ -299,22 +375,24 @@ async fn read_chunked(
                         let _ = buf.split_to(at + 2);
                     }
                     None if buf.len() < 8 << 10 => {
-                        if io.read_buf(&mut buf).await.map_err(|_| GONE)? == 0 {
-                            return Err(GONE);
+                        buf.reserve(1024);
+                        if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
+                            return Err(Unread::Gone);
                         }
                     }
-                    None => return Err(bad),
+                    None => return Err(bad.into()),
                 }
             }
         }
+        buf.reserve((size + 2).saturating_sub(buf.len()));
         while buf.len() < size + 2 {
-            if io.read_buf(&mut buf).await.map_err(|_| GONE)? == 0 {
-                return Err(GONE);
+            if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
+                return Err(Unread::Gone);
             }
         }
         body.extend_from_slice(&buf[..size]);
         if &buf[size..size + 2] != b"\r\n" {
-            return Err(bad);
+            return Err(bad.into());
         }
         let _ = buf.split_to(size + 2);
     }
@@ -356,6 +434,8 @@ struct SocketWire {
     framing: Framing,
     /// HTTP/1.1 chunked encoding; HTTP/1.0 writes bare bytes.
     chunked: bool,
+    /// The `/emulation` route to this session (bidirectional streams only).
+    route: Option<super::emulation::Registration>,
 }
 
 impl SocketWire {
@@ -406,6 +486,7 @@ impl Wire for SocketWire {
     }
 
     async fn goodbye(&mut self, pending: VecDeque<Bytes>, push: Bytes, _d: &Disconnect) {
+        self.route.take();
         if let Some(chunk) = frame_chunk(pending.into_iter().chain([push]), self.framing)
             && self.write(chunk).await.is_err()
         {
@@ -416,6 +497,12 @@ impl Wire for SocketWire {
         }
         let _ = self.io.shutdown().await;
     }
+
+    fn on_control(&mut self, c: &Control) {
+        if let (Control::Commands(data), Some(route)) = (c, &self.route) {
+            route.handled(data.len());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -423,29 +510,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recognises_only_whole_uni_request_lines() {
+    fn recognises_only_whole_stream_request_lines() {
         assert_eq!(
             recognise(b"GET /connection/uni_sse?cf_connect=x HTTP/1.1"),
-            Some(Framing::Sse)
+            Some(Route::UniSse)
         );
         assert_eq!(
             recognise(b"POST /connection/uni_sse HTTP/1.1"),
-            Some(Framing::Sse)
+            Some(Route::UniSse)
         );
         assert_eq!(
             recognise(b"POST /connection/uni_http_stream HTTP/1.1"),
-            Some(Framing::Lines)
+            Some(Route::UniHttpStream)
         );
-        assert!(PEEK >= b"POST /connection/uni_http_stream ".len());
-        // Other methods, longer paths and cut-off prefixes are hyper's.
-        assert_eq!(recognise(b"GET /connection/uni_http_stream HTTP/1.1"), None);
-        assert_eq!(recognise(b"GET /connection/uni_ssex HTTP/1.1"), None);
-        assert_eq!(recognise(b"GET /connection/uni_sse"), None);
         assert_eq!(
             recognise(b"GET /connection/sse?cf_connect=x HTTP/1.1"),
-            None
+            Some(Route::Sse)
         );
+        assert_eq!(
+            recognise(b"POST /connection/http_stream HTTP/1.1"),
+            Some(Route::HttpStream)
+        );
+        assert!(ROUTES.iter().all(|(line, _)| PEEK > line.len()));
+        // Other methods, longer paths and cut-off prefixes are hyper's.
+        assert_eq!(recognise(b"GET /connection/uni_http_stream HTTP/1.1"), None);
+        assert_eq!(recognise(b"POST /connection/sse HTTP/1.1"), None);
+        assert_eq!(recognise(b"GET /connection/ssex HTTP/1.1"), None);
+        assert_eq!(recognise(b"GET /connection/uni_sse"), None);
         assert_eq!(recognise(b"GET /connection/websocket HTTP/1.1"), None);
+        assert_eq!(recognise(b"POST /emulation HTTP/1.1"), None);
         assert_eq!(recognise(b""), None);
     }
 

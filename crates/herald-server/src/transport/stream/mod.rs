@@ -285,6 +285,18 @@ fn launch<W: Wire + 'static>(
     }));
 }
 
+/// A bidirectional stream's route: it takes later commands on `/emulation`, routed by a
+/// token that the connect reply names as the session.
+fn route_to(
+    node_id: &str,
+    conn: &std::sync::Arc<herald_core::conn::ConnHandle>,
+    session: &mut herald_core::session::Session,
+) -> emulation::Registration {
+    let r = emulation::register(node_id, conn);
+    session.set_session_id(r.token().to_string());
+    r
+}
+
 /// The response's `Content-Type` for a framing.
 fn content_type(framing: Framing) -> &'static str {
     match framing {
@@ -323,15 +335,10 @@ fn open(
         transport_name(mode, framing),
         first,
         peer,
-        |conn, session| {
-            // Bidirectional streams take later commands on `/emulation`, routed by a token
-            // that the connect reply names as the session.
-            let route = (mode == Mode::Bidirectional).then(|| {
-                let r = emulation::register(&node_id, conn);
-                session.set_session_id(r.token().to_string());
-                r
-            });
-            StreamWire { tx, framing, route }
+        |conn, session| StreamWire {
+            tx,
+            framing,
+            route: (mode == Mode::Bidirectional).then(|| route_to(&node_id, conn, session)),
         },
     );
     let stream = futures_util::stream::poll_fn(move |cx| {
