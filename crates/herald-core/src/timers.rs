@@ -229,6 +229,11 @@ mod tests {
         Arc::new(ConnHandle::new(Arc::from(id), 1 << 16))
     }
 
+    /// What `f` says of each entry the heap holds.
+    fn entries<T>(timers: &Timers, f: impl FnMut(&Entry) -> T) -> Vec<T> {
+        timers.inner.heap.lock().entries.iter().map(f).collect()
+    }
+
     async fn woken(c: &ConnHandle, within: Duration) -> bool {
         tokio::time::timeout(within, c.wait()).await.is_ok()
     }
@@ -274,13 +279,8 @@ mod tests {
         timers.schedule(&first, start + Duration::from_millis(1));
         timers.schedule(&last, start + Duration::from_millis(TICK_MS as u64 - 1));
         assert_eq!(
-            timers
-                .inner
-                .heap
-                .lock()
-                .entries
-                .iter()
-                .map(|e| e.at)
+            entries(&timers, |e| e.at)
+                .into_iter()
                 .collect::<std::collections::BTreeSet<_>>()
                 .len(),
             1
@@ -319,15 +319,7 @@ mod tests {
             "{} entries held for one live connection",
             timers.len()
         );
-        assert!(
-            timers
-                .inner
-                .heap
-                .lock()
-                .entries
-                .iter()
-                .any(|e| e.conn.ptr_eq(&Arc::downgrade(&live)))
-        );
+        assert!(entries(&timers, |e| e.conn.ptr_eq(&Arc::downgrade(&live))).contains(&true));
     }
 
     #[tokio::test]

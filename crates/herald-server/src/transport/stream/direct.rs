@@ -499,9 +499,7 @@ impl Wire for SocketWire {
     }
 
     fn on_control(&mut self, c: &Control) {
-        if let (Control::Commands(data), Some(route)) = (c, &self.route) {
-            route.handled(data.len());
-        }
+        super::commands_handled(self.route.as_ref(), c);
     }
 }
 

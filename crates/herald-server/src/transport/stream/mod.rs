@@ -418,9 +418,15 @@ impl Wire for StreamWire {
     }
 
     fn on_control(&mut self, c: &Control) {
-        if let (Control::Commands(data), Some(route)) = (c, &self.route) {
-            route.handled(data.len());
-        }
+        commands_handled(self.route.as_ref(), c);
+    }
+}
+
+/// Tells a bidirectional stream's route that commands it brought are being handled (its
+/// queue of `/emulation` bytes shrinks).
+fn commands_handled(route: Option<&emulation::Registration>, c: &Control) {
+    if let (Control::Commands(data), Some(route)) = (c, route) {
+        route.handled(data.len());
     }
 }
 
