@@ -27,7 +27,7 @@ const SWEEP_FLOOR: usize = 1024;
 /// Deadlines are rounded up to a multiple of this many milliseconds, so the task wakes at
 /// most ten times a second and each wakeup serves every connection due in its tick. Spread
 /// one to a millisecond, a node's pings cost it a thread wakeup (and the client's answers
-/// another) each: at 9,500 pings a second, 26 µs of the node's CPU per ping, 17 % of it in
+/// another) each: at 9,500 pings a second, 23–26 µs of the node's CPU per ping, 17 % of it in
 /// task switches (docs/performance.md, "Pings in ticks"). No deadline here needs more
 /// precision: pings, pong timeouts, expiries, connect and request time limits.
 const TICK_MS: u128 = 100;

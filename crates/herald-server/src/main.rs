@@ -35,7 +35,7 @@ fn run_serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     // mimalloc asks for transparent huge pages on its arenas; while connections come and go,
     // it gives freed parts back and the kernel zeroes a whole 2 MiB page on the next touch.
     // Measured on a 19,000-connection ramp: ~11 % of the node's CPU in page clearing, and
-    // 0.2 KiB more RSS per idle connection (docs/performance.md, "Huge pages").
+    // 0.2 KiB more RSS per idle connection (docs/performance.md, "Streams on the socket, huge pages off").
     #[cfg(target_os = "linux")]
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
         eprintln!("herald: could not turn transparent huge pages off: {e}");

@@ -43,8 +43,8 @@ pub struct ListenOptions {
     pub tls: Option<Arc<Tls>>,
     /// Bound on the TLS handshake and on reading each request's headers.
     pub handshake_timeout: Duration,
-    /// Where the unidirectional streams are served on the socket (plain TCP, main listener
-    /// only; see `transport::stream::direct`).
+    /// Where the HTTP streams are served on the socket (plain TCP, main listener only; see
+    /// `transport::stream::direct`).
     pub streams: Option<AppState>,
 }
 

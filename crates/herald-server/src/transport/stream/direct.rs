@@ -26,12 +26,12 @@ use std::time::Duration;
 use axum::http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use bytes::{BufMut, Bytes, BytesMut};
-use herald_core::conn::{Codec, Control, Mode};
+use herald_core::conn::{Control, Mode};
 use herald_protocol::Disconnect;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::{Framing, Refusal, check_json, frame_chunk, is_binary, uni_connect};
+use super::{BODY_TOO_LARGE, Framing, Refusal, check_json, frame_chunk, is_binary, uni_connect};
 use crate::http::Peer;
 use crate::state::AppState;
 use crate::transport::driver::{Received, Wire};
@@ -107,17 +107,12 @@ pub(crate) async fn serve(
         Ok(Ok(())) => {}
         _ => return,
     }
-    let codec = match framing {
-        Framing::Binary => Codec::Protobuf,
-        Framing::Lines | Framing::Sse => Codec::Json,
-    };
     let node_id = state.node.id.clone();
     super::launch(
         &state,
         &request.headers,
         mode,
-        codec,
-        super::transport_name(mode, framing),
+        framing,
         first,
         Peer(Some(peer)),
         |conn, session| SocketWire {
@@ -279,12 +274,8 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Un
             _ => return Err(Refusal(StatusCode::BAD_REQUEST, "bad content-length\n").into()),
         }
     };
-    let too_large = Refusal(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "request body larger than client.max_message_size\n",
-    );
     if length.is_some_and(|n| n > max_body as u64) {
-        return Err(too_large.into());
+        return Err(BODY_TOO_LARGE.into());
     }
     let continues = request
         .headers
@@ -298,7 +289,7 @@ async fn read_request(io: &mut TcpStream, max_body: usize) -> Result<Request, Un
     request.body = match length {
         Some(n) => {
             // Checked against `max_body` above.
-            let n = usize::try_from(n).map_err(|_| too_large)?;
+            let n = usize::try_from(n).map_err(|_| BODY_TOO_LARGE)?;
             buf.reserve(n.saturating_sub(buf.len()));
             while buf.len() < n {
                 if io.read_buf(&mut buf).await.map_err(|_| Unread::Gone)? == 0 {
@@ -353,18 +344,9 @@ async fn read_chunked(
             }
         };
         let _ = buf.split_to(skip);
-        let size = usize::try_from(size).map_err(|_| {
-            Refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body larger than client.max_message_size\n",
-            )
-        })?;
+        let size = usize::try_from(size).map_err(|_| BODY_TOO_LARGE)?;
         if body.len().saturating_add(size) > max_body {
-            return Err(Refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body larger than client.max_message_size\n",
-            )
-            .into());
+            return Err(BODY_TOO_LARGE.into());
         }
         if size == 0 {
             // Trailers, if any, then the empty line.

@@ -74,13 +74,16 @@ fn plain(status: StatusCode, msg: &'static str) -> Response {
 
 /// Reads a request body up to `limit` bytes; 413 above it.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Refusal> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        Refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body larger than client.max_message_size\n",
-        )
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| BODY_TOO_LARGE)
 }
+
+/// A request body over `client.max_message_size`.
+const BODY_TOO_LARGE: Refusal = Refusal(
+    StatusCode::PAYLOAD_TOO_LARGE,
+    "request body larger than client.max_message_size\n",
+);
 
 /// Whether the request body is Protobuf (`application/octet-stream`).
 pub(crate) fn is_binary(headers: &HeaderMap) -> bool {
@@ -245,13 +248,11 @@ fn transport_name(mode: Mode, framing: Framing) -> &'static str {
 
 /// Starts a stream's connection task: its session from the request's headers, and the wire
 /// `wire` builds for it. Shared by the routed streams and the ones served on the socket.
-#[allow(clippy::too_many_arguments)]
 fn launch<W: Wire + 'static>(
     state: &AppState,
     headers: &HeaderMap,
     mode: Mode,
-    codec: Codec,
-    name: &'static str,
+    framing: Framing,
     first: Bytes,
     peer: Peer,
     wire: impl FnOnce(
@@ -259,6 +260,11 @@ fn launch<W: Wire + 'static>(
         &mut herald_core::session::Session,
     ) -> W,
 ) {
+    let codec = match framing {
+        Framing::Binary => Codec::Protobuf,
+        Framing::Lines | Framing::Sse => Codec::Json,
+    };
+    let name = transport_name(mode, framing);
     let forwarded = super::forwarded_headers(state, headers);
     // Counted from now, so a shutdown that starts before the task runs still waits for it.
     let guard = state.tracker.enter();
@@ -322,17 +328,12 @@ fn open(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
-    let codec = match framing {
-        Framing::Binary => Codec::Protobuf,
-        Framing::Lines | Framing::Sse => Codec::Json,
-    };
     let node_id = state.node.id.clone();
     launch(
         &state,
         headers,
         mode,
-        codec,
-        transport_name(mode, framing),
+        framing,
         first,
         peer,
         |conn, session| StreamWire {
